@@ -1,0 +1,113 @@
+"""Haiku transformed functions as :class:`ntk_adapters.Model` values."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional, Union
+
+import haiku as hk
+import jax
+import numpy as np
+
+from ntk_adapters.model import Model, PyTree, check_array_output
+from ntk_adapters.selectors import OutputSelector, describe, select_output
+
+
+def _takes_rng(apply) -> bool:
+    # hk.without_apply_rng drops the rng argument from apply's signature.
+    try:
+        return "rng" in inspect.signature(apply).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return True
+
+
+def adapt(
+    transformed: Union[hk.Transformed, hk.TransformedWithState],
+    params: Optional[PyTree],
+    sample_x: jax.Array,
+    *,
+    state: Optional[PyTree] = None,
+    rng: Optional[jax.Array] = None,
+    output: OutputSelector = None,
+    key: Optional[jax.Array] = None,
+    **call_kwargs: Any,
+) -> Model:
+    """Turn a Haiku transformed function into a :class:`~ntk_adapters.Model` ``(params, x) -> y``.
+
+    Args:
+      transformed: the result of ``hk.transform`` / ``hk.transform_with_state`` (optionally
+        wrapped in ``hk.without_apply_rng``).
+      params: parameters from ``transformed.init``, or ``None`` to initialize with ``key``.
+      sample_x: an input batch ``(N, *input_shape)``.
+      state: the state of a ``transform_with_state`` function (e.g. BatchNorm statistics); it is
+        closed over and the updated state is discarded. Initialized with ``params`` when ``None``.
+      rng: PRNG key passed to ``apply`` for functions that draw random numbers (``hk.dropout``);
+        it is closed over, so every call sees the same draw.
+      output: picks one array of a tuple/dict output: an index, a key or a function.
+      key: PRNG key used when ``params`` is ``None`` (default ``PRNGKey(0)``).
+      **call_kwargs: fixed keyword arguments of every call, e.g. ``is_training=False``.
+
+    Returns:
+      A Model with ``init_fn(key, x)`` drawing fresh parameters from the function's initializers.
+
+    Example::
+
+      net = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([64, 10])(x)))
+      model = ntk_adapters.haiku.adapt(net, None, x)     # x: (N, D)
+      y = model(model.params, x)                         # (N, 10)
+    """
+    if not isinstance(transformed, (hk.Transformed, hk.TransformedWithState)):
+        raise TypeError(
+            "ntk_adapters.haiku.adapt expects the result of hk.transform or hk.transform_with_state; "
+            f"got {type(transformed).__name__}. For a plain function f(params, x) use ntk_adapters.adapt."
+        )
+    with_state = isinstance(transformed, hk.TransformedWithState)
+    takes_rng = _takes_rng(transformed.apply)
+    if params is None:
+        key = jax.random.PRNGKey(0) if key is None else key
+        initial = transformed.init(key, sample_x, **call_kwargs)
+        params, initial_state = initial if with_state else (initial, None)
+        if with_state and state is None:
+            state = initial_state
+    elif with_state and state is None:
+        raise ValueError(
+            "this function was transformed with hk.transform_with_state, so it needs its state: "
+            "pass state=... (the second value returned by init) to ntk_adapters.haiku.adapt"
+        )
+    where = f"the Haiku function{describe(output)}"
+
+    def apply_fn(params: PyTree, x: jax.Array, **kwargs: Any) -> jax.Array:
+        args = (rng,) if takes_rng else ()
+        if with_state:
+            out, _ = transformed.apply(params, state, *args, x, **call_kwargs, **kwargs)
+        else:
+            out = transformed.apply(params, *args, x, **call_kwargs, **kwargs)
+        return select_output(out, output, where)
+
+    def init_fn(key: jax.Array, x: jax.Array) -> PyTree:
+        fresh = transformed.init(key, x, **call_kwargs)
+        return fresh[0] if with_state else fresh
+
+    try:
+        out = jax.eval_shape(apply_fn, params, sample_x)
+    except ValueError as err:
+        # Haiku's MissingRNGError (a ValueError) is not part of its public API.
+        if type(err).__name__ != "MissingRNGError":
+            raise
+        raise ValueError(
+            "the Haiku function draws random numbers (hk.next_rng_key, e.g. hk.dropout) but no rng was "
+            "given: pass rng=jax.random.PRNGKey(...) to ntk_adapters.haiku.adapt, or make it "
+            "deterministic (e.g. is_training=False)"
+        ) from err
+    out = check_array_output(out, where)
+    return Model(
+        apply_fn=apply_fn,
+        params=params,
+        init_fn=init_fn,
+        input_shape=tuple(np.shape(sample_x)[1:]),
+        output_shape=tuple(out.shape[1:]),
+        framework="haiku",
+        module=transformed,
+        info={"state": state, "rng": rng, "call_kwargs": call_kwargs, "output": output,
+              "with_state": with_state},
+    )
