@@ -34,6 +34,7 @@ This module is framework-free: it never imports Flax or Haiku.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -182,6 +183,25 @@ def _memmap_paths(path: Union[str, os.PathLike], treedef: Any, n_leaves: int) ->
     return [f"{root}_{name}{ext}" for name in names]
 
 
+@functools.lru_cache(maxsize=64)
+def _tile_program(kernel_fn: Callable, devices: tuple, same: bool, treedef: Any, static: tuple) -> Callable:
+    """The compiled program evaluating one tile per device; cached so that every ``batch`` of the
+    same kernel function (and each call) reuses it."""
+    mesh = Mesh(np.array(devices), (_AXIS,))
+
+    def per_device(a, b, dynamic):
+        kwargs = _join_kwargs(treedef, static, dynamic)
+        a = jax.tree_util.tree_map(lambda t: t[0], a)
+        b = None if same else jax.tree_util.tree_map(lambda t: t[0], b)
+        out = kernel_fn(a, b, **kwargs)
+        return jax.tree_util.tree_map(lambda t: jnp.asarray(t)[None], out)
+
+    spec = PartitionSpec(_AXIS)
+    return jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=spec, check_vma=False)
+    )
+
+
 def batch(
     kernel_fn: Callable[..., Any],
     batch_size: int,
@@ -247,36 +267,12 @@ def batch(
         if sorted(symmetry) != list(range(len(symmetry))):
             raise ValueError(f"symmetry={symmetry!r} is not a permutation of the trailing axes 0..{len(symmetry) - 1}")
 
-    devs = list(jax.local_devices() if devices is None else devices)
+    devs = tuple(jax.local_devices() if devices is None else devices)
     if not devs:
         raise ValueError("devices is empty; pass None (all local devices) or a non-empty sequence")
     mesh = Mesh(np.array(devs), (_AXIS,))
     tiled = NamedSharding(mesh, PartitionSpec(_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
-    programs: dict = {}
-
-    def program(same: bool, treedef: Any, static: tuple):
-        key = (same, treedef, static)
-        if key not in programs:
-
-            def per_device(a, b, dynamic):
-                kwargs = _join_kwargs(treedef, static, dynamic)
-                a = jax.tree_util.tree_map(lambda t: t[0], a)
-                b = None if same else jax.tree_util.tree_map(lambda t: t[0], b)
-                out = kernel_fn(a, b, **kwargs)
-                return jax.tree_util.tree_map(lambda t: jnp.asarray(t)[None], out)
-
-            spec = PartitionSpec(_AXIS)
-            programs[key] = jax.jit(
-                jax.shard_map(
-                    per_device,
-                    mesh=mesh,
-                    in_specs=(spec, spec, PartitionSpec()),
-                    out_specs=spec,
-                    check_vma=False,
-                )
-            )
-        return programs[key]
 
     def batched(x1: Any, x2: Any = None, **kwargs) -> Any:
         n1 = _num_rows(x1, "x1")
@@ -325,7 +321,7 @@ def batch(
         n_total = t1 * t2 if not same else t1 * (t1 + 1) // 2
 
         def run(tiles, is_diag, mirror):
-            prog = program(is_diag, treedef, static)
+            prog = _tile_program(kernel_fn, devs, is_diag, treedef, static)
             pending = []
             d = len(devs)
             for g in range(0, len(tiles), d):

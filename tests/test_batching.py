@@ -455,4 +455,7 @@ def test_infinite_kernel_tiles():
     for args in ((x1, x2), (x1,)):
         want = kernel_fn(*args, get=("nngp", "ntk"))
         got = batch(kernel_fn, 5)(*args, get=("nngp", "ntk"))
-        _assert_tree_close(got, want, rtol=1e-10, atol=1e-10)
+        # The ReLU closed form takes arccos of a correlation that is 1 up to round-off on the
+        # diagonal, where the result moves by ~√eps when the batch (hence the matmul's rounding)
+        # changes; off the diagonal the agreement is at round-off.
+        _assert_tree_close(got, want, rtol=1e-7, atol=1e-9)
