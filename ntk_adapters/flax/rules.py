@@ -1,0 +1,49 @@
+"""Infinite-width rules for Flax linen layers, registered on import.
+
+The engine (:mod:`ntk_adapters.infinite.engine`) imports this module when it meets a Flax model.
+Each rule has the signature ``rule(kernel, call) -> kernel`` documented in
+:mod:`ntk_adapters.infinite.rules`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+from flax import linen as nn
+
+from ntk_adapters.infinite import rules as _rules
+from ntk_adapters.infinite.engine import dense_kernel
+
+
+@contextlib.contextmanager
+def _record(model, on_call):
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        path = tuple(module.scope.path) if module.scope is not None else tuple(module.path)
+        tag = on_call(module, "/".join(path) or type(module).__name__, path, context.method_name)
+        if tag is None:
+            return next_fun(*args, **kwargs)
+        with jax.named_scope(tag):
+            return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+_rules.register_framework("flax.linen", _record)
+
+
+def _dense(k, call):
+    m = call.module
+    w = call.params["kernel"]
+    fan_in = w.shape[0]
+    s_w2 = call.weight_sigma2(m.kernel_init, w.shape, fan_in)
+    has_bias = "bias" in call.params
+    s_b2 = call.bias_sigma2(m.bias_init, call.params["bias"].shape) if has_bias else 0.0
+    return dense_kernel(k, fan_in, s_w2, s_b2, bias_trainable=has_bias)
+
+
+_rules.register_rule(nn.Dense, _dense, linear=True, flat="average")

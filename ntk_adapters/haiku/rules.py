@@ -1,0 +1,57 @@
+"""Infinite-width rules for Haiku modules, registered on import.
+
+The engine (:mod:`ntk_adapters.infinite.engine`) imports this module when it meets a Haiku model.
+Haiku creates a layer's default initializer inside ``__call__`` (``w_init=None`` means
+``TruncatedNormal(1/sqrt(fan_in))``, truncated at two standard deviations without correcting the
+variance, so ``σw² ≈ 0.7737``); the rules reproduce those defaults exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_adapters.infinite import rules as _rules
+from ntk_adapters.infinite.engine import dense_kernel
+
+
+@contextlib.contextmanager
+def _record(model, on_call):
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        name = module.module_name
+        tag = on_call(module, name, (name,), context.method_name)
+        if tag is None:
+            return next_fun(*args, **kwargs)
+        with jax.named_scope(tag):
+            return next_fun(*args, **kwargs)
+
+    with hk.intercept_methods(interceptor):
+        yield
+
+
+_rules.register_framework("haiku", _record)
+
+
+def _default_w_init(fan_in_shape):
+    return hk.initializers.TruncatedNormal(stddev=1.0 / np.sqrt(np.prod(fan_in_shape)))
+
+
+def _linear(k, call):
+    m = call.module
+    w = call.params["w"]
+    fan_in = w.shape[0]
+    w_init = m.w_init if m.w_init is not None else _default_w_init(w.shape[:-1])
+    s_w2 = call.weight_sigma2(w_init, w.shape, fan_in)
+    has_bias = "b" in call.params
+    s_b2 = call.bias_sigma2(m.b_init if m.b_init is not None else jnp.zeros, call.params["b"].shape) if has_bias else 0.0
+    return dense_kernel(k, fan_in, s_w2, s_b2, bias_trainable=has_bias)
+
+
+_rules.register_rule(hk.Linear, _linear, linear=True, flat="average")

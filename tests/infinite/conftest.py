@@ -1,0 +1,79 @@
+"""Shared helpers for the infinite-width tests: Monte Carlo kernels of the real modules.
+
+The Monte Carlo judge is independent of the engine: fresh parameters from the model's own
+``init_fn`` (the framework's initializers), the NNGP as the average of ``f(x1) f(x2)ᵀ / O`` and
+the NTK as the average over initializations of the empirical NTK ``J(x1) J(x2)ᵀ / O`` computed
+here with ``jax.jacrev``.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+
+def _flat_out(y):
+    return y.reshape(y.shape[0], -1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def _mc_chunk(apply_fn, init_fn, keys, x1, x2, want_ntk):
+    def one(key):
+        p = init_fn(key, x1)
+        y1 = _flat_out(apply_fn(p, x1))
+        y2 = _flat_out(apply_fn(p, x2))
+        o = y1.shape[1]
+        nngp = y1 @ y2.T / o
+        if not want_ntk:
+            return nngp, jnp.zeros_like(nngp)
+        j1 = jax.jacrev(lambda q: _flat_out(apply_fn(q, x1)))(p)
+        j2 = jax.jacrev(lambda q: _flat_out(apply_fn(q, x2)))(p)
+        ntk = sum(
+            jnp.einsum("ia...,ja...->ij", a, b)
+            for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2))
+        ) / o
+        return nngp, ntk
+
+    nngp, ntk = jax.lax.map(one, keys)
+    return nngp.sum(0), ntk.sum(0)
+
+
+def monte_carlo(model, x1, x2=None, *, n_samples=64, seed=0, want_ntk=True, chunk=16):
+    """Average NNGP and empirical NTK of ``model`` over ``n_samples`` fresh initializations."""
+    x2 = x1 if x2 is None else x2
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_samples)
+    tot_n = tot_k = 0.0
+    for s in range(0, n_samples, chunk):
+        a, b = _mc_chunk(model.apply_fn, model.init_fn, keys[s:s + chunk], x1, x2, want_ntk)
+        tot_n, tot_k = tot_n + a, tot_k + b
+    return np.asarray(tot_n) / n_samples, np.asarray(tot_k) / n_samples
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="session")
+def x_vec():
+    return jax.random.normal(jax.random.PRNGKey(42), (4, 6))
+
+
+@pytest.fixture(scope="session")
+def x_img():
+    return jax.random.normal(jax.random.PRNGKey(43), (3, 6, 6, 2))
+
+
+class _Helpers:
+    monte_carlo = staticmethod(monte_carlo)
+    rel_err = staticmethod(rel_err)
+
+
+@pytest.fixture(scope="session")
+def mc():
+    """``mc.monte_carlo(model, x1, x2=None, ...)`` and ``mc.rel_err(a, b)``."""
+    return _Helpers
