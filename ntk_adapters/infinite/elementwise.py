@@ -46,23 +46,27 @@ written with ``jnp.where`` guards so that no NaN appears there, under ``jit`` to
 Any other ``phi`` (``tanh``, ``gelu``, ``silu``, ``softplus``, ``sigmoid``, a user function, ...)
 uses two-dimensional Gauss–Hermite quadrature: with probabilists' Hermite nodes ``z_i`` and
 weights ``w_i`` (normalized to sum to one),
-``E[f(u) g(v)] ≈ Σ_ij w_i w_j f(σ1 z_i) g(σ2 (ρ z_i + sqrt(1 − ρ²) z_j))`` (a Cholesky
-factorization of the 2×2 covariance), with ``phi'`` obtained by forward-mode differentiation
+``E[f(u) f(v)] ≈ Σ_ij w_i w_j f(σ1 z_i) f(σ2 (ρ z_i + sqrt(1 − ρ²) z_j))`` (a Cholesky
+factorization of the 2×2 covariance, taking the input with the larger variance first so that
+the result is exactly symmetric in the two inputs), with ``phi'`` obtained by forward-mode differentiation
 (``jax.jvp``) of ``phi``. It is exact for polynomials up to degree ``2n − 1`` in each variable
 and converges exponentially for smooth ``phi``; for ``phi`` with a kink (ReLU-like) it converges
-only algebraically. Measured errors with ``n_points=32`` (float64, ``q1 = q2 = 1``, see
+only algebraically. Measured absolute errors ``|quadrature − closed form|`` with the default
+``n_points=32`` (float64, ``q1 = q2 = 1``; ``E[phi phi]`` / ``E[phi' phi']``; reproduced by
 ``tests/infinite/test_elementwise.py::test_quadrature_accuracy_table``):
 
-=========  =============  =============  ==============
-``phi``    ``ρ = 0.3``    ``ρ = 0.99``   ``ρ = −0.999``
-=========  =============  =============  ==============
-erf        < 1e-14        < 1e-14        < 1e-14
-sin        < 1e-14        < 1e-14        < 1e-14
-relu       ~2e-4          ~1e-3          ~2e-5
-relu'      ~6e-3          ~6e-2          ~2e-3
-=========  =============  =============  ==============
+=========  ===================  ===================  ===================
+``phi``    ``ρ = 0.3``          ``ρ = 0.99``         ``ρ = −0.999``
+=========  ===================  ===================  ===================
+sin        1e-16 / 1e-16        2e-16 / 1e-16        1e-16 / 1e-16
+erf        3e-11 / 3e-10        8e-8 / 2e-6          1e-7 / 2e-6
+relu       1.5e-3 / 2.0e-2      8e-5 / 1.3e-2        5e-6 / 7e-3
+=========  ===================  ===================  ===================
 
-so a kinked ``phi`` should use its closed form (the engine does this for the names above).
+With ``n_points=64`` erf is at 1e-13 / 5e-12 and relu at 9e-4 / 1.4e-2: a kinked ``phi`` barely
+improves, so it should use its closed form (the names above do). ``relu6``, ``hard_tanh`` have kinks
+and get the same ~1e-2 accuracy for the derivative kernel; ``tanh``, ``gelu``, ``silu``,
+``softplus``, ``sigmoid`` are smooth and behave like ``erf``.
 """
 
 from __future__ import annotations
@@ -313,22 +317,29 @@ def _derivative(f: Callable[[Array], Array]) -> Callable[[Array], Array]:
     return df
 
 
-def _quadrature(f: Callable, g: Callable, c: Array, q1: Array, q2: Array, n: int) -> Array:
-    """``E[f(u) g(v)]`` by ``n × n`` Gauss–Hermite quadrature; arrays of one common shape."""
+def _quadrature(f: Callable, c: Array, q1: Array, q2: Array, n: int) -> Array:
+    """``E[f(u) f(v)]`` by ``n × n`` Gauss–Hermite quadrature; arrays of one common shape.
+
+    ``u = σa z1``, ``v = σb (ρ z1 + sqrt(1 − ρ²) z2)`` (Cholesky), where ``a`` is the input with the
+    larger variance: the canonical order makes the result exactly symmetric under swapping the
+    two inputs, so a kernel matrix stays symmetric.
+    """
     nodes, weights = _hermite(n)
     dtype = c.dtype
     nodes = jnp.asarray(nodes, dtype)
     weights = jnp.asarray(weights, dtype)
-    s1 = jnp.sqrt(jnp.maximum(q1, 0.0))
-    s2 = jnp.sqrt(jnp.maximum(q2, 0.0))
-    _, rho, _ = _corr(c, q1, q2)
-    a21 = (s2 * rho)[..., None]
-    a22 = (s2 * jnp.sqrt(jnp.maximum(1.0 - rho * rho, 0.0)))[..., None]
+    qa = jnp.maximum(jnp.maximum(q1, q2), 0.0)
+    qb = jnp.maximum(jnp.minimum(q1, q2), 0.0)
+    sa = jnp.sqrt(qa)
+    sb = jnp.sqrt(qb)
+    _, rho, _ = _corr(c, qa, qb)
+    b1 = (sb * rho)[..., None]
+    b2 = (sb * jnp.sqrt(jnp.maximum(1.0 - rho * rho, 0.0)))[..., None]
 
     def step(acc, zw):
         z, w = zw
-        inner = g(a21 * z + a22 * nodes) @ weights  # E[g(v) | z1 = z]
-        return acc + w * f(s1 * z) * inner, None
+        inner = f(b1 * z + b2 * nodes) @ weights  # E[f(v) | z1 = z]
+        return acc + w * f(sa * z) * inner, None
 
     # Scanning over the outer node keeps memory at (entries × n), not (entries × n²).
     acc, _ = jax.lax.scan(step, jnp.zeros(c.shape, dtype), (nodes, weights))
@@ -386,20 +397,45 @@ def gaussian_expectations(
         closed = spec.closed_form
     if method == "closed_form" and closed is None:
         raise ValueError(f"phi={phi!r} has no closed form; closed forms exist for {list(CLOSED_FORMS)}")
+    use_closed = closed is not None and method != "quadrature"
+    if not use_closed and not 1 <= int(n_points) <= 300:
+        raise ValueError(f"n_points must be between 1 and 300 (numpy's Hermite nodes overflow beyond); got {n_points}")
 
-    if closed is not None and method != "quadrature":
-        nngp, dd = closed(c, q1, q2, **params)
-        nngp = jnp.broadcast_to(nngp, c.shape).astype(dtype)
-        dd = jnp.broadcast_to(dd, c.shape).astype(dtype) if derivative else None
+    key = (phi, tuple(sorted(params.items())), use_closed, int(n_points), bool(derivative))
+    if use_closed:  # a few elementwise ops: eager dispatch reuses compiled primitives
+        return _expectation_fn(*key)(c, q1, q2)
+    try:
+        fn = _compiled(*key)
+    except TypeError:  # unhashable phi or parameters (e.g. traced arrays): no caching
+        fn = _expectation_fn(*key)
+    return fn(c, q1, q2)
+
+
+def _expectation_fn(phi, params_items, use_closed, n_points, derivative):
+    params = dict(params_items)
+
+    def fn(c, q1, q2):
+        if use_closed:
+            nngp, dd = _spec(phi).closed_form(c, q1, q2, **params)
+            nngp = jnp.broadcast_to(nngp, c.shape).astype(c.dtype)
+            dd = jnp.broadcast_to(dd, c.shape).astype(c.dtype) if derivative else None
+            return nngp, dd
+        f = elementwise_fn(phi, **params)
+        nngp = _quadrature(f, c, q1, q2, n_points)
+        dd = None
+        if derivative:
+            df = _derivative(f)
+            dd = _quadrature(df, c, q1, q2, n_points)
         return nngp, dd
 
-    f = elementwise_fn(phi, **params)
-    nngp = _quadrature(f, f, c, q1, q2, n_points)
-    dd = None
-    if derivative:
-        df = _derivative(f)
-        dd = _quadrature(df, df, c, q1, q2, n_points)
-    return nngp, dd
+    return fn
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(phi, params_items, use_closed, n_points, derivative):
+    # One jitted quadrature per (phi, parameters): repeated eager calls compile the scan once
+    # per shape instead of on every call.
+    return jax.jit(_expectation_fn(phi, params_items, use_closed, n_points, derivative))
 
 
 def gaussian_variance(
@@ -487,24 +523,29 @@ def apply_elementwise(
         )
     linear = isinstance(phi, str) and _spec(phi).linear and params.get("b", 0.0) == 0.0
     want_ntk = kernel.ntk is not None
-    expect = functools.partial(gaussian_expectations, phi, n_points=n_points, method=method, **params)
 
+    # Every (covariance, variance, variance) triple to transform; evaluated in one call so that
+    # a layer costs one compilation and one pass, whatever the layout.
     if kernel.layout == "full":
         d1 = _full_diagonal(kernel.cov1)
         d2 = d1 if kernel.same_inputs else _full_diagonal(kernel.cov2)
-        v1 = _interleave(d1, first=True)[:, None]  # (N1, 1, H, 1, W, 1)
-        v2 = _interleave(d2, first=False)[None]  # (1, N2, 1, H, 1, W)
-        cov1, _ = expect(kernel.cov1, _interleave(d1, True), _interleave(d1, False), derivative=False)
-        if kernel.same_inputs:
-            cov2 = cov1
-        else:
-            cov2, _ = expect(kernel.cov2, _interleave(d2, True), _interleave(d2, False), derivative=False)
+        triples = [
+            (kernel.nngp, _interleave(d1, True)[:, None], _interleave(d2, False)[None]),
+            (kernel.cov1, _interleave(d1, True), _interleave(d1, False)),
+        ]
+        if not kernel.same_inputs:
+            triples.append((kernel.cov2, _interleave(d2, True), _interleave(d2, False)))
     else:
-        v1 = kernel.cov1[:, None]
-        v2 = kernel.cov2[None]
-        cov1, _ = expect(kernel.cov1, kernel.cov1, kernel.cov1, derivative=False)
-        cov2 = cov1 if kernel.same_inputs else expect(kernel.cov2, kernel.cov2, kernel.cov2, derivative=False)[0]
-
-    nngp, dd = expect(kernel.nngp, v1, v2, derivative=want_ntk)
-    ntk = dd * kernel.ntk if want_ntk else None
+        triples = [(kernel.nngp, kernel.cov1[:, None], kernel.cov2[None]), (kernel.cov1, kernel.cov1, kernel.cov1)]
+        if not kernel.same_inputs:
+            triples.append((kernel.cov2, kernel.cov2, kernel.cov2))
+    shapes = [jnp.shape(t[0]) for t in triples]
+    flat = [jnp.concatenate([jnp.broadcast_to(t[i], s).ravel() for t, s in zip(triples, shapes)]) for i in range(3)]
+    out, dd = gaussian_expectations(phi, *flat, derivative=want_ntk, n_points=n_points, method=method, **params)
+    sizes = [math.prod(s) for s in shapes]
+    splits = np.cumsum(sizes)[:-1].tolist()
+    parts = [p.reshape(s) for p, s in zip(jnp.split(out, splits), shapes)]
+    nngp, cov1 = parts[0], parts[1]
+    cov2 = cov1 if kernel.same_inputs else parts[2]
+    ntk = dd[: sizes[0]].reshape(shapes[0]) * kernel.ntk if want_ntk else None
     return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=bool(linear))
