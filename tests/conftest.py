@@ -4,3 +4,40 @@ mathematics (Monte Carlo error, quadrature) and not by float32 round-off."""
 import jax
 
 jax.config.update("jax_enable_x64", True)
+
+import math
+
+import numpy as np
+import pytest
+
+
+def relu_nngp_by_hand(x1, x2, weight_var=1.0, bias_var=0.0):
+    """NNGP of one hidden ReLU layer, written out by hand (arc-cosine kernel of degree 1).
+
+    First layer: q = σw² x·x'/d + σb²; E[relu(u) relu(v)] = √(q11 q22)/(2π) (sin θ + (π − θ) cos θ)
+    with cos θ = q12/√(q11 q22).
+    """
+    x1, x2 = np.asarray(x1, float), np.asarray(x2, float)
+    d = x1.shape[1]
+    q12 = weight_var * x1 @ x2.T / d + bias_var
+    q11 = weight_var * np.sum(x1 * x1, 1) / d + bias_var
+    q22 = weight_var * np.sum(x2 * x2, 1) / d + bias_var
+    norm = np.sqrt(np.outer(q11, q22))
+    cos = np.clip(q12 / norm, -1.0, 1.0)
+    theta = np.arccos(cos)
+    return norm / (2 * math.pi) * (np.sin(theta) + (math.pi - theta) * cos)
+
+
+# Var of N(0, 1) truncated to [-2, 2], uncorrected (Haiku's default Linear initializer):
+# 1 − 2·2·φ(2)/(Φ(2) − Φ(−2)).
+HAIKU_TRUNCATED_VARIANCE = 1.0 - 4.0 * math.exp(-2.0) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2))
+
+
+@pytest.fixture(scope="session")
+def arccos_nngp():
+    return relu_nngp_by_hand
+
+
+@pytest.fixture(scope="session")
+def haiku_truncated_variance():
+    return HAIKU_TRUNCATED_VARIANCE
