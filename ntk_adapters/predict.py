@@ -3,19 +3,24 @@
 Everything here works on kernel *matrices* (empirical, Monte Carlo or infinite-width) and never
 on a network, so it is framework-free.
 
-Loss normalization (the same everywhere in the library)
--------------------------------------------------------
+Loss normalization and time axis (the same everywhere in the library)
+---------------------------------------------------------------------
 With ``N`` training points and ``O`` outputs per point the mean-squared-error loss is
 
-    L(θ) = ½ · mean over all N·O entries of (f(x) − y)²,
+    L(θ) = ½ · mean over all N·O entries of (f(x) − y)².
 
-so gradient flow ``dθ/dt = −η ∇_θ L`` moves the outputs as
+Gradient descent ``θ ← θ − η ∇L`` (optax ``sgd(η)``) is placed on the time axis ``t = k·η``
+(step ``k``). As ``η → 0`` it follows gradient flow ``dθ/dt = −∇L``, under which the outputs of
+a linearized model move as
 
-    df/dt = −η' Θ (f − y),        η' = η / (N·O),
+    df/dt = −(1/(N·O)) Θ (f − y),
 
-where ``Θ`` is the per-output NTK (the output-averaged kernel of ``trace_axes=(-1,)``, whose full
-kernel over outputs is ``Θ ⊗ I_O``). Gradient descent with step ``η`` (optax ``sgd(η)``) after
-``k`` steps corresponds to time ``t = k·η``.
+``Θ`` the per-output NTK (the output-averaged kernel of ``trace_axes=(-1,)``, whose full kernel
+over outputs is ``Θ ⊗ I_O``). Counted in steps ``k = t/η`` this is ``df/dk = −η' Θ (f − y)`` with
+``η' = η/(N·O)``, the form of Lee et al. 2019: ``e^{−η' Θ k} = e^{−Θ t/(N·O)}``. Hence for MSE
+the prediction at a given ``t`` does not depend on ``η``; ``η`` matters for the momentum ODE
+(:func:`gradient_descent`) and for stability (:func:`max_learning_rate`; the MSE predictors warn
+when ``learning_rate`` is past the edge, where real gradient descent diverges).
 
 Kernel shapes
 -------------
@@ -331,6 +336,21 @@ class _Factor:
         return self.vecs @ (g[:, None] * (self.vecs.T @ b))
 
 
+def _warn_unstable(fac: _Factor, learning_rate: Optional[float], size: int, name: str) -> None:
+    """Warn when discrete gradient descent at ``learning_rate`` would diverge on this kernel."""
+    lam = _concrete(fac.lam)
+    if learning_rate is None or lam is None or not lam.size or lam.max() <= 0:
+        return
+    edge = 2.0 * size / float(lam.max())
+    if learning_rate >= edge:
+        warnings.warn(
+            f"learning_rate={learning_rate:g} is at or past the stability edge 2·N·O/λ_max({name}) "
+            f"= {edge:.4g}: gradient descent with this step diverges, while the prediction describes "
+            "gradient flow (η → 0). Use a smaller learning rate (see max_learning_rate)",
+            stacklevel=3,
+        )
+
+
 def _time_axis(t: jax.Array, fn: Callable[[jax.Array], Any]) -> Any:
     """Apply ``fn`` at every time in ``t`` (any shape); outputs get ``t.shape`` in front."""
     if t.ndim == 0:
@@ -347,18 +367,20 @@ def _time_axis(t: jax.Array, fn: Callable[[jax.Array], Any]) -> Any:
 def gradient_descent_mse(
     k_train_train: ArrayLike,
     y_train: ArrayLike,
-    learning_rate: float = 1.0,
+    learning_rate: Optional[float] = None,
     diag_reg: float = 0.0,
     *,
     diag_reg_absolute_scale: bool = False,
 ) -> Callable[..., Any]:
     """Outputs of a linearized model trained by gradient flow on MSE, in closed form.
 
-    Lee et al. 2019 (eqs. 9–16): with ``η' = learning_rate / (N·O)`` (loss ½·mean over all N·O
-    entries),
+    Lee et al. 2019 (eqs. 9–16) on the library's time axis ``t = k·η`` (loss ½·mean over all
+    N·O entries, so the flow is ``df/dt = −Θ (f − y) / (N·O)``):
 
-        f_t(X) = f_0(X) + (I − e^{−η' Θ t}) (Y − f_0(X)),
-        f_t(x) = f_0(x) + Θ(x, X) Θ⁻¹ (I − e^{−η' Θ t}) (Y − f_0(X)).
+        f_t(X) = f_0(X) + (I − e^{−Θ t/(N·O)}) (Y − f_0(X)),
+        f_t(x) = f_0(x) + Θ(x, X) Θ⁻¹ (I − e^{−Θ t/(N·O)}) (Y − f_0(X)).
+
+    (Per step: ``e^{−η' Θ k}`` with ``η' = η/(N·O)`` and ``k = t/η``.)
 
     The eigendecomposition of ``Θ = k_train_train`` is computed once, here; the exponential is
     elementwise in its eigenbasis. ``t=None`` (t → ∞) is a Cholesky solve, not an exponential
@@ -367,7 +389,10 @@ def gradient_descent_mse(
     Args:
       k_train_train: NTK of the training inputs, ``(N, N)`` per output or ``(N, N, O, O)``.
       y_train: targets ``(N, *out)`` (``(N, O)`` for a full kernel).
-      learning_rate: ``η``; optax ``sgd(η)`` step ``k`` corresponds to ``t = k·η``.
+      learning_rate: ``η`` of the gradient descent being described, or ``None``; optax
+        ``sgd(η)`` step ``k`` corresponds to ``t = k·η``. The flow at a given ``t`` does not
+        depend on it; when given, a warning is issued if it is at or past
+        ``max_learning_rate`` (discrete descent diverges there).
       diag_reg: adds ``diag_reg · mean(diag Θ)`` to the training kernel's diagonal (kernel ridge
         regression at ``t=None``); the training predictions then converge to ``y_train``
         under the regularized dynamics.
@@ -384,8 +409,9 @@ def gradient_descent_mse(
     Example::
 
       predict = gradient_descent_mse(ntk_train_train, y_train, learning_rate=0.1)   # (N, N), (N, O)
-      fx_train, fx_test = predict(jnp.array([1., 10.]), fx_train_0, fx_test_0, ntk_test_train)
-      # fx_train: (2, N, O), fx_test: (2, M, O)
+      steps = jnp.array([10, 100])
+      fx_train, fx_test = predict(steps * 0.1, fx_train_0, fx_test_0, ntk_test_train)
+      # fx_train: (2, N, O), fx_test: (2, M, O): after 10 and 100 steps of sgd(0.1)
     """
     k = _as_float(k_train_train, "k_train_train")
     y = _as_float(y_train, "y_train")
@@ -394,11 +420,12 @@ def gradient_descent_mse(
     layout = _train_layout(k, y, "k_train_train", "y_train")
     _check_finite(k, "k_train_train")
     _check_finite(y, "y_train")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive; got {learning_rate}")
+    if learning_rate is not None and not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive (or None); got {learning_rate}")
     fac = _Factor(layout.kernel(k), "k_train_train", diag_reg, diag_reg_absolute_scale)
+    _warn_unstable(fac, learning_rate, layout.size, "k_train_train")
     y_flat = layout.targets(y)
-    rate = learning_rate / layout.size
+    rate = 1.0 / layout.size
     vecs = fac.vecs
 
     def predict_fn(
@@ -483,13 +510,13 @@ def _ensemble_moments(
 ) -> tuple[jax.Array, Optional[jax.Array]]:
     """Mean and covariance of ``f_t = f_0 − A f_0(X) + A Y`` with ``f_0 ~ GP(0, K)``.
 
-    ``A = Θ(x, X) Θ⁻¹ (I − e^{−η' Θ t})``; ``prior`` is ``K(X, X)``. ``theta_xX=None`` means the
-    training points themselves, where ``I − A = V diag(e^{−η' λ t}) Vᵀ``.
+    ``A = Θ(x, X) Θ⁻¹ (I − e^{−rate Θ t})``; ``prior`` is ``K(X, X)``. ``theta_xX=None`` means the
+    training points themselves, where ``I − A = V diag(e^{−rate λ t}) Vᵀ``.
     """
     vecs = fac.vecs
     if theta_xX is None:
         grown, _ = fac.coefficients(t, rate)
-        stay = 1 - grown  # 1 − (I − e^{−η'Θt}) in the eigenbasis; 1 on the frozen directions
+        stay = 1 - grown  # 1 − (I − e^{−rate Θ t}) in the eigenbasis; 1 on the frozen directions
         mean = y_flat - vecs @ (stay[:, None] * (vecs.T @ y_flat))
         if not compute_cov:
             return mean, None
@@ -513,7 +540,7 @@ def gradient_descent_mse_ensemble(
     kernel_fn: Callable[..., Any],
     x_train: Any,
     y_train: ArrayLike,
-    learning_rate: float = 1.0,
+    learning_rate: Optional[float] = None,
     diag_reg: float = 0.0,
     *,
     diag_reg_absolute_scale: bool = False,
@@ -524,8 +551,8 @@ def gradient_descent_mse_ensemble(
 
     At initialization the outputs are a Gaussian process ``f_0 ~ GP(0, K)`` (``K`` the NNGP, per
     output, outputs independent). A linearized network trained by gradient flow on MSE (loss
-    ½·mean over N·O entries, ``η' = learning_rate / (N·O)``) gives, with
-    ``A_t(x) = Θ(x, X) Θ⁻¹ (I − e^{−η' Θ t})`` (M×N):
+    ½·mean over N·O entries, time ``t = k·η``) gives, with
+    ``A_t(x) = Θ(x, X) Θ⁻¹ (I − e^{−Θ t/(N·O)})`` (M×N):
 
         f_t(x) = f_0(x) − A_t f_0(X) + A_t Y,
         mean   = A_t Y,
@@ -533,7 +560,7 @@ def gradient_descent_mse_ensemble(
 
     ``'ntk'``: ``Θ`` is the NTK (all layers trained). ``'nngp'``: ``Θ`` is replaced by ``K``
     itself, the dynamics of training only a readout layer whose features give the NNGP; then
-    ``cov = K(x,x) − K(x,X) K⁻¹ (I − e^{−2η' K t}) K(X,x)``, which at ``t = ∞`` is the exact
+    ``cov = K(x,x) − K(x,X) K⁻¹ (I − e^{−2 K t/(N·O)}) K(X,x)``, which at ``t = ∞`` is the exact
     Bayesian GP posterior. ``diag_reg`` adds ``diag_reg · mean diagonal`` to the training block of
     both kernels, everywhere it appears (for ``'nngp'`` at ``t = ∞``: GP regression with that
     observation-noise variance).
@@ -544,7 +571,8 @@ def gradient_descent_mse_ensemble(
         with ``x2=None`` for a kernel of ``x1`` with itself.
       x_train: training inputs ``(N, ...)``.
       y_train: targets ``(N, *out)``.
-      learning_rate: ``η``; optax ``sgd(η)`` step ``k`` is ``t = k·η``.
+      learning_rate: ``η`` or ``None``; optax ``sgd(η)`` step ``k`` is ``t = k·η`` (only checked
+        for stability, as in :func:`gradient_descent_mse`).
       diag_reg, diag_reg_absolute_scale: as in :func:`gradient_descent_mse`.
       get: kernels the predictions may use; the training kernels for these are computed here,
         once (``'ntk'`` also needs the NNGP, for the covariance).
@@ -572,8 +600,8 @@ def gradient_descent_mse_ensemble(
     ktt = {n: _as_float(v, f"kernel_fn(x_train).{n}").astype(dtype) for n, v in ktt.items()}
     layout = _train_layout(ktt["nngp"], y, "kernel_fn(x_train).nngp", "y_train")
     _check_finite(y, "y_train")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive; got {learning_rate}")
+    if learning_rate is not None and not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive (or None); got {learning_rate}")
     facs = {}
     for n, v in ktt.items():
         if v.shape != ktt["nngp"].shape:
@@ -583,9 +611,11 @@ def gradient_descent_mse_ensemble(
             )
         _check_finite(v, f"kernel_fn(x_train).{n}")
         facs[n] = _Factor(layout.kernel(v), f"kernel_fn(x_train).{n}", diag_reg, diag_reg_absolute_scale)
+    for n in names:
+        _warn_unstable(facs[n], learning_rate, layout.size, f"kernel_fn(x_train).{n}")
     prior = facs["nngp"].k
     y_flat = layout.targets(y)
-    rate = learning_rate / layout.size
+    rate = 1.0 / layout.size
     default_get = get
 
     def predict_fn(
@@ -765,12 +795,14 @@ def gradient_descent(
 ) -> Callable[..., Any]:
     """Outputs of a linearized model trained by gradient flow on any loss, by ODE integration.
 
-    Parameters follow ``dθ/dt = −η ∇_θ loss(f(θ), y)``, so in function space
+    On the library's time axis ``t = k·η`` (optax ``sgd(η)`` step ``k``) parameters follow
+    ``dθ/dt = −∇_θ loss(f(θ), y)``, so in function space
 
-        df(X)/dt = −η Θ(X, X) ∇_f loss,      df(x)/dt = −η Θ(x, X) ∇_f loss,
+        df(X)/dt = −Θ(X, X) ∇_f loss,      df(x)/dt = −Θ(x, X) ∇_f loss,
 
     with ``∇_f loss`` the gradient of ``loss`` with respect to the training outputs. The loss sets
     its own normalization: ``loss = ½·mean((f − y)²)`` reproduces :func:`gradient_descent_mse`.
+    Without momentum the flow at a given ``t`` does not depend on ``η``.
 
     Momentum ``μ`` (heavy ball, optax ``sgd(η, momentum=μ)``: ``v ← μ v + g``, ``θ ← θ − η v``).
     In function space the iteration is ``u_{k+1} = μ u_k + Θ ∇_f loss(f_k)``,
@@ -781,7 +813,7 @@ def gradient_descent(
 
     i.e. ``η f'' + (1 − μ) f' = −Θ ∇_f loss(f)`` with ``f'(0) = 0``. It agrees with the discrete
     iteration up to ``O(η)`` at fixed ``t``, includes the build-up of the velocity over about
-    ``1/(1 − μ)`` steps, and as ``η → 0`` reduces to plain flow with rate ``η / (1 − μ)``.
+    ``1/(1 − μ)`` steps, and as ``η → 0`` reduces to plain flow sped up by ``1/(1 − μ)``.
 
     Integration: ``jax.experimental.ode.odeint`` (adaptive Dormand–Prince 5(4) with error
     control), so accuracy is set by ``rtol``/``atol`` rather than a hand-picked step, the
@@ -794,7 +826,7 @@ def gradient_descent(
       k_train_train: NTK ``(N, N)`` per output or ``(N, N, O, O)``.
       y_train: targets ``(N, *out)`` (``(N, O)`` for a full kernel; one-hot labels for
         cross-entropy).
-      learning_rate: ``η``.
+      learning_rate: ``η`` (the inertia ``η`` of the momentum ODE; unused without momentum).
       momentum: ``μ`` in ``[0, 1)``, or ``None`` for plain gradient flow.
       rtol, atol, mxstep: integrator tolerances and step limit.
 
@@ -863,7 +895,7 @@ def gradient_descent(
 
             def dynamics(state, _):
                 g = grad_flat(state[0])
-                return (-learning_rate * (k_flat @ g), -learning_rate * (kt @ g))
+                return (-(k_flat @ g), -(kt @ g))
         else:
             state0 = (f0, ft0, jnp.zeros_like(f0), jnp.zeros_like(ft0))
             friction = 1.0 - momentum
@@ -880,15 +912,24 @@ def gradient_descent(
 
         flat_t = times.reshape(-1)
         order = jnp.argsort(flat_t)
-        grid = jnp.concatenate([jnp.zeros((1,), dtype), flat_t[order]])
+        sorted_t = flat_t[order]
+        # odeint interpolates inside its last step; a request at t = 0 comes before any step
+        # (0/0), so it is asked at the smallest positive time and then set to the initial state.
+        at_start = sorted_t == 0
+        grid = jnp.concatenate(
+            [jnp.zeros((1,), dtype), jnp.where(at_start, jnp.finfo(dtype).tiny, sorted_t)]
+        )
         sol = odeint(dynamics, state0, grid, rtol=rtol, atol=atol, mxstep=mxstep)
         inverse = jnp.argsort(order)
-        train = sol[0][1:][inverse].reshape(times.shape + f0.shape)
-        train = layout.outputs(train, layout.n)
+
+        def pick(path, start):
+            values = jnp.where(at_start[:, None, None], start[None], path[1:])
+            return values[inverse].reshape(times.shape + start.shape)
+
+        train = layout.outputs(pick(sol[0], f0), layout.n)
         if not test:
             return train
-        test_out = sol[1][1:][inverse].reshape(times.shape + ft0.shape)
-        return train, layout.outputs(test_out, m)
+        return train, layout.outputs(pick(sol[1], ft0), m)
 
     return predict_fn
 
