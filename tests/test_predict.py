@@ -151,6 +151,18 @@ def test_learning_rate_only_sets_the_time_unit_and_warns_past_the_edge(problem):
         predict.gradient_descent_mse(k, y, 1.01 * edge)
 
 
+def test_float32_inputs_stay_float32_and_agree_with_float64(problem):
+    k, kt, y = problem["k"], problem["kt"], problem["y"]
+    a_train, a_test = predict.gradient_descent_mse(k.astype(np.float32), y.astype(np.float32))(
+        jnp.array([1.0, 5.0], jnp.float32), 0.0, None, kt.astype(np.float32)
+    )
+    assert a_train.dtype == jnp.float32 and a_test.dtype == jnp.float32
+    b_train, b_test = predict.gradient_descent_mse(k, y)(jnp.array([1.0, 5.0]), 0.0, None, kt)
+    assert b_train.dtype == jnp.float64
+    np.testing.assert_allclose(a_train, b_train, atol=1e-4)
+    np.testing.assert_allclose(a_test, b_test, atol=1e-4)
+
+
 def test_jit_over_time_matches_eager(problem):
     k, kt, y, f0, f0t = problem["k"], problem["kt"], problem["y"], problem["f0"], problem["f0t"]
     predict_fn = predict.gradient_descent_mse(k, y, 0.3)
@@ -452,6 +464,33 @@ def test_ntk_ensemble_is_eq16_and_train_mode_is_consistent(relu_setup):
         np.testing.assert_allclose(getattr(a, name).covariance, getattr(b, name).covariance, atol=1e-9)
     # Means alone when compute_cov=False; a single name gives a bare array.
     assert ensemble(t, xt, "nngp").shape == (3, 1)
+
+
+def test_ensemble_and_gp_with_full_kernels_equal_per_output(relu_setup):
+    x, xt, _ = relu_setup
+    y = np.random.default_rng(8).standard_normal((x.shape[0], 2))
+    per_fn = _kernel_fn_for(64)
+    eye = np.eye(2)
+
+    def full_fn(x1, x2=None, get=("nngp", "ntk")):
+        k = per_fn(x1, x2, get=get)
+        return type(k)(*(np.einsum("nm,op->nmop", v, eye) for v in k))
+
+    t = 0.5
+    per = predict.gradient_descent_mse_ensemble(per_fn, x, y)(t, xt, compute_cov=True)
+    full = predict.gradient_descent_mse_ensemble(full_fn, x, y)(t, xt, compute_cov=True)
+    for name in ("nngp", "ntk"):
+        a, b = getattr(per, name), getattr(full, name)
+        assert b.mean.shape == (3, 2) and b.covariance.shape == (3, 3, 2, 2)
+        np.testing.assert_allclose(b.mean, a.mean, atol=1e-10)
+        np.testing.assert_allclose(b.covariance, np.einsum("nm,op->nmop", a.covariance, eye), atol=1e-10)
+    k_per, k_full = per_fn(x), full_fn(x)
+    gp_per = predict.gp_inference(k_per, y, 0.01)("nngp", per_fn(xt, x), per_fn(xt))
+    gp_full = predict.gp_inference(k_full, y, 0.01)("nngp", full_fn(xt, x), full_fn(xt))
+    np.testing.assert_allclose(gp_full.mean, gp_per.mean, atol=1e-10)
+    np.testing.assert_allclose(
+        gp_full.covariance, np.einsum("nm,op->nmop", gp_per.covariance, eye), atol=1e-10
+    )
 
 
 def _condition(joint, y, n_obs, noise):
