@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import numpy as np
 from flax import linen as nn
 
+from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import rules as _rules
 from ntk_adapters.infinite.engine import dense_kernel
 
@@ -47,3 +49,30 @@ def _dense(k, call):
 
 
 _rules.register_rule(nn.Dense, _dense, linear=True, flat="average")
+
+
+def _conv(k, call):
+    m = call.module
+    w = call.params["kernel"]
+    window = tuple(w.shape[:-2])
+    if getattr(m, "feature_group_count", 1) != 1:
+        raise call.error("grouped convolutions (feature_group_count != 1) have no rule")
+    if m.input_dilation not in (None, 1) and any(d != 1 for d in np.atleast_1d(m.input_dilation)):
+        raise call.error("input_dilation (transposed convolution) has no rule")
+    if k.layout == "none":
+        raise call.error("a convolution needs spatial axes in its input")
+    fan_in = int(np.prod(w.shape[:-1]))
+    s_w2 = call.weight_sigma2(m.kernel_init, w.shape, fan_in)
+    has_bias = "bias" in call.params
+    s_b2 = call.bias_sigma2(m.bias_init, call.params["bias"].shape) if has_bias else 0.0
+    padding = m.padding
+    if isinstance(padding, str) and padding.upper() == "CAUSAL":
+        padding = "CAUSAL"
+    try:
+        return _layers.conv(k, window_shape=window, fan_in=fan_in, strides=m.strides, padding=padding,
+                            dilation=m.kernel_dilation, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias)
+    except ValueError as e:
+        raise call.error(str(e)) from None
+
+
+_rules.register_rule(nn.Conv, _conv, linear=True)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import rules as _rules
 from ntk_adapters.infinite.engine import dense_kernel
 
@@ -55,3 +56,33 @@ def _linear(k, call):
 
 
 _rules.register_rule(hk.Linear, _linear, linear=True, flat="average")
+
+
+def _conv(k, call):
+    m = call.module
+    w = call.params["w"]
+    window = tuple(w.shape[:-2])
+    if getattr(m, "feature_group_count", 1) != 1:
+        raise call.error("grouped convolutions have no rule")
+    if getattr(m, "channel_index", -1) not in (-1, len(window) + 1):
+        raise call.error("only channels-last data formats are supported")
+    if getattr(m, "mask", None) is not None:
+        raise call.error("masked convolutions have no rule")
+    if k.layout == "none":
+        raise call.error("a convolution needs spatial axes in its input")
+    fan_in = int(np.prod(w.shape[:-1]))
+    w_init = m.w_init if m.w_init is not None else _default_w_init(w.shape[:-1])
+    s_w2 = call.weight_sigma2(w_init, w.shape, fan_in)
+    has_bias = "b" in call.params
+    s_b2 = call.bias_sigma2(m.b_init if m.b_init is not None else jnp.zeros, call.params["b"].shape) if has_bias else 0.0
+    padding = m.padding
+    if callable(padding) or (isinstance(padding, (list, tuple)) and any(callable(p) for p in padding)):
+        raise call.error("padding functions have no rule; use 'SAME', 'VALID' or explicit pads")
+    try:
+        return _layers.conv(k, window_shape=window, fan_in=fan_in, strides=m.stride, padding=padding,
+                            dilation=m.kernel_dilation, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias)
+    except ValueError as e:
+        raise call.error(str(e)) from None
+
+
+_rules.register_rule(hk.ConvND, _conv, linear=True)

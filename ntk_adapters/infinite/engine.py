@@ -885,6 +885,32 @@ def _concatenate_rule(eqn, invals, interp: _Interpreter):
     return [Value(kernel=k, shape=vals[0].shape[:-1] + (tot,), base=next(_ids), deps=deps)]
 
 
+def _reduce_window_sum_rule(eqn, invals, interp: _Interpreter):
+    from ntk_adapters.infinite import layers as _layers
+
+    v = invals[0]
+    if v.flat or len(v.shape) < 2:
+        raise interp.error(eqn, "a window sum over a value without spatial axes")
+    p = eqn.params
+    dims, strides, pads = p["window_dimensions"], p["window_strides"], p["padding"]
+    if dims[0] != 1 or dims[-1] != 1 or strides[0] != 1 or strides[-1] != 1:
+        raise interp.error(eqn, "a window sum over the batch or channel axis")
+    if any(d != 1 for d in p.get("base_dilation", ())) or any(d != 1 for d in p.get("window_dilation", ())):
+        raise interp.error(eqn, "dilated window sums have no rule")
+    v = interp.materialize(v, eqn)
+    k = v.kernel
+    window = tuple(dims[1:-1])
+    if k.layout != "full" and math.prod(window) > 1:
+        raise interp.error(eqn, "pooling needs the covariance between positions; pass spatial_layout='full' "
+                                "(or 'auto')")
+    try:
+        k2 = _layers.sum_pool(k, window, strides=tuple(strides[1:-1]), padding=[tuple(x) for x in pads[1:-1]])
+    except ValueError as e:
+        raise interp.error(eqn, str(e)) from None
+    shape = tuple(eqn.outvars[0].aval.shape[1:])
+    return [Value(kernel=k2, shape=shape, base=next(_ids), fresh=v.fresh, deps=v.deps)]
+
+
 def _broadcast_rule(eqn, invals, interp: _Interpreter):
     v = invals[0]
     if tuple(eqn.params["shape"][1:]) == v.shape:
@@ -900,7 +926,7 @@ _rules.register_primitive_rule("reshape", _reshape_rule)
 _rules.register_primitive_rule("reduce_sum", _reduce_sum_rule)
 _rules.register_primitive_rule("concatenate", _concatenate_rule)
 _rules.register_primitive_rule("broadcast_in_dim", _broadcast_rule)
-_rules.register_primitive_rule("squeeze", _identity_rule) if False else None
+_rules.register_primitive_rule("reduce_window_sum", _reduce_window_sum_rule)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import ntk_adapters.flax as nflax
 import ntk_adapters.haiku as nhaiku
 from ntk_adapters.infinite import infinite_kernel_fn
 
-WIDTHS = (8, 256)
-N_NNGP, N_NTK = 2048, 16
+WIDTHS = (8, 128)
+N_NNGP, N_NTK = 1024, 8
 TOL_NNGP, TOL_NTK = 0.05, 0.08  # at the largest width: MC noise ~1-3 % plus O(1/width) bias
 
 
@@ -44,7 +44,7 @@ def check_convergence(mc, build, x, widths=WIDTHS, tol_nngp=TOL_NNGP, tol_ntk=TO
     for w in widths:
         model = build(w, x)
         k = infinite_kernel_fn(model)(x)
-        nngp, _ = mc.monte_carlo(model, x, n_samples=n_nngp, want_ntk=False, chunk=256)
+        nngp, _ = mc.monte_carlo(model, x, n_samples=n_nngp, want_ntk=False, chunk=512)
         _, ntk = mc.monte_carlo(model, x, n_samples=n_ntk, chunk=n_ntk)
         errs.append((mc.rel_err(nngp, k.nngp), mc.rel_err(ntk, k.ntk)))
     (n0, t0), (n1, t1) = errs[0], errs[-1]
