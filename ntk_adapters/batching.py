@@ -238,8 +238,8 @@ def batch(
         the diagonal and upper tiles only and fill the lower ones by transposition, where the
         trailing axes allow it: trailing axes that come in interleaved pairs ``(a, a, b, b, ...)``
         are swapped within each pair, other trailing axes (e.g. spatial diagonal axes) are kept;
-        the choice is checked on the diagonal tiles, and when neither fits, every tile is
-        computed. ``'none'``: always compute every tile. A tuple of trailing-axis indices
+        the choice is checked on the diagonal tiles (to ``√eps`` relative to the largest entry),
+        and when neither fits, every tile is computed. ``'none'``: always compute every tile. A tuple of trailing-axis indices
         ``perm``: assert ``K(x2, x1)[j, i] == K(x1, x2)[i, j].transpose(perm)`` without checking.
 
     Returns:
@@ -292,6 +292,13 @@ def batch(
 
         def allocate(outs):
             leaves, out_def = jax.tree_util.tree_flatten(outs)
+            for leaf in leaves:
+                if leaf.ndim < 3 or tuple(leaf.shape[1:3]) != (b1, b2):
+                    raise ValueError(
+                        f"kernel_fn returned an array of shape {tuple(leaf.shape[1:])} for a tile of "
+                        f"{b1} × {b2} inputs; every output of a tiled kernel must have leading axes "
+                        "(N1, N2) (per-input quantities such as variances cannot be tiled)"
+                    )
             shapes = [(n1, n2) + tuple(leaf.shape[3:]) for leaf in leaves]
             dtypes = [leaf.dtype for leaf in leaves]
             if memmap_path is not None:
@@ -442,6 +449,7 @@ def kernel_regression_cg(
     atol: float = 0.0,
     maxiter: Optional[int] = None,
     get: Optional[str] = "ntk",
+    devices: Optional[Sequence[jax.Device]] = None,
     **kernel_kwargs: Any,
 ) -> KernelRegressionResult:
     """Kernel regression ``α = (K + diag_reg·I)⁻¹ y`` by conjugate gradients, never storing ``K``.
@@ -449,7 +457,8 @@ def kernel_regression_cg(
     Each matrix-vector product ``K v`` is accumulated tile by tile
     (``batch_size × batch_size``), recomputing the tiles with ``kernel_fn`` every time; only the
     diagonal and upper tiles are evaluated (``K`` is symmetric), so memory is
-    ``O(batch_size² + N)`` and each product costs ``≈ N²/2`` kernel entries. The solver is
+    ``O(batch_size² + N)`` per device and each product costs ``≈ N²/2`` kernel entries, split
+    evenly over ``devices``. The solver is
     :func:`jax.scipy.sparse.linalg.cg`; ``K`` must be positive semi-definite and
     ``K + diag_reg·I`` positive definite. Several output columns (``y_train`` of shape
     ``(N, O)``) are solved together: the kernel is ``K ⊗ I_O``, as for infinite-width kernels
@@ -471,6 +480,8 @@ def kernel_regression_cg(
       tol, atol: CG stopping rule ``‖r‖ ≤ max(tol·‖y‖, atol)``.
       maxiter: CG iteration cap (``None``: JAX's default, ``10·N·O``).
       get: which kernel to request from ``kernel_fn``.
+      devices: devices over which the tile pairs of every product are split (each device sums
+        its share, then one all-reduce); ``None`` means ``jax.local_devices()``.
       **kernel_kwargs: passed to ``kernel_fn`` (e.g. ``params=``).
 
     Returns:
@@ -482,6 +493,10 @@ def kernel_regression_cg(
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    devs = tuple(jax.local_devices() if devices is None else devices)
+    if not devs:
+        raise ValueError("devices is empty; pass None (all local devices) or a non-empty sequence")
+    mesh = Mesh(np.array(devs), (_AXIS,))
     n = _num_rows(x_train, "x_train")
     y_train = jnp.asarray(y_train)
     if y_train.ndim == 0 or y_train.shape[0] != n:
@@ -512,32 +527,60 @@ def kernel_regression_cg(
             )
         return k
 
-    upper = np.array([(i, j) for i in range(nt) for j in range(i, nt)], dtype=np.int32)
+    def pair_schedule(pairs):
+        """Split the tile pairs evenly over the devices: ``(D, P, 2)`` indices and a validity mask."""
+        per = -(-len(pairs) // len(devs))
+        padded = np.zeros((len(devs) * per, 2), np.int32)
+        padded[: len(pairs)] = pairs
+        valid = np.zeros(len(devs) * per, bool)
+        valid[: len(pairs)] = True
+        return padded.reshape(len(devs), per, 2), valid.reshape(len(devs), per)
+
+    def tiled_product(rows, pairs, valid, v, n_rows, symmetric):
+        """``Σ_j K(rows_i, X_j) v_j`` over the scheduled tile pairs, each device summing its share.
+
+        With ``symmetric`` (rows is X, pairs with i ≤ j), tile ``(i, j)`` also contributes
+        ``K_ijᵀ v_i`` to row block ``j``, so only half of ``K`` is ever evaluated.
+        """
+
+        def local(pairs_l, valid_l, v):
+            def step(acc, item):
+                (i, j), ok = item
+                if symmetric:
+                    # Diagonal tiles as kernel_fn(x, None), like the untiled kernel: kernels may
+                    # treat identical inputs specially (exact unit correlation, a noise term).
+                    k = jax.lax.cond(
+                        i == j,
+                        lambda: k_fn(tile(rows, i), None),
+                        lambda: k_fn(tile(rows, i), tile(xs, j)),
+                    )
+                else:
+                    k = k_fn(tile(rows, i), tile(xs, j))
+                k = k.astype(v.dtype)
+                acc = acc.at[i].add(jnp.where(ok, k @ v[j], 0))
+                if symmetric:
+                    acc = acc.at[j].add(jnp.where(ok & (i != j), k.T @ v[i], 0))
+                return acc, None
+
+            acc0 = jnp.zeros((n_rows,) + v.shape[1:], v.dtype)
+            acc, _ = jax.lax.scan(step, acc0, (pairs_l[0], valid_l[0]))
+            return jax.lax.psum(acc, _AXIS)
+
+        spec = PartitionSpec(_AXIS)
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=PartitionSpec(), check_vma=False
+        )(pairs, valid, v)
+
+    train_pairs = pair_schedule(np.array([(i, j) for i in range(nt) for j in range(i, nt)], np.int32))
     mask = (jnp.arange(nt * b) < n).reshape(nt, b, 1)
 
     def kmv(v):
         """``K v`` for ``v`` of shape ``(nt, b, k)`` whose padded rows are zero."""
-
-        def step(acc, ij):
-            i, j = ij[0], ij[1]
-            k = k_fn(tile(xs, i), tile(xs, j)).astype(v.dtype)
-            acc = acc.at[i].add(k @ v[j])
-            acc = acc.at[j].add(jnp.where(i != j, k.T @ v[i], jnp.zeros_like(v[i])))
-            return acc, None
-
-        acc, _ = jax.lax.scan(step, jnp.zeros_like(v), jnp.asarray(upper))
-        return acc * mask
+        return tiled_product(xs, *map(jnp.asarray, train_pairs), v, nt, symmetric=True) * mask
 
     def predict(alpha):
-        def row(i):
-            def step(acc, j):
-                k = k_fn(tile(xts, i), tile(xs, j)).astype(alpha.dtype)
-                return acc + k @ alpha[j], None
-
-            acc, _ = jax.lax.scan(step, jnp.zeros((bt, k_cols), alpha.dtype), jnp.arange(nt))
-            return acc
-
-        return jax.lax.map(row, jnp.arange(mt))
+        test_pairs = pair_schedule(np.array([(i, j) for i in range(mt) for j in range(nt)], np.int32))
+        return tiled_product(xts, *map(jnp.asarray, test_pairs), alpha, mt, symmetric=False)
 
     @jax.jit
     def solve(y):

@@ -97,6 +97,12 @@ def diagonal_kernel(x1, x2=None):
     return jnp.einsum("ihwp,jhwp->ijhw", f1, f2)
 
 
+def noisy_rbf_kernel(x1, x2=None):
+    """RBF plus observation noise when ``x2`` is ``None``: only diagonal tiles may add it."""
+    k = rbf_kernel(x1, x2)
+    return k + 0.5 * jnp.eye(len(x1)) if x2 is None else k
+
+
 def asymmetric_kernel(x1, x2=None):
     """Not a kernel: ``f(x1) · g(x2)ᵀ`` with ``f ≠ g``, so ``K(x, x)`` is not symmetric."""
     x2 = x1 if x2 is None else x2
@@ -125,6 +131,7 @@ KERNELS = {
     "arccos_str": (arccos_kernel, dict(get="ntk")),
     "arccos_tuple_reordered": (arccos_kernel, dict(get=("ntk", "nngp"))),
     "rbf": (rbf_kernel, {}),
+    "noisy_rbf": (noisy_rbf_kernel, {}),
     "paired": (paired_kernel, dict(get=("nngp", "ntk"))),
     "paired_str": (paired_kernel, dict(get="ntk")),
     "diagonal": (diagonal_kernel, {}),
@@ -264,6 +271,8 @@ def test_argument_errors():
         batch(rbf_kernel, 3, devices=[])
     with pytest.raises(ValueError, match="x1"):
         batch(rbf_kernel, 3)({"a": np.ones((4, 2)), "b": np.ones((5,))})
+    with pytest.raises(ValueError, match=r"leading axes \(N1, N2\)"):
+        batch(lambda x1, x2=None: jnp.sum(x1, -1), 3)(np.ones((4, 2)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,6 +339,20 @@ _SHARDED_CHILD = textwrap.dedent(
         evaluated.clear()
         batch(counting, 5, devices=devs)(_data(23, 3))
         report["evaluations_%d" % len(devs)] = len(evaluated)
+    # CG on 4 devices: the tile pairs of every product are split over the devices.
+    from ntk_adapters.batching import kernel_regression_cg
+    x, xt = _data(29, 50), _data(9, 51)
+    y = np.random.default_rng(52).normal(size=(29, 2))
+    k = np.asarray(KERNELS["arccos_str"][0](x, get="ntk"))
+    alpha = np.linalg.solve(k + 1e-2 * np.eye(29), y)
+    test = np.asarray(KERNELS["arccos_str"][0](xt, x, get="ntk")) @ alpha
+    for devs in (devices, devices[:1]):
+        res = kernel_regression_cg(KERNELS["arccos_str"][0], x, y, xt, diag_reg=1e-2, batch_size=4,
+                                   tol=1e-13, devices=devs)
+        report["cg_%d" % len(devs)] = dict(
+            alpha_err=float(np.abs(np.asarray(res.alpha) - alpha).max() / np.abs(alpha).max()),
+            test_err=float(np.abs(np.asarray(res.test) - test).max() / np.abs(test).max()),
+        )
     print("REPORT" + json.dumps(report))
     """
 )
@@ -349,6 +372,9 @@ def test_sharded_over_four_devices_equals_one_device(tmp_path):
     assert report["n_devices"] == 4
     assert len(report["cases"]) == 2 * (2 + 2 + 1 + 1)
     assert (report["evaluations_4"], report["evaluations_1"]) == (4 * (2 + 3), 15)
+    for n_dev in (4, 1):
+        assert report["cg_%d" % n_dev]["alpha_err"] < 1e-9, report
+        assert report["cg_%d" % n_dev]["test_err"] < 1e-9, report
     for case in report["cases"]:
         assert case["identical"], case
         assert case["max_err"] < 1e-12, case
@@ -392,6 +418,16 @@ def test_cg_kernel_kwargs_and_no_test_set():
     alpha = np.linalg.solve(2.0 * np.asarray(rbf_kernel(x)) + 0.1 * np.eye(n), y)
     np.testing.assert_allclose(res.alpha, alpha, atol=1e-9 * np.abs(alpha).max())
     assert res.test is None
+
+
+def test_cg_uses_same_input_semantics_on_the_diagonal():
+    # A kernel with observation noise only when x2 is None: the regression must see K + σ² I.
+    n = 17
+    x = _data(n, 25)
+    y = np.cos(x[:, 0])
+    res = kernel_regression_cg(noisy_rbf_kernel, x, y, batch_size=5, tol=1e-13, get=None)
+    alpha = np.linalg.solve(np.asarray(rbf_kernel(x)) + 0.5 * np.eye(n), y)
+    np.testing.assert_allclose(res.alpha, alpha, atol=1e-10 * np.abs(alpha).max())
 
 
 def test_cg_rejects_kernels_with_trailing_axes():
