@@ -26,11 +26,6 @@ N, M, D = 8, 5, 3
 # ---------------------------------------------------------------------------------------------
 
 
-def _psd_from_features(rng, rows, width):
-    phi = rng.standard_normal((rows, width))
-    return phi @ phi.T / width
-
-
 @pytest.fixture(scope="module")
 def problem():
     """A generic PSD kernel on N train + M test points (from random features) and targets."""
@@ -338,9 +333,6 @@ def test_max_learning_rate_full_kernel_default_size(problem):
 # ---------------------------------------------------------------------------------------------
 # Infinite ensembles and GP inference
 # ---------------------------------------------------------------------------------------------
-
-Kernels = collections.namedtuple("Kernels", ["nngp", "ntk"])
-
 
 def _relu_kernels(x1, x2, width, sw2=2.0, sv2=1.0):
     """NNGP and standard-parameterization NTK of f(x) = W2·relu(W1 x), written out by hand.
