@@ -402,8 +402,6 @@ def gaussian_expectations(
         raise ValueError(f"n_points must be between 1 and 300 (numpy's Hermite nodes overflow beyond); got {n_points}")
 
     key = (phi, tuple(sorted(params.items())), use_closed, int(n_points), bool(derivative))
-    if use_closed:  # a few elementwise ops: eager dispatch reuses compiled primitives
-        return _expectation_fn(*key)(c, q1, q2)
     try:
         fn = _compiled(*key)
     except TypeError:  # unhashable phi or parameters (e.g. traced arrays): no caching
@@ -433,8 +431,8 @@ def _expectation_fn(phi, params_items, use_closed, n_points, derivative):
 
 @functools.lru_cache(maxsize=256)
 def _compiled(phi, params_items, use_closed, n_points, derivative):
-    # One jitted quadrature per (phi, parameters): repeated eager calls compile the scan once
-    # per shape instead of on every call.
+    # One jitted function per (phi, parameters, method): eager calls compile once per shape
+    # instead of dispatching (and compiling) op by op.
     return jax.jit(_expectation_fn(phi, params_items, use_closed, n_points, derivative))
 
 
@@ -521,6 +519,22 @@ def apply_elementwise(
             "This happens for two nonlinearities in a row, a nonlinearity of the raw input, or after "
             "flatten/concatenate/dropout; put a linear layer (Dense/Conv) before the nonlinearity."
         )
+    if isinstance(phi, str):
+        _check_params(phi, _spec(phi).fn, params)
+    key = (phi, tuple(sorted(params.items())), int(n_points), method)
+    try:
+        fn = _compiled_apply(*key)
+    except TypeError:  # unhashable phi or parameters: trace eagerly
+        fn = functools.partial(_apply_impl, phi=phi, params=params, n_points=n_points, method=method)
+    return fn(kernel)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_apply(phi, params_items, n_points, method):
+    return jax.jit(functools.partial(_apply_impl, phi=phi, params=dict(params_items), n_points=n_points, method=method))
+
+
+def _apply_impl(kernel: Kernel, *, phi, params, n_points, method) -> Kernel:
     linear = isinstance(phi, str) and _spec(phi).linear and params.get("b", 0.0) == 0.0
     want_ntk = kernel.ntk is not None
 

@@ -20,6 +20,7 @@ Conventions shared by all maps:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -171,6 +172,12 @@ def dense(
 
         k = dense(input_kernel(x), fan_in=x.shape[-1], weight_var=2.0)   # nngp = 2 x xᵀ/d
     """
+    _check_parameterization(parameterization)
+    return _dense_jit(kernel, fan_in, weight_var, bias_var, has_bias=bool(has_bias), parameterization=parameterization)
+
+
+@functools.partial(jax.jit, static_argnames=("has_bias", "parameterization"))
+def _dense_jit(kernel, fan_in, weight_var, bias_var, *, has_bias, parameterization):
     return _linear_layer(kernel, kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2, fan_in, weight_var,
                          bias_var, has_bias, parameterization)
 
@@ -240,6 +247,15 @@ def resolve_padding(
     return pads, "constant"
 
 
+def _output_size(padded: int, k: int, stride: int, dilation: int) -> int:
+    out = (padded - ((k - 1) * dilation + 1)) // stride + 1
+    if out <= 0:
+        raise ValueError(
+            f"window of size {k} (dilation {dilation}) does not fit a spatial axis of padded size {padded}"
+        )
+    return out
+
+
 def _window_sum(x: Array, axes: Sequence[int], k: int, stride: int, dilation: int, pad: tuple[int, int],
                 mode: str) -> Array:
     """``out[i] = Σ_t xpad[i·stride + t·dilation]`` along all ``axes`` *simultaneously* (diagonal shift).
@@ -253,12 +269,7 @@ def _window_sum(x: Array, axes: Sequence[int], k: int, stride: int, dilation: in
     if any(pad):
         x = jnp.pad(x, widths, mode=mode)
     n = x.shape[axes[0]]
-    span = (k - 1) * dilation + 1
-    out = (n - span) // stride + 1
-    if out <= 0:
-        raise ValueError(
-            f"window of size {k} (dilation {dilation}) does not fit a spatial axis of padded size {n}"
-        )
+    out = _output_size(n, k, stride, dilation)
     acc = None
     for t in range(k):  # loops over window offsets only; positions are vectorised
         idx = [slice(None)] * x.ndim
@@ -338,11 +349,25 @@ def conv(
         k = conv(k, window_shape=(3, 3), fan_in=27, strides=2)      # nngp (N, N, 4, 4)
     """
     spatial = _spatial_or_raise(kernel, "conv")
+    _check_parameterization(parameterization)
     d = len(spatial)
     window = _canonical_tuple(window_shape, d, "window_shape")
     strides = _canonical_tuple(strides, d, "strides")
     dilation = _canonical_tuple(dilation, d, "dilation")
     pads, mode = resolve_padding(padding, spatial, window, strides, dilation)
+    for i in range(d):  # fail here, with the sizes, rather than inside the traced map
+        _output_size(spatial[i] + sum(pads[i]), window[i], strides[i], dilation[i])
+    return _conv_jit(kernel, fan_in, weight_var, bias_var, window=window, strides=strides, dilation=dilation,
+                     pads=tuple(tuple(p) for p in pads), mode=mode, has_bias=bool(has_bias),
+                     parameterization=parameterization)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("window", "strides", "dilation", "pads", "mode", "has_bias", "parameterization")
+)
+def _conv_jit(kernel, fan_in, weight_var, bias_var, *, window, strides, dilation, pads, mode, has_bias,
+              parameterization):
+    d = len(window)
     size = math.prod(window)
 
     def a_map(x, batch_axes):
@@ -370,6 +395,16 @@ def _pool(kernel, window_shape, strides, padding, count_include_pad, average, na
         )
     dilation = (1,) * d
     pads, mode = resolve_padding(padding, spatial, window, strides, dilation)
+    for i in range(d):
+        _output_size(spatial[i] + sum(pads[i]), window[i], strides[i], 1)
+    return _pool_jit(kernel, window=window, strides=strides, pads=tuple(tuple(p) for p in pads), mode=mode,
+                     count_include_pad=bool(count_include_pad), average=bool(average))
+
+
+@functools.partial(jax.jit, static_argnames=("window", "strides", "pads", "mode", "count_include_pad", "average"))
+def _pool_jit(kernel, *, window, strides, pads, mode, count_include_pad, average):
+    spatial = kernel.spatial
+    d = len(spatial)
     counts = []
     for i in range(d):
         if not average:
@@ -450,6 +485,13 @@ def _spatial_reduce(kernel: Kernel, axes, mean: bool, name: str) -> Kernel:
             "different positions: layout 'full' (got 'diagonal'); compute the input kernel with layout='full'"
         )
 
+    return _reduce_jit(kernel, dims=dims, mean=bool(mean))
+
+
+@functools.partial(jax.jit, static_argnames=("dims", "mean"))
+def _reduce_jit(kernel, *, dims, mean):
+    d = len(kernel.spatial)
+
     def reduce(x, batch_axes):
         per_dim = _axes_per_dim(kernel.layout, d, batch_axes)
         red = tuple(a for i in dims for a in per_dim[i])
@@ -489,6 +531,11 @@ def to_diagonal(kernel: Kernel) -> Kernel:
         return kernel
     if kernel.layout != "full":
         raise ValueError(f"to_diagonal needs layout 'full' or 'diagonal'; got {kernel.layout!r}")
+    return _to_diagonal_jit(kernel)
+
+
+@jax.jit
+def _to_diagonal_jit(kernel):
     d = len(kernel.spatial)
 
     def diag(x, batch_axes):
@@ -514,6 +561,11 @@ def flatten(kernel: Kernel) -> Kernel:
     """
     if kernel.layout == "none":
         return kernel
+    return _flatten_jit(kernel)
+
+
+@jax.jit
+def _flatten_jit(kernel):
     k = to_diagonal(kernel)
     d = len(k.spatial)
 
@@ -536,7 +588,10 @@ def _position_variances(kernel: Kernel) -> tuple[Array, Array]:
     return kernel.cov1, kernel.cov2
 
 
-def _normalize(kernel: Kernel, epsilon, use_scale, use_bias, scale_init, bias_init, over_spatial, name) -> Kernel:
+@functools.partial(
+    jax.jit, static_argnames=("epsilon", "use_scale", "use_bias", "scale_init", "bias_init", "over_spatial")
+)
+def _normalize(kernel: Kernel, *, epsilon, use_scale, use_bias, scale_init, bias_init, over_spatial) -> Kernel:
     q1, q2 = _position_variances(kernel)
     d = len(kernel.spatial)
     if over_spatial and d:
@@ -626,7 +681,8 @@ def layer_norm(
             "the kernel does not track channel means, which the mean subtraction needs. rms_norm has no mean "
             "subtraction and accepts any input."
         )
-    return _normalize(kernel, epsilon, use_scale, use_bias, scale_init, bias_init, over_spatial, "layer_norm")
+    return _normalize(kernel, epsilon=float(epsilon), use_scale=bool(use_scale), use_bias=bool(use_bias),
+                      scale_init=float(scale_init), bias_init=float(bias_init), over_spatial=bool(over_spatial))
 
 
 def rms_norm(
@@ -643,7 +699,8 @@ def rms_norm(
     any input, Gaussian or not: ``nngp ← γ0² K̂``, ``ntk ← γ0² Θ/sqrt(...) (+ K̂ if use_scale)`` as in
     :func:`layer_norm`. Keeps ``is_gaussian``.
     """
-    return _normalize(kernel, epsilon, use_scale, False, scale_init, 0.0, over_spatial, "rms_norm")
+    return _normalize(kernel, epsilon=float(epsilon), use_scale=bool(use_scale), use_bias=False,
+                      scale_init=float(scale_init), bias_init=0.0, over_spatial=bool(over_spatial))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,6 +749,11 @@ def dropout(kernel: Kernel, rate: float, *, deterministic: bool = False) -> Kern
         return kernel
     if not 0 <= rate < 1:
         raise ValueError(f"dropout rate must be in [0, 1); got {rate}")
+    return _dropout_jit(kernel, rate=float(rate))
+
+
+@functools.partial(jax.jit, static_argnames=("rate",))
+def _dropout_jit(kernel, *, rate):
     boost = 1.0 / (1.0 - rate) - 1.0
 
     def apply(x, batch_axes):
