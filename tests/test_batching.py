@@ -280,7 +280,7 @@ def test_argument_errors():
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     n1=st.integers(1, 21),
     n2=st.integers(1, 21),
@@ -385,8 +385,7 @@ def test_sharded_over_four_devices_equals_one_device(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("y_shape", [(), (3,)], ids=["y(N,)", "y(N,3)"])
-@pytest.mark.parametrize("reg", [0.0, 1e-2])
+@pytest.mark.parametrize("y_shape, reg", [((), 0.0), ((3,), 1e-2)], ids=["y(N,)-reg0", "y(N,3)-reg1e-2"])
 def test_cg_matches_direct_solve(y_shape, reg):
     n, n_test = 37, 11
     x, xt = _data(n, 20), _data(n_test, 21)
