@@ -226,8 +226,9 @@ def batch(
       batch_size: tile edge. Need not divide ``N1`` or ``N2``: the last tile is padded to the same
         shape (so one compiled program serves every tile) and the padding sliced away.
       store_on_host: return NumPy arrays (assembled in host memory) instead of device arrays. The
-        result is always assembled on the host; this only skips the final transfer to a device,
-        so the kernel may exceed device memory.
+        result is always assembled on the host; this only skips the final transfer to the first
+        device (which on a CPU backend briefly holds a second copy), so the kernel may exceed
+        device memory.
       memmap_path: assemble the result in a ``.npy`` memory map at this path (readable later with
         ``np.load(path, mmap_mode='r')``) and return it; implies ``store_on_host``. With several
         outputs (a named tuple) each field ``f`` goes to ``<stem>_<f>.npy``.
@@ -239,8 +240,9 @@ def batch(
         trailing axes allow it: trailing axes that come in interleaved pairs ``(a, a, b, b, ...)``
         are swapped within each pair, other trailing axes (e.g. spatial diagonal axes) are kept;
         the choice is checked on the diagonal tiles (to ``√eps`` relative to the largest entry),
-        and when neither fits, every tile is computed. ``'none'``: always compute every tile. A tuple of trailing-axis indices
-        ``perm``: assert ``K(x2, x1)[j, i] == K(x1, x2)[i, j].transpose(perm)`` without checking.
+        and when neither fits, every tile is computed. ``'none'``: always compute every tile.
+        A tuple ``perm`` of trailing-axis indices: assert
+        ``K(x2, x1)[j, i] == K(x1, x2)[i, j].transpose(perm)`` without checking.
 
     Returns:
       ``batched(x1, x2=None, **kwargs)`` with the signature and output structure of
