@@ -46,6 +46,7 @@ in the inputs' dtype (float64 when ``jax_enable_x64`` is on and the kernels are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
@@ -248,74 +249,24 @@ def _times(t: Any, dtype: Any) -> jax.Array:
     return t
 
 
+@dataclasses.dataclass(frozen=True)
 class _Factor:
     """Eigendecomposition (and Cholesky factor when nonsingular) of a training kernel.
 
-    Computed once; predictions at any time reuse it. ``k`` is the symmetrized, regularized
-    ``(P, P)`` matrix, ``lam`` its eigenvalues with the numerically-zero ones set to 0 and
-    ``keep`` marking the others, ``vecs`` the eigenvectors (columns).
+    Built once by :func:`_factor`; predictions at any time reuse it. A pytree, so the jitted
+    cores below take it as an argument. ``k`` is the symmetrized, regularized ``(P, P)``
+    matrix, ``lam`` its eigenvalues with the numerically-zero ones set to 0 and ``keep`` marking
+    the others, ``vecs`` the eigenvectors (columns), ``chol`` the lower Cholesky factor or
+    ``None`` (singular, or traced).
     """
 
-    def __init__(
-        self, k: jax.Array, name: str, diag_reg: float, absolute: bool, warn_singular: bool = True
-    ):
-        p = k.shape[0]
-        dtype = k.dtype
-        eps = _eps(dtype)
-        value = _concrete(k)
-        if value is not None and p:
-            scale = np.max(np.abs(value))
-            asym = np.max(np.abs(value - value.T))
-            if asym > math.sqrt(eps) * max(scale, np.finfo(value.dtype).tiny):
-                raise ValueError(
-                    f"{name} is not symmetric: max |K − Kᵀ| = {asym:.3g} vs max |K| = {scale:.3g}. "
-                    "A training kernel must be evaluated on the same inputs twice "
-                    "(kernel_fn(x_train, None)); a test-train kernel is not a training kernel"
-                )
-        if diag_reg < 0:
-            raise ValueError(f"diag_reg must be non-negative; got {diag_reg}")
-        k = (k + k.T) / 2
-        if diag_reg:
-            scale = 1.0 if absolute else jnp.trace(k) / p
-            k = k + diag_reg * scale * jnp.eye(p, dtype=dtype)
-        lam, vecs = jnp.linalg.eigh(k)
-        lam_max = jnp.maximum(lam[-1], 0) if p else jnp.zeros((), dtype)
-        keep = lam > p * eps * lam_max
-        self.k = k
-        self.vecs = vecs
-        self.keep = keep
-        self.lam = jnp.where(keep, lam, 0)
-        self.chol = None
-        lam_value = _concrete(lam)
-        if lam_value is None:
-            # Under tracing nothing can be decided from values: the pseudo-inverse path is used.
-            return
-        if p:
-            top = max(float(lam_value[-1]), 0.0)
-            low = float(lam_value[0])
-            tol = 10 * math.sqrt(eps) * top
-            if low < -tol or (top == 0.0 and low < 0):
-                raise ValueError(
-                    f"{name} is not positive semi-definite: smallest eigenvalue {low:.3g}, largest "
-                    f"{top:.3g} (tolerance {tol:.3g}). A kernel of one set of inputs must be PSD: "
-                    "check that it is a training kernel (same inputs on both sides), recompute it in "
-                    "float64, or pass diag_reg > 0 (adds diag_reg · mean diagonal to the diagonal)"
-                )
-        rank = int(np.count_nonzero(_concrete(keep)))
-        if rank == p:
-            self.chol = jnp.linalg.cholesky(k)
-            if not np.all(np.isfinite(_concrete(self.chol))):
-                self.chol = None
-        if self.chol is None and p and warn_singular:
-            warnings.warn(
-                f"{name} is singular to working precision: {p - rank} of {p} eigenvalues are "
-                f"treated as zero (at or below {p} · eps · λ_max). Gradient flow does not move those "
-                "directions and t=None uses the pseudo-inverse; pass diag_reg > 0 for a ridge "
-                "solution instead",
-                stacklevel=3,
-            )
+    k: jax.Array
+    vecs: jax.Array
+    lam: jax.Array
+    keep: jax.Array
+    chol: Optional[jax.Array]
 
-    def coefficients(self, t: Optional[jax.Array], rate: float) -> tuple[jax.Array, jax.Array]:
+    def coefficients(self, t: Optional[jax.Array], rate: Any) -> tuple[jax.Array, jax.Array]:
         """``(1 − e^{−rate λ t}, (1 − e^{−rate λ t}) / λ)`` per eigenvalue; ``t=None`` is the limit.
 
         ``t`` broadcasts against the eigenvalue axis (pass ``t[:, None]`` for many times).
@@ -336,6 +287,77 @@ class _Factor:
         return self.vecs @ (g[:, None] * (self.vecs.T @ b))
 
 
+jax.tree_util.register_dataclass(
+    _Factor, data_fields=["k", "vecs", "lam", "keep", "chol"], meta_fields=[]
+)
+
+
+@functools.partial(jax.jit, static_argnames="absolute")
+def _factorize(k: jax.Array, diag_reg: Any, absolute: bool):
+    p = k.shape[0]
+    k = (k + k.T) / 2
+    scale = 1.0 if absolute else jnp.trace(k) / p
+    k = k + diag_reg * scale * jnp.eye(p, dtype=k.dtype)
+    lam, vecs = jnp.linalg.eigh(k)
+    keep = lam > p * jnp.finfo(k.dtype).eps * jnp.maximum(lam[-1], 0)
+    return k, lam, vecs, keep
+
+
+_cholesky = jax.jit(jnp.linalg.cholesky)
+
+
+def _factor(
+    k: jax.Array, name: str, diag_reg: float, absolute: bool, warn_singular: bool = True
+) -> _Factor:
+    """Validate a flat ``(P, P)`` training kernel and factor it (see :class:`_Factor`)."""
+    p = k.shape[0]
+    eps = _eps(k.dtype)
+    if p == 0:
+        raise ValueError(f"{name} is empty (no training points)")
+    if diag_reg < 0:
+        raise ValueError(f"diag_reg must be non-negative; got {diag_reg}")
+    value = _concrete(k)
+    if value is not None:
+        scale = np.max(np.abs(value))
+        asym = np.max(np.abs(value - value.T))
+        if asym > math.sqrt(eps) * max(scale, np.finfo(value.dtype).tiny):
+            raise ValueError(
+                f"{name} is not symmetric: max |K − Kᵀ| = {asym:.3g} vs max |K| = {scale:.3g}. "
+                "A training kernel must be evaluated on the same inputs twice "
+                "(kernel_fn(x_train, None)); a test-train kernel is not a training kernel"
+            )
+    k, lam, vecs, keep = _factorize(k, diag_reg, absolute)
+    fac = _Factor(k, vecs, jnp.where(keep, lam, 0), keep, None)
+    lam_value = _concrete(lam)
+    if lam_value is None:
+        # Under tracing nothing can be decided from values: the pseudo-inverse path is used.
+        return fac
+    top = max(float(lam_value[-1]), 0.0)
+    low = float(lam_value[0])
+    tol = 10 * math.sqrt(eps) * top
+    if low < -tol or (top == 0.0 and low < 0):
+        raise ValueError(
+            f"{name} is not positive semi-definite: smallest eigenvalue {low:.3g}, largest "
+            f"{top:.3g} (tolerance {tol:.3g}). A kernel of one set of inputs must be PSD: "
+            "check that it is a training kernel (same inputs on both sides), recompute it in "
+            "float64, or pass diag_reg > 0 (adds diag_reg · mean diagonal to the diagonal)"
+        )
+    rank = int(np.count_nonzero(np.asarray(keep)))
+    if rank == p:
+        chol = _cholesky(k)
+        if np.all(np.isfinite(np.asarray(chol))):
+            return dataclasses.replace(fac, chol=chol)
+    if warn_singular:
+        warnings.warn(
+            f"{name} is singular to working precision: {p - rank} of {p} eigenvalues are "
+            f"treated as zero (at or below {p} · eps · λ_max). Gradient flow does not move those "
+            "directions and t=None uses the pseudo-inverse; pass diag_reg > 0 for a ridge "
+            "solution instead",
+            stacklevel=3,
+        )
+    return fac
+
+
 def _warn_unstable(fac: _Factor, learning_rate: Optional[float], size: int, name: str) -> None:
     """Warn when discrete gradient descent at ``learning_rate`` would diverge on this kernel."""
     lam = _concrete(fac.lam)
@@ -349,14 +371,6 @@ def _warn_unstable(fac: _Factor, learning_rate: Optional[float], size: int, name
             "gradient flow (η → 0). Use a smaller learning rate (see max_learning_rate)",
             stacklevel=3,
         )
-
-
-def _time_axis(t: jax.Array, fn: Callable[[jax.Array], Any]) -> Any:
-    """Apply ``fn`` at every time in ``t`` (any shape); outputs get ``t.shape`` in front."""
-    if t.ndim == 0:
-        return fn(t)
-    out = jax.vmap(fn)(t.reshape(-1))
-    return jax.tree_util.tree_map(lambda a: a.reshape(t.shape + a.shape[1:]), out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,11 +436,10 @@ def gradient_descent_mse(
     _check_finite(y, "y_train")
     if learning_rate is not None and not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive (or None); got {learning_rate}")
-    fac = _Factor(layout.kernel(k), "k_train_train", diag_reg, diag_reg_absolute_scale)
+    fac = _factor(layout.kernel(k), "k_train_train", diag_reg, diag_reg_absolute_scale)
     _warn_unstable(fac, learning_rate, layout.size, "k_train_train")
     y_flat = layout.targets(y)
     rate = 1.0 / layout.size
-    vecs = fac.vecs
 
     def predict_fn(
         t: Optional[ArrayLike] = None,
@@ -435,43 +448,52 @@ def gradient_descent_mse(
         k_test_train: Optional[ArrayLike] = None,
     ):
         f0 = layout.targets(_broadcast_outputs(fx_train_0, y.shape, dtype, "fx_train_0"))
-        resid = vecs.T @ (y_flat - f0)
         test = k_test_train is not None
         if test:
             kt = _as_float(k_test_train, "k_test_train").astype(dtype)
             m = _check_cross(kt, layout, "k_test_train")
-            out_test = (m,) + layout.out_shape
             ft0 = 0.0 if fx_test_0 is None else fx_test_0
-            ft0 = layout.targets(_broadcast_outputs(ft0, out_test, dtype, "fx_test_0"))
+            ft0 = layout.targets(_broadcast_outputs(ft0, (m,) + layout.out_shape, dtype, "fx_test_0"))
             kt = layout.kernel(kt)
-            kt_vecs = kt @ vecs
         elif fx_test_0 is not None:
             raise ValueError("fx_test_0 was given without k_test_train; pass the test-train kernel")
+        else:  # an empty test set keeps one code path
+            kt = jnp.zeros((0, y_flat.shape[0]), dtype)
+            ft0 = jnp.zeros((0, y_flat.shape[1]), dtype)
 
         if t is None:
-            if fac.chol is not None:
-                train = jnp.broadcast_to(y_flat, f0.shape)
-                test_out = ft0 + kt @ fac.solve(y_flat - f0) if test else None
-            else:
-                grown, g = fac.coefficients(None, rate)
-                train = f0 + vecs @ (grown[:, None] * resid)
-                test_out = ft0 + kt_vecs @ (g[:, None] * resid) if test else None
+            train, test_out = _mse_infinite(fac, y_flat, f0, ft0, kt)
         else:
             times = _times(t, dtype)
-
-            def at(s):
-                grown, g = fac.coefficients(s, rate)
-                tr = f0 + vecs @ (grown[:, None] * resid)
-                te = ft0 + kt_vecs @ (g[:, None] * resid) if test else None
-                return tr, te
-
-            train, test_out = _time_axis(times, at)
+            train, test_out = _mse_at(fac, rate, times.reshape(-1), y_flat, f0, ft0, kt)
+            train = train.reshape(times.shape + train.shape[1:])
+            test_out = test_out.reshape(times.shape + test_out.shape[1:])
         train = layout.outputs(train, layout.n)
         if not test:
             return train
         return train, layout.outputs(test_out, m)
 
     return predict_fn
+
+
+@jax.jit
+def _mse_at(fac: _Factor, rate, times, y_flat, f0, ft0, kt):
+    """Closed-form outputs at the 1-D ``times``: ``(T, P, C)`` train and ``(T, Q, C)`` test."""
+    resid = fac.vecs.T @ (y_flat - f0)
+    grown, g = fac.coefficients(times[:, None], rate)
+    train = f0 + jnp.einsum("pq,tqc->tpc", fac.vecs, grown[:, :, None] * resid)
+    test = ft0 + jnp.einsum("mq,tqc->tmc", kt @ fac.vecs, g[:, :, None] * resid)
+    return train, test
+
+
+@jax.jit
+def _mse_infinite(fac: _Factor, y_flat, f0, ft0, kt):
+    """Outputs at t → ∞: a Cholesky solve, or the pseudo-inverse for a singular kernel."""
+    if fac.chol is not None:
+        return jnp.broadcast_to(y_flat, f0.shape), ft0 + kt @ fac.solve(y_flat - f0)
+    resid = fac.vecs.T @ (y_flat - f0)
+    grown, g = fac.coefficients(None, 0.0)
+    return f0 + fac.vecs @ (grown[:, None] * resid), ft0 + (kt @ fac.vecs) @ (g[:, None] * resid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,6 +556,21 @@ def _ensemble_moments(
     ak = a @ k_xX.T
     cov = k_xx - ak - ak.T + a @ prior @ a.T
     return mean, (cov + cov.T) / 2
+
+
+@functools.partial(jax.jit, static_argnames="compute_cov")
+def _ensemble_at(fac, rate, times, theta_xX, k_xX, k_xx, prior, y_flat, compute_cov):
+    """:func:`_ensemble_moments` at every time of the 1-D ``times`` (leading axis)."""
+
+    def at(s):
+        return _ensemble_moments(fac, rate, s, theta_xX, k_xX, k_xx, prior, y_flat, compute_cov)
+
+    return jax.vmap(at)(times)
+
+
+@functools.partial(jax.jit, static_argnames="compute_cov")
+def _ensemble_infinite(fac, theta_xX, k_xX, k_xx, prior, y_flat, compute_cov):
+    return _ensemble_moments(fac, 0.0, None, theta_xX, k_xX, k_xx, prior, y_flat, compute_cov)
 
 
 def gradient_descent_mse_ensemble(
@@ -610,7 +647,7 @@ def gradient_descent_mse_ensemble(
                 f"{tuple(ktt['nngp'].shape)}; both kernels must share a layout"
             )
         _check_finite(v, f"kernel_fn(x_train).{n}")
-        facs[n] = _Factor(layout.kernel(v), f"kernel_fn(x_train).{n}", diag_reg, diag_reg_absolute_scale)
+        facs[n] = _factor(layout.kernel(v), f"kernel_fn(x_train).{n}", diag_reg, diag_reg_absolute_scale)
     for n in names:
         _warn_unstable(facs[n], learning_rate, layout.size, f"kernel_fn(x_train).{n}")
     prior = facs["nngp"].k
@@ -656,12 +693,14 @@ def gradient_descent_mse_ensemble(
 
         values = {}
         for n in req:
-            def moments(s, n=n):
-                return _ensemble_moments(
-                    facs[n], rate, s, cross[n], k_xX, k_xx, prior, y_flat, compute_cov
-                )
-
-            mean, cov = moments(None) if times is None else _time_axis(times, moments)
+            args = (cross[n], k_xX, k_xx, prior, y_flat)
+            if times is None:
+                mean, cov = _ensemble_infinite(facs[n], *args, compute_cov=compute_cov)
+            else:
+                mean, cov = _ensemble_at(facs[n], rate, times.reshape(-1), *args, compute_cov=compute_cov)
+                mean = mean.reshape(times.shape + mean.shape[1:])
+                if compute_cov:
+                    cov = cov.reshape(times.shape + cov.shape[1:])
             mean = layout.outputs(mean, m)
             values[n] = Gaussian(mean, layout.covariance(cov, m)) if compute_cov else mean
         return pack(get if get is not None else default_get, values)
@@ -746,7 +785,7 @@ def gp_inference(
             facs[n] = next(iter(facs.values()))
             continue
         _check_finite(v, label)
-        facs[n] = _Factor(layout.kernel(v), label, diag_reg, diag_reg_absolute_scale)
+        facs[n] = _factor(layout.kernel(v), label, diag_reg, diag_reg_absolute_scale)
     y_flat = layout.targets(y)
 
     def predict(get: Get = None, k_test_train: Any = None, k_test_test: Any = None):
@@ -766,15 +805,21 @@ def gp_inference(
                     k_xx = _as_float(_pick(k_test_test, n, "k_test_test"), f"k_test_test.{n}").astype(dtype)
                     _check_square_test(k_xx, layout, m, f"k_test_test.{n}")
                     k_xx = layout.kernel(k_xx)
-            mean = layout.outputs(k_xX @ fac.solve(y_flat), m)
-            cov = None
-            if k_xx is not None:
-                cov = k_xx - k_xX @ fac.solve(k_xX.T)
-                cov = layout.covariance((cov + cov.T) / 2, m)
-            values[n] = Gaussian(mean, cov)
+            mean, cov = _posterior(fac, y_flat, k_xX, k_xx)
+            mean = layout.outputs(mean, m)
+            values[n] = Gaussian(mean, None if cov is None else layout.covariance(cov, m))
         return pack(available if get is None else get, values, available)
 
     return predict
+
+
+@jax.jit
+def _posterior(fac: _Factor, y_flat, k_xX, k_xx):
+    mean = k_xX @ fac.solve(y_flat)
+    if k_xx is None:
+        return mean, None
+    cov = k_xx - k_xX @ fac.solve(k_xX.T)
+    return mean, (cov + cov.T) / 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -853,7 +898,7 @@ def gradient_descent(
     if momentum is not None and not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1) (or None); got {momentum}")
     # Validates symmetry and PSD; the factorization itself is not needed by the ODE.
-    fac = _Factor(layout.kernel(k), "k_train_train", 0.0, False, warn_singular=False)
+    fac = _factor(layout.kernel(k), "k_train_train", 0.0, False, warn_singular=False)
     k_flat = fac.k
     tol = math.sqrt(_eps(dtype)) / 10
     rtol = tol if rtol is None else rtol
@@ -863,6 +908,40 @@ def gradient_descent(
         fx = layout.outputs(f_flat, layout.n)
         g = jax.grad(lambda fx_: jnp.asarray(loss(fx_, y)).astype(dtype).reshape(()))(fx)
         return layout.targets(g)
+
+    friction = None if momentum is None else 1.0 - momentum
+
+    def dynamics(state, _, kt):
+        if friction is None:
+            g = grad_flat(state[0])
+            return (-(k_flat @ g), -(kt @ g))
+        f, ft, u, ut = state
+        g = grad_flat(f)
+        return (
+            -u,
+            -ut,
+            (k_flat @ g - friction * u) / learning_rate,
+            (kt @ g - friction * ut) / learning_rate,
+        )
+
+    @jax.jit
+    def integrate(flat_t, f0, ft0, kt):
+        state0 = (f0, ft0) if friction is None else (f0, ft0, jnp.zeros_like(f0), jnp.zeros_like(ft0))
+        order = jnp.argsort(flat_t)
+        sorted_t = flat_t[order]
+        # odeint interpolates inside its last step; a request at t = 0 comes before any step
+        # (0/0), so it is asked at the smallest positive time and then set to the initial state.
+        at_start = sorted_t == 0
+        grid = jnp.concatenate(
+            [jnp.zeros((1,), dtype), jnp.where(at_start, jnp.finfo(dtype).tiny, sorted_t)]
+        )
+        sol = odeint(dynamics, state0, grid, kt, rtol=rtol, atol=atol, mxstep=mxstep)
+        inverse = jnp.argsort(order)
+
+        def pick(path, start):
+            return jnp.where(at_start[:, None, None], start[None], path[1:])[inverse]
+
+        return pick(sol[0], f0), pick(sol[1], ft0)
 
     def predict_fn(
         t: ArrayLike,
@@ -886,50 +965,15 @@ def gradient_descent(
             kt = layout.kernel(kt)
         elif fx_test_0 is not None:
             raise ValueError("fx_test_0 was given without k_test_train; pass the test-train kernel")
-        else:
+        else:  # an empty test set keeps one code path
             kt = jnp.zeros((0, k_flat.shape[0]), dtype)
             ft0 = jnp.zeros((0, f0.shape[1]), dtype)
 
-        if momentum is None:
-            state0 = (f0, ft0)
-
-            def dynamics(state, _):
-                g = grad_flat(state[0])
-                return (-(k_flat @ g), -(kt @ g))
-        else:
-            state0 = (f0, ft0, jnp.zeros_like(f0), jnp.zeros_like(ft0))
-            friction = 1.0 - momentum
-
-            def dynamics(state, _):
-                f, ft, u, ut = state
-                g = grad_flat(f)
-                return (
-                    -u,
-                    -ut,
-                    (k_flat @ g - friction * u) / learning_rate,
-                    (kt @ g - friction * ut) / learning_rate,
-                )
-
-        flat_t = times.reshape(-1)
-        order = jnp.argsort(flat_t)
-        sorted_t = flat_t[order]
-        # odeint interpolates inside its last step; a request at t = 0 comes before any step
-        # (0/0), so it is asked at the smallest positive time and then set to the initial state.
-        at_start = sorted_t == 0
-        grid = jnp.concatenate(
-            [jnp.zeros((1,), dtype), jnp.where(at_start, jnp.finfo(dtype).tiny, sorted_t)]
-        )
-        sol = odeint(dynamics, state0, grid, rtol=rtol, atol=atol, mxstep=mxstep)
-        inverse = jnp.argsort(order)
-
-        def pick(path, start):
-            values = jnp.where(at_start[:, None, None], start[None], path[1:])
-            return values[inverse].reshape(times.shape + start.shape)
-
-        train = layout.outputs(pick(sol[0], f0), layout.n)
+        train, test_out = integrate(times.reshape(-1), f0, ft0, kt)
+        train = layout.outputs(train.reshape(times.shape + f0.shape), layout.n)
         if not test:
             return train
-        return train, layout.outputs(pick(sol[1], ft0), m)
+        return train, layout.outputs(test_out.reshape(times.shape + ft0.shape), m)
 
     return predict_fn
 
@@ -981,7 +1025,7 @@ def max_learning_rate(
     size = default if y_train_size is None else y_train_size
     if size <= 0:
         raise ValueError(f"y_train_size must be positive; got {y_train_size}")
-    fac = _Factor(flat, "k_train_train", 0.0, False, warn_singular=False)
+    fac = _factor(flat, "k_train_train", 0.0, False, warn_singular=False)
     lam_max = jnp.maximum(jnp.max(fac.lam) if flat.shape[0] else 0.0, eps)
     rate = 2.0 * (1.0 + momentum) * size / lam_max
     value = _concrete(rate)
