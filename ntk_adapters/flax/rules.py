@@ -15,7 +15,8 @@ from flax import linen as nn
 
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import rules as _rules
-from ntk_adapters.infinite.engine import dense_kernel
+from ntk_adapters.infinite import initializers as _inits
+from ntk_adapters.infinite.engine import channel_affine, dense_kernel, reduces_over_batch
 
 
 @contextlib.contextmanager
@@ -76,3 +77,59 @@ def _conv(k, call):
 
 
 _rules.register_rule(nn.Conv, _conv, linear=True)
+
+
+def _init_value(call, init, shape, what):
+    try:
+        mean, var = _inits.moments(init, shape)
+    except _inits.UnknownInitializerError as e:
+        raise call.error(f"{what}: {e}") from None
+    if var != 0.0:
+        raise call.error(f"{what} is initialized at random; the rule needs a constant initial value")
+    return mean
+
+
+def _layer_norm(k, call):
+    m = call.module
+    nd = len(call.in_shape)
+    axes = tuple(a % (nd + 1) for a in np.atleast_1d(m.reduction_axes))
+    feats = tuple(a % (nd + 1) for a in np.atleast_1d(m.feature_axes))
+    if feats != (nd,):
+        raise call.error("only per-channel scale and bias (feature_axes=-1) have a rule")
+    if axes == (nd,):
+        over_spatial = False
+    elif axes == tuple(range(1, nd + 1)):
+        over_spatial = True
+    else:
+        raise call.error(f"normalization over axes {m.reduction_axes} has no rule (use -1, or all non-batch axes)")
+    c = call.in_shape[-1]
+    scale0 = _init_value(call, m.scale_init, (c,), "LayerNorm scale") if m.use_scale else 1.0
+    bias0 = _init_value(call, m.bias_init, (c,), "LayerNorm bias") if m.use_bias else 0.0
+    try:
+        return _layers.layer_norm(k, epsilon=m.epsilon, use_scale=m.use_scale, use_bias=m.use_bias,
+                                  scale_init=scale0, bias_init=bias0, over_spatial=over_spatial)
+    except ValueError as e:
+        raise call.error(str(e)) from None
+
+
+_rules.register_rule(nn.LayerNorm, _layer_norm)
+
+
+def _dropout(k, call):
+    if not call.eqns:
+        return k
+    return _layers.dropout(k, float(call.module.rate))
+
+
+_rules.register_rule(nn.Dropout, _dropout)
+
+
+def _batch_norm(k, call):
+    if reduces_over_batch(call):
+        raise call.error("BatchNorm in training mode normalizes with batch statistics, which couple the "
+                         "examples; call it with use_running_average=True (inference mode)")
+    return channel_affine(k, call, scale_param="scale" if call.module.use_scale else None,
+                          bias_param="bias" if call.module.use_bias else None)
+
+
+_rules.register_rule(nn.BatchNorm, _batch_norm)

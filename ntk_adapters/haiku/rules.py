@@ -17,7 +17,8 @@ import numpy as np
 
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import rules as _rules
-from ntk_adapters.infinite.engine import dense_kernel
+from ntk_adapters.infinite import initializers as _inits
+from ntk_adapters.infinite.engine import channel_affine, dense_kernel, reduces_over_batch
 
 
 @contextlib.contextmanager
@@ -86,3 +87,50 @@ def _conv(k, call):
 
 
 _rules.register_rule(hk.ConvND, _conv, linear=True)
+
+
+def _const_init(call, init, default, shape, what):
+    if init is None:
+        return default
+    try:
+        mean, var = _inits.moments(init, shape)
+    except _inits.UnknownInitializerError as e:
+        raise call.error(f"{what}: {e}") from None
+    if var != 0.0:
+        raise call.error(f"{what} is initialized at random; the rule needs a constant initial value")
+    return mean
+
+
+def _layer_norm(k, call):
+    m = call.module
+    nd = len(call.in_shape)
+    axis = m.axis
+    axes = tuple(sorted(a % (nd + 1) for a in (axis if isinstance(axis, (tuple, list)) else [axis]))) \
+        if not isinstance(axis, slice) else tuple(range(nd + 1))[axis]
+    if axes == (nd,):
+        over_spatial = False
+    elif axes == tuple(range(1, nd + 1)):
+        over_spatial = True
+    else:
+        raise call.error(f"normalization over axis {axis} has no rule (use -1, or all non-batch axes)")
+    c = call.in_shape[-1]
+    scale0 = _const_init(call, m.scale_init, 1.0, (c,), "LayerNorm scale") if m.create_scale else 1.0
+    off0 = _const_init(call, m.offset_init, 0.0, (c,), "LayerNorm offset") if m.create_offset else 0.0
+    try:
+        return _layers.layer_norm(k, epsilon=m.eps, use_scale=m.create_scale, use_bias=m.create_offset,
+                                  scale_init=scale0, bias_init=off0, over_spatial=over_spatial)
+    except ValueError as e:
+        raise call.error(str(e)) from None
+
+
+_rules.register_rule(hk.LayerNorm, _layer_norm)
+
+
+def _batch_norm(k, call):
+    if reduces_over_batch(call):
+        raise call.error("BatchNorm in training mode normalizes with batch statistics, which couple the "
+                         "examples; call it with is_training=False (inference mode)")
+    return channel_affine(k, call, scale_param="scale", bias_param="offset")
+
+
+_rules.register_rule(hk.BatchNorm, _batch_norm)

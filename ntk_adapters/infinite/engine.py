@@ -310,6 +310,55 @@ def _bias_cov(k: Kernel, bias_sigma2: float):
     return bias_sigma2
 
 
+def channel_affine(k: Kernel, call: "ModuleCall", *, scale_param: Optional[str] = None,
+                   bias_param: Optional[str] = None) -> Kernel:
+    """Rule for a module that maps each channel affinely, ``y_c = a_c x_c + b_c`` (BatchNorm in
+    inference mode). ``a`` and ``b`` are read by evaluating the module on zeros and ones.
+
+    The next random linear layer averages over channels, so with a zero-mean input
+    ``nngp ← mean_c(a_c²)·nngp + mean_c(b_c²)`` (cross terms ``a_c b_c E[x_c]`` vanish) and
+    ``ntk ← mean_c(a_c²)·ntk``, plus, for a trainable per-channel scale ``γ_c`` (``y = γ_c x̂_c + β_c``
+    with ``x̂_c = (x_c − μ_c)/s_c``), ``mean_c((nngp + μ_c²)/s_c²)`` and ``+1`` for a trainable
+    offset. The output is Gaussian only when every ``b_c`` is zero and every ``a_c`` equal.
+    """
+    with jax.ensure_compile_time_eval():
+        x0 = jnp.zeros(call.traced_in_shape, call.in_dtype)
+        b = call.apply(x0).reshape(-1, call.in_shape[-1])[0]
+        a = call.apply(jnp.ones_like(x0)).reshape(-1, call.in_shape[-1])[0] - b
+        a, b = np.asarray(a), np.asarray(b)
+    a2, b2 = float(np.mean(a * a)), float(np.mean(b * b))
+    nngp = a2 * k.nngp + b2
+    cov1, cov2 = a2 * k.cov1 + b2, a2 * k.cov2 + b2
+    ntk = None
+    if k.ntk is not None:
+        ntk = a2 * k.ntk
+        if scale_param is not None and scale_param in (call.params or {}):
+            gamma = np.reshape(np.asarray(call.params[scale_param]), (-1,))
+            # a_c = γ_c/s_c and b_c = β_c − a_c μ_c give 1/s_c and μ_c
+            inv_s2 = (a / np.where(gamma == 0, 1.0, gamma)) ** 2
+            beta = np.reshape(np.asarray(call.params[bias_param]), (-1,)) if bias_param in (call.params or {}) else 0.0
+            mu = (beta - b) / np.where(a == 0, 1.0, a)
+            ntk = ntk + float(np.mean(inv_s2)) * k.nngp + float(np.mean(inv_s2 * mu * mu))
+        if bias_param is not None and bias_param in (call.params or {}):
+            ntk = ntk + 1.0
+    uniform = bool(np.all(b == 0)) and bool(np.all(a == a[0]))
+    return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=k.is_gaussian and uniform)
+
+
+def reduces_over_batch(call: "ModuleCall") -> bool:
+    """Whether the module's traced equations reduce over the batch axis (batch statistics)."""
+    def walk(eqns):
+        for e in eqns:
+            axes = e.params.get("axes")
+            if e.primitive.name.startswith("reduce_") and axes is not None and 0 in tuple(axes):
+                return True
+            sub = _sub_jaxpr(e)
+            if sub is not None and walk(sub[0].eqns):
+                return True
+        return False
+    return walk(getattr(call, "eqns", ()))
+
+
 def expand_outputs(k: jax.Array, n_outputs: int) -> jax.Array:
     """The kernel over all outputs, ``K ⊗ I_O``: ``(N1, N2)`` → ``(N1, N2, O, O)``.
 
@@ -575,7 +624,10 @@ class _Interpreter:
     def run_eqn(self, eqn, env, read):
         invals = [read(v) for v in eqn.invars]
         if not any(_is_value(v) for v in invals):
-            outs = _bind(eqn, [v.value for v in invals])
+            # Parameter-only computations run eagerly even while kernel_fn is being jitted, so rules
+            # can inspect their values (e.g. a BatchNorm's per-channel scales).
+            with jax.ensure_compile_time_eval():
+                outs = _bind(eqn, [v.value for v in invals])
             if not eqn.primitive.multiple_results:
                 outs = [outs]
             for var, o, src in zip(eqn.outvars, outs, itertools.repeat(invals)):
@@ -757,6 +809,7 @@ class _Interpreter:
 
             local[inp_var] = x
             for e in group:
+              with jax.ensure_compile_time_eval():
                 o = _bind(e, [rd(v) for v in e.invars])
                 if not e.primitive.multiple_results:
                     o = [o]
@@ -766,8 +819,11 @@ class _Interpreter:
 
         call.params = _lookup(self.params, call.params_path)
         call.in_shape = tuple(inp_var.aval.shape[1:])
+        call.in_dtype = inp_var.aval.dtype
+        call.traced_in_shape = tuple(inp_var.aval.shape)
         call.out_shape = tuple(out_var.aval.shape[1:])
         call.apply = apply
+        call.eqns = list(group)
         call.options = self.options
         call.input_value = value
         new = rule.fn(k, call)

@@ -57,3 +57,57 @@ def check_convergence(mc, build, x, widths=WIDTHS, tol_nngp=TOL_NNGP, tol_ntk=TO
 @pytest.mark.parametrize("build", [flax_mlp, haiku_mlp], ids=["flax", "haiku"])
 def test_mlp_converges(mc, build, x_vec):
     check_convergence(mc, build, x_vec)
+
+
+class FlaxCNN(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(self.width, (3, 3))(x))
+        x = nn.relu(nn.Conv(self.width, (3, 3), strides=2, padding="VALID")(x))
+        return nn.Dense(8)(x.reshape((x.shape[0], -1)))
+
+
+def flax_cnn_flatten(width, x):
+    return nflax.adapt(FlaxCNN(width), None, x)
+
+
+def haiku_cnn_pool(width, x):
+    def f(x):
+        x = jax.nn.relu(hk.Conv2D(width, 3)(x))
+        x = jax.nn.relu(hk.Conv2D(width, 3, padding="VALID")(x))
+        x = hk.avg_pool(x, (1, 2, 2, 1), (1, 1, 1, 1), "VALID")
+        return hk.Linear(8)(jnp.mean(x, axis=(1, 2)))
+
+    return nhaiku.adapt(hk.without_apply_rng(hk.transform(f)), None, x)
+
+
+class FlaxResLN(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.width)(x)
+        h = h + nn.Dense(self.width)(nn.relu(nn.LayerNorm()(h)))
+        h = nn.BatchNorm(use_running_average=True)(h)
+        return nn.Dense(8)(nn.relu(h))
+
+
+def flax_res_ln(width, x):
+    return nflax.adapt(FlaxResLN(width), None, x)
+
+
+@pytest.mark.slow
+def test_cnn_flatten_head_converges(mc, x_img):
+    check_convergence(mc, flax_cnn_flatten, x_img, widths=(8, 64), n_nngp=512)
+
+
+@pytest.mark.slow
+def test_cnn_global_average_pooling_converges(mc, x_img):
+    check_convergence(mc, haiku_cnn_pool, x_img, widths=(8, 64), n_nngp=512)
+
+
+@pytest.mark.slow
+def test_residual_layernorm_batchnorm_converges(mc, x_vec):
+    check_convergence(mc, flax_res_ln, x_vec)
