@@ -173,9 +173,10 @@ def test_paired_kernel_really_needs_the_swap():
 )
 def test_symmetric_path_computes_upper_tiles_only(name, n_tiles):
     fn, kw = KERNELS[name]
-    evaluated = []
+    evaluated, traced = [], []
 
     def counting(x1, x2=None, **kwargs):
+        traced.append(x2 is None)  # Python side effect: runs once per trace, not per tile
         jax.debug.callback(lambda: evaluated.append(1))
         return fn(x1, x2, **kwargs)
 
@@ -183,6 +184,11 @@ def test_symmetric_path_computes_upper_tiles_only(name, n_tiles):
     got = batch(counting, 5, devices=jax.local_devices()[:1])(x, **kw)
     _assert_tree_close(got, fn(x, **kw))
     assert len(evaluated) == n_tiles
+    # One program for the diagonal tiles and one for the rest, padded last tiles included.
+    assert sorted(traced) == [False, True]
+    # A second tiled function of the same kernel reuses both programs.
+    batch(counting, 5, devices=jax.local_devices()[:1])(x, **kw)
+    assert sorted(traced) == [False, True]
 
 
 def test_asymmetric_falls_back_to_all_tiles_and_none_forces_it():
