@@ -66,7 +66,10 @@ def _num_rows(x: Any, name: str) -> int:
             f"{name}: every array must have the same leading (example) axis; got shapes "
             f"{[np.shape(leaf) for leaf in leaves]}"
         )
-    return sizes.pop()
+    n = sizes.pop()
+    if n == 0:
+        raise ValueError(f"{name} has no examples (leading axis of size 0)")
+    return n
 
 
 def _as_tiles(x: Any, n_tiles: int, tile: int) -> Any:

@@ -277,6 +277,8 @@ def test_argument_errors():
         batch(rbf_kernel, 3, devices=[])
     with pytest.raises(ValueError, match="x1"):
         batch(rbf_kernel, 3)({"a": np.ones((4, 2)), "b": np.ones((5,))})
+    with pytest.raises(ValueError, match="no examples"):
+        batch(rbf_kernel, 3)(np.ones((4, 2)), np.ones((0, 2)))
     with pytest.raises(ValueError, match=r"leading axes \(N1, N2\)"):
         batch(lambda x1, x2=None: jnp.sum(x1, -1), 3)(np.ones((4, 2)))
 
