@@ -106,11 +106,19 @@ __all__ = [
 
 def _corr(c: Array, q1: Array, q2: Array) -> tuple[Array, Array, Array]:
     """``(s, ρ, positive)`` with ``s = sqrt(q1 q2)``, ``ρ = c/s`` clipped; ``ρ = 0`` where ``s = 0``."""
-    s = jnp.sqrt(jnp.maximum(q1 * q2, 0.0))
-    positive = s > 0
+    qq = q1 * q2
+    positive = qq > 0
+    # Double `where`: the untaken branch sees a safe argument, so gradients stay finite too.
+    s = jnp.where(positive, jnp.sqrt(jnp.where(positive, qq, 1.0)), 0.0)
     s_safe = jnp.where(positive, s, 1.0)
     rho = jnp.where(positive, jnp.clip(c / s_safe, -1.0, 1.0), 0.0)
     return s, rho, positive
+
+
+def _safe_sqrt(x: Array) -> Array:
+    """``sqrt(max(x, 0))`` with a zero (not NaN) gradient at 0."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
 def _factor_if_degenerate(value, positive, q1, q2, mean_pos, at_zero):
@@ -123,13 +131,31 @@ def _factor_if_degenerate(value, positive, q1, q2, mean_pos, at_zero):
     return jnp.where(positive, value, m1 * m2)
 
 
+def _angle(rho: Array) -> tuple[Array, Array]:
+    """``(θ, sin θ)`` for ``θ = arccos ρ``, with finite gradients at ``ρ = ±1``.
+
+    At ``|ρ| = 1`` the infinite derivatives of ``arccos`` and ``sqrt(1 − ρ²)`` cancel in every
+    kernel below (e.g. ``d/dρ (sin θ − θ ρ) = −θ``); dropping both there gives the exact gradient.
+    """
+    inside = jnp.abs(rho) < 1.0
+    r = jnp.where(inside, rho, 0.0)
+    theta = jnp.where(inside, jnp.arccos(r), jnp.where(rho > 0, 0.0, jnp.pi))
+    sin_t = jnp.where(inside, jnp.sqrt(1.0 - r * r), 0.0)
+    return theta, sin_t
+
+
 def _arccos_terms(c, q1, q2):
     s, rho, positive = _corr(c, q1, q2)
-    sin_t = jnp.sqrt(jnp.maximum(1.0 - rho * rho, 0.0))
-    theta = jnp.arccos(rho)
+    theta, sin_t = _angle(rho)
     j1 = s * (sin_t + (jnp.pi - theta) * rho) / (2 * jnp.pi)
     j0 = (jnp.pi - theta) / (2 * jnp.pi)
     return s, rho, positive, j1, j0
+
+
+def _arcsin(rho: Array) -> Array:
+    """``arcsin ρ`` on ``[-1, 1]`` with a finite (zero) gradient at ``ρ = ±1``."""
+    inside = jnp.abs(rho) < 1.0
+    return jnp.where(inside, jnp.arcsin(jnp.where(inside, rho, 0.0)), jnp.sign(rho) * jnp.pi / 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,13 +189,13 @@ def _cf_leaky_relu(c, q1, q2, negative_slope=0.01):
 def _cf_abs(c, q1, q2):
     _, rho, positive, j1, _ = _arccos_terms(c, q1, q2)
     nngp = jnp.where(positive, 4 * j1 - c, 0.0)
-    dd = jnp.where(positive, (2 / jnp.pi) * jnp.arcsin(rho), 0.0)
+    dd = jnp.where(positive, (2 / jnp.pi) * _arcsin(rho), 0.0)
     return nngp, dd
 
 
 def _cf_sign(c, q1, q2):
     _, rho, positive = _corr(c, q1, q2)
-    nngp = jnp.where(positive, (2 / jnp.pi) * jnp.arcsin(rho), 0.0)
+    nngp = jnp.where(positive, (2 / jnp.pi) * _arcsin(rho), 0.0)
     return nngp, jnp.zeros_like(nngp)
 
 
@@ -328,13 +354,13 @@ def _quadrature(f: Callable, c: Array, q1: Array, q2: Array, n: int) -> Array:
     dtype = c.dtype
     nodes = jnp.asarray(nodes, dtype)
     weights = jnp.asarray(weights, dtype)
-    qa = jnp.maximum(jnp.maximum(q1, q2), 0.0)
-    qb = jnp.maximum(jnp.minimum(q1, q2), 0.0)
-    sa = jnp.sqrt(qa)
-    sb = jnp.sqrt(qb)
+    qa = jnp.maximum(q1, q2)
+    qb = jnp.minimum(q1, q2)
+    sa = _safe_sqrt(qa)
+    sb = _safe_sqrt(qb)
     _, rho, _ = _corr(c, qa, qb)
     b1 = (sb * rho)[..., None]
-    b2 = (sb * jnp.sqrt(jnp.maximum(1.0 - rho * rho, 0.0)))[..., None]
+    b2 = (sb * _angle(rho)[1])[..., None]
 
     def step(acc, zw):
         z, w = zw

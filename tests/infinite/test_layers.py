@@ -305,7 +305,7 @@ def test_layer_norm_nngp_and_ntk_monte_carlo():
     x = jnp.asarray(rng.standard_normal((3, d)) * np.array([[1.0], [0.5], [2.0]]))
     params = dict(w=jnp.asarray(rng.standard_normal((d, n)) / math.sqrt(d)), b=jnp.zeros(n),
                   g=jnp.full(n, 1.5), beta=jnp.zeros(n))
-    v = jnp.asarray(rng.standard_normal(n))
+    v = jnp.asarray(rng.choice([-1.0, 1.0], n))  # ±1 readout: Σ v²/n = 1 exactly, cross terms average out
 
     def ln_out(p, x):
         return _layer_norm(x @ p["w"] + p["b"], eps) * p["g"] + p["beta"]
@@ -320,7 +320,7 @@ def test_layer_norm_nngp_and_ntk_monte_carlo():
     k = L.dense(k, fan_in=d, bias_var=0.0)
     k = L.layer_norm(k, epsilon=eps, scale_init=1.5, bias_init=0.0)
     np.testing.assert_allclose(k.nngp[..., 0], emp_nngp, atol=0.03)
-    np.testing.assert_allclose(k.ntk[..., 0], emp_ntk, rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(k.ntk[..., 0], emp_ntk, rtol=0.02, atol=0.05)
     assert k.is_gaussian
 
 
