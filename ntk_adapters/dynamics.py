@@ -1,0 +1,729 @@
+"""Train a network with optax beside its linearization and the NTK predictions of both.
+
+:func:`compare_training` answers the practical question behind the neural tangent kernel: *how
+close does my network, trained the way I train it, stay to what the kernel predicts?* For one
+:class:`~ntk_adapters.Model` (Flax, Haiku or a plain function) and one data set it puts four
+trajectories on one time axis:
+
+``'network'``
+    the real network, trained with optax from its parameters ``params0``;
+``'linearized'``
+    its first-order Taylor expansion around ``params0`` (:func:`ntk_adapters.linearize`),
+    trained with the same optimizer, the same steps and the same minibatches;
+``'ntk'``
+    the closed-form gradient-flow prediction from the empirical NTK at ``params0``
+    (:func:`ntk_adapters.predict.gradient_descent_mse`; with momentum, the heavy-ball ODE of
+    :func:`ntk_adapters.predict.gradient_descent`), starting from the network's own initial
+    outputs;
+``'infinite'``
+    the same prediction with the exact infinite-width NTK of the architecture
+    (``ntk_adapters.infinite.infinite_kernel_fn``) when every layer is recognized, again from the
+    network's own initial outputs (so it differs from ``'ntk'`` only by the kernel).
+
+Loss and time axis (the same everywhere in the library)
+-------------------------------------------------------
+The loss is ``L(θ) = ½ · mean over all N·O entries of (f(x) − y)²`` (``N`` examples, ``O``
+outputs per example; a minibatch of ``B`` examples averages over its ``B·O`` entries). Gradient
+flow then moves the training outputs as ``df/dt = −(η / (N·O)) Θ (f − y)`` and optax
+``sgd(η)`` step ``k`` corresponds to time ``t = k·η``. Test losses use the same normalization over
+the ``M·O`` test entries.
+
+What is compared to what
+------------------------
+* The closed forms describe *full-batch gradient flow*. Full-batch SGD with a small learning rate
+  follows it up to ``O(η)``; with ``batch_size`` set, minibatch SGD follows it in expectation (its
+  gradient is unbiased) plus noise, and it is compared anyway: the report shows how much the
+  noise costs.
+* Momentum ``μ`` (``optax.sgd(η, momentum=μ)``) is compared with the heavy-ball prediction
+  ``η f'' + (1 − μ) f' = −(Θ/(N·O)) (f − y)``; for small ``η`` this is plain flow with rate
+  ``η/(1 − μ)``.
+* The predictions need ``η`` and ``μ``; so the optimizer is built here from ``learning_rate`` and
+  ``momentum``. An arbitrary optax optimizer may be passed as ``optimizer=`` instead: the network
+  and its linearization are still trained and compared with each other, but no prediction is
+  made (the ``'ntk'`` and ``'infinite'`` entries are absent and :attr:`TrainingComparison.notes`
+  says why), and the time axis is the step count.
+* ``kernel='full'`` uses the ``(N, N, O, O)`` empirical NTK (``trace_axes=()``), which governs the
+  linearized network *exactly* (the prediction and the linearized network agree up to the
+  discretization of time); ``kernel='traced'`` uses the per-output ``(N, N)`` kernel
+  (``trace_axes=(-1,)``, the form the infinite-width kernel takes), cheaper by ``O²`` in memory
+  and ``O³`` in time, and exact only when the output-output blocks are proportional to the
+  identity (as they become with width). ``'auto'`` picks ``'full'`` when ``N·O ≤ 3000``.
+
+Example::
+
+    import optax, ntk_adapters.flax
+    from ntk_adapters.dynamics import compare_training
+
+    model = ntk_adapters.flax.adapt(MLP(width=512), None, x_train)      # x: (N, D), y: (N, O)
+    result = compare_training(model, x_train, y_train, x_test, y_test,
+                              learning_rate=1.0, steps=500, eval_every=25)
+    print(result.table())
+    result.plot("out/dynamics.png")
+    result.loss_train["network"].shape          # (E,) with E = 500 // 25 + 1 evaluations
+    result.outputs_test["ntk"].shape            # (E, M, O)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ntk_adapters import predict as _predict
+from ntk_adapters.empirical import empirical_ntk_fn
+from ntk_adapters.linearize import linearize
+from ntk_adapters.model import Model, ModelLike, PyTree, as_model, check_params_match
+
+__all__ = ["TrainingComparison", "compare_training", "mse_loss"]
+
+#: Trajectory names, in the order reports list them.
+NAMES = ("network", "linearized", "ntk", "infinite")
+#: Output discrepancies reported (root mean square over all entries of the difference).
+PAIRS = (("network", "linearized"), ("network", "ntk"), ("linearized", "ntk"), ("network", "infinite"))
+
+_LABELS = {
+    "network": "network",
+    "linearized": "linearized",
+    "ntk": "eNTK pred.",
+    "infinite": "∞-width pred.",
+}
+_SHORT = {"network": "net", "linearized": "lin", "ntk": "eNTK", "infinite": "inf"}
+
+_FULL_KERNEL_MAX = 3000
+
+
+def mse_loss(fx: jax.Array, y: jax.Array) -> jax.Array:
+    """The library's loss: ``½ · mean over all entries of (fx − y)²`` (a scalar).
+
+    Example::
+
+      mse_loss(jnp.zeros((4, 3)), jnp.ones((4, 3)))    # 0.5
+    """
+    return 0.5 * jnp.mean((fx - y) ** 2)
+
+
+def pair_name(a: str, b: str) -> str:
+    """Key of the discrepancy between trajectories ``a`` and ``b``, e.g. ``'network-ntk'``."""
+    return f"{a}-{b}"
+
+
+@dataclasses.dataclass
+class TrainingComparison:
+    """Trajectories of a trained network, its linearization and the NTK predictions.
+
+    ``E`` is the number of evaluations (step 0, every ``eval_every`` steps, and the last step),
+    ``N``/``M`` the numbers of training/test examples, ``out`` the per-example output shape.
+    Dictionaries are keyed by trajectory name (``'network'``, ``'linearized'``, ``'ntk'``,
+    ``'infinite'``; absent when not computed) or, for discrepancies, by ``'a-b'`` pair names.
+
+    Attributes:
+      step: ``(E,)`` int, the optimizer steps at which everything was evaluated.
+      time: ``(E,)`` float, ``t = step · learning_rate`` (the step itself when no learning rate
+        is known, i.e. a user-supplied optimizer).
+      loss_train: name → ``(E,)`` training loss (½·mean squared error over all N·O entries).
+      loss_test: name → ``(E,)`` test loss; empty without ``y_test``.
+      discrepancy_train: pair → ``(E,)`` RMS over all N·O entries of ``f_a − f_b`` on the
+        training inputs.
+      discrepancy_test: the same on the test inputs; empty without ``x_test``.
+      outputs_train: name → ``(E, N, *out)`` outputs on the training inputs.
+      outputs_test: name → ``(E, M, *out)`` outputs on the test inputs; empty without ``x_test``.
+      learning_rate: ``η``, or ``None`` with a user-supplied optimizer.
+      momentum: ``μ`` or ``None``.
+      batch_size: minibatch size, ``None`` for full batch.
+      kernel: ``'full'`` or ``'traced'``: which empirical NTK the ``'ntk'`` prediction used.
+      max_learning_rate: the largest stable full-batch rate ``2(1 + μ)·N·O / λ_max(Θ)`` of the
+        linearized network, when the empirical NTK was computed.
+      notes: human-readable remarks (what was skipped and why, stability warnings).
+    """
+
+    step: np.ndarray
+    time: np.ndarray
+    loss_train: dict[str, np.ndarray]
+    loss_test: dict[str, np.ndarray]
+    discrepancy_train: dict[str, np.ndarray]
+    discrepancy_test: dict[str, np.ndarray]
+    outputs_train: dict[str, np.ndarray]
+    outputs_test: dict[str, np.ndarray]
+    learning_rate: Optional[float]
+    momentum: Optional[float]
+    batch_size: Optional[int]
+    kernel: Optional[str]
+    max_learning_rate: Optional[float] = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The trajectories present, in report order."""
+        return tuple(n for n in NAMES if n in self.outputs_train)
+
+    @property
+    def pairs(self) -> tuple[str, ...]:
+        """The discrepancy keys present, in report order."""
+        return tuple(pair_name(a, b) for a, b in PAIRS if pair_name(a, b) in self.discrepancy_train)
+
+    def final(self) -> dict[str, float]:
+        """Last-evaluation values as a flat dict, e.g. ``{'loss_train/network': ..., 'rms_test/network-ntk': ...}``."""
+        out: dict[str, float] = {}
+        for prefix, table in (
+            ("loss_train", self.loss_train),
+            ("loss_test", self.loss_test),
+            ("rms_train", self.discrepancy_train),
+            ("rms_test", self.discrepancy_test),
+        ):
+            for k, v in table.items():
+                out[f"{prefix}/{k}"] = float(v[-1])
+        return out
+
+    def table(self, max_rows: Optional[int] = 12) -> str:
+        """The comparison as fixed-width text: one block for train, one for test.
+
+        Each block has a row per evaluation (at most ``max_rows``, evenly spaced, always with the
+        first and last; ``None`` for all) with the step, ``t = k·η``, the loss of each trajectory
+        and the RMS output discrepancies (``|net−lin|`` is the RMS of ``f_network − f_linearized``
+        over all entries).
+        """
+        rows = _row_indices(len(self.step), max_rows)
+        blocks = [self._header()]
+        for split, losses, gaps in (
+            ("train", self.loss_train, self.discrepancy_train),
+            ("test", self.loss_test, self.discrepancy_test),
+        ):
+            if not losses and not gaps:
+                continue
+            cols: list[tuple[str, np.ndarray]] = [(f"loss {_SHORT[n]}", losses[n]) for n in self.names if n in losses]
+            cols += [
+                (f"|{_SHORT[a]}−{_SHORT[b]}|", gaps[pair_name(a, b)])
+                for a, b in PAIRS
+                if pair_name(a, b) in gaps
+            ]
+            head = f"{'step':>7} {'t':>9}" + "".join(f" {name:>10}" for name, _ in cols)
+            lines = [f"[{split}]  loss = ½·mean (f − y)²;  |a−b| = RMS of f_a − f_b", head, "-" * len(head)]
+            for i in rows:
+                line = f"{int(self.step[i]):>7} {_fmt(self.time[i]):>9}"
+                line += "".join(f" {_fmt(v[i]):>10}" for _, v in cols)
+                lines.append(line)
+            blocks.append("\n".join(lines))
+        if self.notes:
+            blocks.append("\n".join(f"note: {n}" for n in self.notes))
+        return "\n\n".join(blocks)
+
+    def _header(self) -> str:
+        if self.learning_rate is None:
+            opt = "user optimizer (no prediction)"
+        else:
+            opt = f"sgd(η={self.learning_rate:g}" + (f", momentum={self.momentum:g})" if self.momentum else ")")
+        batch = "full batch" if self.batch_size is None else f"minibatch {self.batch_size}"
+        parts = [opt, batch, f"{int(self.step[-1])} steps"]
+        if self.kernel:
+            parts.append(f"{self.kernel} empirical NTK")
+        if self.max_learning_rate is not None:
+            parts.append(f"η_max≈{self.max_learning_rate:.3g}")
+        return "training comparison: " + ", ".join(parts)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path: Optional[Union[str, os.PathLike]] = None, *, title: Optional[str] = None, dpi: int = 120):
+        """Loss curves and output discrepancies against time, as a matplotlib figure.
+
+        Top row: training (and test) loss of every trajectory on a log scale; bottom row: RMS
+        output discrepancies between them. The x axis is ``t = k·η`` (symlog, so step 0 shows).
+
+        Args:
+          path: where to save the figure (its directory is created); ``None`` only returns it.
+          title: figure title; a summary of the run by default.
+          dpi: resolution of the saved file.
+
+        Returns:
+          The ``matplotlib.figure.Figure``. Needs matplotlib (``pip install 'ntk_adapters[plot]'``).
+        """
+        plt = _pyplot()
+        has_test = bool(self.loss_test) or bool(self.discrepancy_test)
+        ncols = 2 if has_test else 1
+        fig, axes = plt.subplots(2, ncols, figsize=(6.2 * ncols, 8.0), squeeze=False, sharex=True)
+        styles = {
+            "network": dict(color="C0", lw=2.2, ls="-"),
+            "linearized": dict(color="C1", lw=2.0, ls="--"),
+            "ntk": dict(color="k", lw=1.4, ls=":"),
+            "infinite": dict(color="C2", lw=1.6, ls="-."),
+        }
+        pair_styles = {
+            "network-linearized": dict(color="C1", ls="--"),
+            "network-ntk": dict(color="C0", ls="-"),
+            "linearized-ntk": dict(color="k", ls=":"),
+            "network-infinite": dict(color="C2", ls="-."),
+        }
+        x = np.asarray(self.time, dtype=float)
+        xlabel = "t = step · η" if self.learning_rate is not None else "step"
+        splits = [("train", self.loss_train, self.discrepancy_train, self.outputs_train)]
+        if has_test:
+            splits.append(("test", self.loss_test, self.discrepancy_test, self.outputs_test))
+        for col, (split, losses, gaps, outs) in enumerate(splits):
+            ax = axes[0, col]
+            for n in self.names:
+                if n in losses:
+                    ax.plot(x, _positive(losses[n]), label=_LABELS[n], **styles[n])
+            ax.set_yscale("log")
+            n_ex = next(iter(outs.values())).shape[1] if outs else 0
+            ax.set_title(f"{split} loss ({n_ex} examples)")
+            ax.set_ylabel("½·mean (f − y)²")
+            if losses:
+                ax.legend(fontsize=9)
+            else:
+                ax.text(0.5, 0.5, "no targets given", ha="center", va="center", transform=ax.transAxes)
+            ax.grid(True, which="both", alpha=0.3)
+            ax = axes[1, col]
+            for p in self.pairs:
+                if p in gaps:
+                    a, b = p.split("-")
+                    ax.plot(x, _positive(gaps[p]), lw=1.8, label=f"{_LABELS[a]} − {_LABELS[b]}", **pair_styles[p])
+            ax.set_yscale("log")
+            ax.set_title(f"{split} outputs: RMS discrepancy")
+            ax.set_ylabel("RMS of f_a − f_b")
+            ax.set_xlabel(xlabel)
+            if gaps:
+                ax.legend(fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+        for ax in axes.ravel():
+            ax.set_xscale("symlog", linthresh=max(float(x[1]) if len(x) > 1 else 1.0, 1e-12))
+        fig.suptitle(title if title is not None else self._header(), fontsize=10)
+        fig.tight_layout()
+        if path is not None:
+            path = os.fspath(path)
+            directory = os.path.dirname(path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            fig.savefig(path, dpi=dpi)
+        return fig
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        if not os.environ.get("MPLBACKEND") and not _interactive_backend():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError(
+            "TrainingComparison.plot needs matplotlib, which is not installed. Install it with "
+            "`pip install 'ntk_adapters[plot]'` (or `pip install matplotlib`); "
+            "TrainingComparison.table() works without it."
+        ) from err
+    return plt
+
+
+def _interactive_backend() -> bool:
+    import sys
+
+    return "matplotlib.pyplot" in sys.modules or "IPython" in sys.modules
+
+
+def _positive(v: np.ndarray) -> np.ndarray:
+    """Values for a log axis: exact zeros (step 0 discrepancies) are not drawn."""
+    v = np.asarray(v, dtype=float)
+    return np.where(v > 0, v, np.nan)
+
+
+def _fmt(v: float) -> str:
+    v = float(v)
+    if not math.isfinite(v):
+        return str(v)
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 1e4:
+        return f"{v:.4g}"
+    return f"{v:.2e}"
+
+
+def _row_indices(n: int, max_rows: Optional[int]) -> list[int]:
+    if max_rows is None or n <= max_rows:
+        return list(range(n))
+    if max_rows < 2:
+        return [n - 1]
+    return sorted(set(np.round(np.linspace(0, n - 1, max_rows)).astype(int).tolist()))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _eval_steps(steps: int, eval_every: int) -> np.ndarray:
+    points = list(range(0, steps + 1, eval_every))
+    if points[-1] != steps:
+        points.append(steps)
+    return np.asarray(points, dtype=np.int64)
+
+
+def _make_chunk(
+    apply_fn: Callable[..., jax.Array],
+    optimizer: optax.GradientTransformation,
+    batch_size: Optional[int],
+):
+    """A jitted ``chunk(states, params0, x_train, y_train, x_test, key, start, length)`` running
+    ``length`` steps of the network and of its linearization around ``params0`` with one
+    ``lax.scan``, on identical minibatches; returns the new states and the outputs of both.
+
+    Data and ``params0`` are arguments, not closed-over constants: XLA would otherwise try to
+    constant-fold the forward pass at ``params0`` while compiling.
+    """
+
+    def chunk(states, params0, x_train, y_train, x_test, key, start, length):
+        fns = (apply_fn, linearize(apply_fn, params0))
+        n = x_train.shape[0]
+
+        def step(states, k):
+            if batch_size is None:
+                xb, yb = x_train, y_train
+            else:
+                # Batches drawn from the step index (not a carried key) do not depend on how the
+                # run is chunked, and both models see the same ones.
+                idx = jax.random.choice(jax.random.fold_in(key, k), n, (batch_size,), replace=False)
+                xb, yb = x_train[idx], y_train[idx]
+            new = []
+            for f, (params, opt_state) in zip(fns, states):
+                grads = jax.grad(lambda p: mse_loss(f(p, xb), yb))(params)
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+                new.append((optax.apply_updates(params, updates), opt_state))
+            return tuple(new), None
+
+        states, _ = jax.lax.scan(step, states, start + jnp.arange(length))
+        outs = tuple(
+            (f(params, x_train), None if x_test is None else f(params, x_test))
+            for f, (params, _) in zip(fns, states)
+        )
+        return states, outs
+
+    return jax.jit(chunk, static_argnums=7)
+
+
+def _rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """RMS over every axis but the first (time)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return np.sqrt(np.mean(d.reshape(d.shape[0], -1) ** 2, axis=1))
+
+
+def _loss(f: np.ndarray, y: np.ndarray) -> np.ndarray:
+    d = np.asarray(f, dtype=np.float64) - np.asarray(y, dtype=np.float64)[None]
+    return 0.5 * np.mean(d.reshape(d.shape[0], -1) ** 2, axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions
+# --------------------------------------------------------------------------------------------
+
+
+def _prediction(
+    k_tt: jax.Array,
+    k_st: Optional[jax.Array],
+    y_train: jax.Array,
+    f0_train: jax.Array,
+    f0_test: Optional[jax.Array],
+    times: np.ndarray,
+    learning_rate: float,
+    momentum: Optional[float],
+) -> tuple[np.ndarray, Optional[np.ndarray], list[str]]:
+    """Outputs at ``times`` of gradient flow (heavy-ball ODE with momentum) from ``f0``."""
+    t = jnp.asarray(times, dtype=k_tt.dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        # Stability and conditioning warnings become notes of the report, stated once.
+        warnings.simplefilter("always")
+        if momentum:
+            fn = _predict.gradient_descent(mse_loss, k_tt, y_train, learning_rate, momentum=momentum)
+        else:
+            fn = _predict.gradient_descent_mse(k_tt, y_train, learning_rate)
+        if k_st is None:
+            train, test = fn(t, f0_train), None
+        else:
+            train, test = fn(t, f0_train, f0_test, k_st)
+    messages = [str(w.message) for w in caught if "stability edge" not in str(w.message)]
+    return np.asarray(train), (None if test is None else np.asarray(test)), messages
+
+
+def _infinite_kernels(model: Model, x_train: jax.Array, x_test: Optional[jax.Array]):
+    from ntk_adapters.infinite import infinite_kernel_fn  # optional engine; absent is fine
+
+    kernel_fn = infinite_kernel_fn(model)
+    return _train_and_test_kernels(lambda a, b: kernel_fn(a, b, get="ntk"), x_train, x_test)
+
+
+def _train_and_test_kernels(kernel_fn, x_train: jax.Array, x_test: Optional[jax.Array]):
+    """``(k(x_train, x_train), k(x_test, x_train))``.
+
+    When the test set is not much larger than the training set both blocks come from one call
+    on the stacked inputs: one compilation instead of two, for a little extra arithmetic.
+    """
+    n = x_train.shape[0]
+    if x_test is None:
+        return kernel_fn(x_train, None), None
+    if x_test.shape[0] <= 2 * n:
+        k = kernel_fn(jnp.concatenate([x_train, x_test]), None)
+        return k[:n, :n], k[n:, :n]
+    return kernel_fn(x_train, None), kernel_fn(x_test, x_train)
+
+
+# --------------------------------------------------------------------------------------------
+# The comparison
+# --------------------------------------------------------------------------------------------
+
+
+def compare_training(
+    model: ModelLike,
+    x_train: Any,
+    y_train: Any,
+    x_test: Optional[Any] = None,
+    y_test: Optional[Any] = None,
+    *,
+    steps: int,
+    learning_rate: Optional[float] = None,
+    momentum: Optional[float] = None,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    eval_every: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    key: Optional[jax.Array] = None,
+    params: Optional[PyTree] = None,
+    kernel: str = "auto",
+    infinite: Union[bool, str] = "auto",
+    progress: bool = True,
+) -> TrainingComparison:
+    """Train a model and its linearization with optax; compare with the NTK predictions.
+
+    See the module docstring for the four trajectories, the loss normalization
+    (``½·mean over all N·O entries``) and the time axis (optax step ``k`` ↔ ``t = k·η``).
+
+    Args:
+      model: a :class:`~ntk_adapters.Model` (from ``ntk_adapters.flax.adapt``,
+        ``ntk_adapters.haiku.adapt`` or ``ntk_adapters.adapt``) or a function
+        ``f(params, x) -> y`` together with ``params``.
+      x_train: training inputs ``(N, *input_shape)``.
+      y_train: targets ``(N, *out)``, the model's output shape.
+      x_test: optional test inputs ``(M, *input_shape)``: outputs and discrepancies are reported
+        on them too.
+      y_test: optional test targets ``(M, *out)`` for test losses.
+      steps: number of optimizer steps.
+      learning_rate: ``η`` of ``optax.sgd``; needed for the predictions and the time axis.
+      momentum: heavy-ball ``μ`` in ``[0, 1)`` for ``optax.sgd(η, momentum=μ)``; the prediction
+        then integrates the momentum ODE.
+      optimizer: any optax optimizer *instead of* ``learning_rate``/``momentum``; the network and
+        its linearization are trained with it, no prediction is made (noted in the result).
+      eval_every: evaluate every this many steps (default ``max(1, steps // 50)``); the last step
+        is always evaluated.
+      batch_size: minibatch size (sampled without replacement at every step, the same batches
+        for the network and its linearization); ``None`` trains on the full batch.
+      key: PRNG key for the minibatch order (default ``PRNGKey(0)``).
+      params: initial parameters (default: the Model's). To start from a fresh draw pass
+        ``model.init(key)``.
+      kernel: ``'full'``, ``'traced'`` or ``'auto'``: which empirical NTK the ``'ntk'``
+        prediction uses (module docstring).
+      infinite: ``True`` requires the infinite-width prediction (errors propagate), ``False``
+        skips it, ``'auto'`` computes it when ``ntk_adapters.infinite`` supports the model and
+        otherwise records why not in ``notes``.
+      progress: show a tqdm progress bar over training steps.
+
+    Returns:
+      A :class:`TrainingComparison` of numpy arrays with ``.table()`` and ``.plot(path)``.
+
+    Example::
+
+      result = compare_training(model, x, y, x_test, y_test, learning_rate=0.5, steps=200)
+      result.discrepancy_test["network-ntk"]       # (E,) RMS of f_network − f_ntk on x_test
+      print(result.table())
+    """
+    if params is not None and isinstance(model, Model):
+        check_params_match(model.params, params)
+    model = as_model(model, params)
+    if model.params is None:
+        raise ValueError("compare_training needs parameters: pass a Model, or a function with params=...")
+    params0 = model.params
+
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int; got {steps!r}")
+    steps = int(steps)
+    eval_every = max(1, steps // 50) if eval_every is None else eval_every
+    if not isinstance(eval_every, (int, np.integer)) or eval_every < 1:
+        raise ValueError(f"eval_every must be a positive int; got {eval_every!r}")
+    if kernel not in ("auto", "full", "traced"):
+        raise ValueError(f"kernel must be 'auto', 'full' or 'traced'; got {kernel!r}")
+    if infinite not in (True, False, "auto"):
+        raise ValueError(f"infinite must be True, False or 'auto'; got {infinite!r}")
+
+    if optimizer is not None:
+        if learning_rate is not None or momentum is not None:
+            raise ValueError(
+                "pass either optimizer=... (any optax optimizer; no prediction is made) or "
+                "learning_rate=/momentum= (optax.sgd is built here and the predictions are comparable), "
+                "not both"
+            )
+        if not hasattr(optimizer, "init") or not hasattr(optimizer, "update"):
+            raise TypeError(f"optimizer must be an optax.GradientTransformation; got {type(optimizer).__name__}")
+    else:
+        if learning_rate is None:
+            raise ValueError(
+                "learning_rate is required (the predictions and the time axis t = step·η need it); "
+                "or pass optimizer=... to train with any optax optimizer without predictions"
+            )
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive; got {learning_rate}")
+        if momentum is not None and not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1); got {momentum}")
+        momentum = momentum or None
+        optimizer = optax.sgd(learning_rate, momentum=momentum)
+        learning_rate = float(learning_rate)
+
+    x_train = jnp.asarray(x_train)
+    out = jax.eval_shape(model.apply_fn, params0, x_train)
+    dtype = out.dtype
+    y_train = jnp.asarray(y_train, dtype=dtype)
+    if tuple(y_train.shape) != tuple(out.shape):
+        raise ValueError(
+            f"y_train has shape {tuple(y_train.shape)} but the model maps x_train {tuple(x_train.shape)} "
+            f"to outputs {tuple(out.shape)}; targets must match the outputs (one-hot encode labels, "
+            "add a trailing axis for a single output)"
+        )
+    n = x_train.shape[0]
+    if x_test is not None:
+        x_test = jnp.asarray(x_test)
+        if x_test.shape[1:] != x_train.shape[1:]:
+            raise ValueError(
+                f"x_test has per-example shape {tuple(x_test.shape[1:])}, x_train {tuple(x_train.shape[1:])}; they must agree"
+            )
+    if y_test is not None:
+        if x_test is None:
+            raise ValueError("y_test was given without x_test")
+        y_test = jnp.asarray(y_test, dtype=dtype)
+        want = (x_test.shape[0],) + tuple(out.shape[1:])
+        if tuple(y_test.shape) != want:
+            raise ValueError(f"y_test must have shape {want} (the model's outputs on x_test); got {tuple(y_test.shape)}")
+    if batch_size is not None:
+        if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n:
+            raise ValueError(f"batch_size must be an int in [1, N={n}] or None for full batch; got {batch_size!r}")
+        if batch_size == n:
+            batch_size = None
+    key = jax.random.PRNGKey(0) if key is None else key
+
+    notes: list[str] = []
+    steps_at = _eval_steps(steps, eval_every)
+    times = steps_at * (learning_rate if learning_rate is not None else 1.0)
+
+    # ---- (a), (b): the network and its linearization, trained together on the same batches.
+    chunk = _make_chunk(model.apply_fn, optimizer, batch_size)
+    states = tuple((params0, optimizer.init(params0)) for _ in range(2))
+    f0_train = model.apply_fn(params0, x_train)
+    f0_test = None if x_test is None else model.apply_fn(params0, x_test)
+    traj_train: list[list[np.ndarray]] = [[np.asarray(f0_train)] for _ in range(2)]
+    traj_test: list[list[np.ndarray]] = [[np.asarray(f0_test)] for _ in range(2)] if x_test is not None else []
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=steps, desc="training network + linearized", unit="step", disable=not progress, leave=False) as bar:
+        for start, stop in zip(steps_at[:-1], steps_at[1:]):
+            states, outs = chunk(states, params0, x_train, y_train, x_test, key, jnp.asarray(start), int(stop - start))
+            for i, (ftr, fte) in enumerate(outs):
+                traj_train[i].append(np.asarray(ftr))
+                if x_test is not None:
+                    traj_test[i].append(np.asarray(fte))
+            bar.update(int(stop - start))
+
+    outputs_train = {name: np.stack(v) for name, v in zip(("network", "linearized"), traj_train)}
+    outputs_test = {name: np.stack(v) for name, v in zip(("network", "linearized"), traj_test)}
+    for name in ("network", "linearized"):
+        if not np.all(np.isfinite(outputs_train[name][-1])):
+            notes.append(
+                f"the {name} diverged (non-finite outputs); lower learning_rate"
+                + (" below η_max" if learning_rate is not None else "")
+            )
+
+    # ---- (c), (d): closed-form predictions from the empirical and the infinite-width NTK.
+    kernel_used: Optional[str] = None
+    eta_max: Optional[float] = None
+    if learning_rate is None:
+        notes.append(
+            "no NTK prediction: a user-supplied optimizer has no known learning rate; pass "
+            "learning_rate= (and momentum=) to compare with the closed form"
+        )
+    else:
+        n_out = int(math.prod(out.shape[1:]))
+        kernel_used = kernel if kernel != "auto" else ("full" if n * n_out <= _FULL_KERNEL_MAX else "traced")
+        if kernel_used == "full" and len(out.shape) != 2:
+            kernel_used = "traced"
+            notes.append("outputs are not (N, O): the per-output (traced) empirical NTK was used")
+        ntk_fn = empirical_ntk_fn(model, trace_axes=() if kernel_used == "full" else (-1,))
+        k_tt, k_st = _train_and_test_kernels(lambda a, b: ntk_fn(a, b, params0), x_train, x_test)
+        eta_max = _predict.max_learning_rate(k_tt, n * n_out, momentum=momentum or 0.0)
+        if learning_rate > eta_max:
+            notes.append(
+                f"learning_rate {learning_rate:g} exceeds the stability limit η_max ≈ {eta_max:.3g} of "
+                "full-batch gradient descent on the linearized network; the discrete runs may diverge "
+                "while gradient flow does not"
+            )
+        pred_train, pred_test, messages = _prediction(
+            k_tt, k_st, y_train, f0_train, f0_test, times, learning_rate, momentum
+        )
+        notes.extend(f"empirical NTK: {m}" for m in messages)
+        outputs_train["ntk"] = pred_train
+        if x_test is not None:
+            outputs_test["ntk"] = pred_test
+
+        if infinite is not False:
+            try:
+                i_tt, i_st = _infinite_kernels(model, x_train, x_test)
+                i_train, i_test, messages = _prediction(
+                    i_tt, i_st, y_train, f0_train, f0_test, times, learning_rate, momentum
+                )
+            except Exception as err:  # noqa: BLE001 - 'auto' reports any failure instead of raising
+                if infinite is True:
+                    raise
+                notes.append(f"no infinite-width prediction: {type(err).__name__}: {_first_line(err)}")
+            else:
+                outputs_train["infinite"] = i_train
+                notes.extend(f"infinite-width NTK: {m}" for m in messages)
+                if x_test is not None:
+                    outputs_test["infinite"] = i_test
+
+    y_train_np = np.asarray(y_train)
+    loss_train = {k: _loss(v, y_train_np) for k, v in outputs_train.items()}
+    loss_test = {} if y_test is None else {k: _loss(v, np.asarray(y_test)) for k, v in outputs_test.items()}
+    discrepancy_train = {
+        pair_name(a, b): _rms(outputs_train[a], outputs_train[b])
+        for a, b in PAIRS
+        if a in outputs_train and b in outputs_train
+    }
+    discrepancy_test = {
+        pair_name(a, b): _rms(outputs_test[a], outputs_test[b])
+        for a, b in PAIRS
+        if a in outputs_test and b in outputs_test
+    }
+    if batch_size is not None and learning_rate is not None:
+        notes.append(
+            f"minibatch SGD (batch {batch_size} of {n}): the predictions are full-batch gradient flow, "
+            "which minibatch SGD follows only in expectation"
+        )
+    return TrainingComparison(
+        step=steps_at,
+        time=np.asarray(times, dtype=np.float64),
+        loss_train=loss_train,
+        loss_test=loss_test,
+        discrepancy_train=discrepancy_train,
+        discrepancy_test=discrepancy_test,
+        outputs_train=outputs_train,
+        outputs_test=outputs_test,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        batch_size=batch_size,
+        kernel=kernel_used,
+        max_learning_rate=eta_max,
+        notes=notes,
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else ""
