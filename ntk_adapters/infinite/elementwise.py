@@ -334,21 +334,13 @@ def _hermite(n: int) -> tuple[np.ndarray, np.ndarray]:
     return x, w / math.sqrt(2 * math.pi)
 
 
-def _derivative(f: Callable[[Array], Array]) -> Callable[[Array], Array]:
-    # Forward mode gives the elementwise derivative of an elementwise f in one pass (the same
-    # number jax.grad gives per element, without a vmap).
-    def df(x):
-        return jax.jvp(f, (x,), (jnp.ones_like(x),))[1]
-
-    return df
-
-
-def _quadrature(f: Callable, c: Array, q1: Array, q2: Array, n: int) -> Array:
-    """``E[f(u) f(v)]`` by ``n × n`` Gauss–Hermite quadrature; arrays of one common shape.
+def _quadrature(f: Callable, c: Array, q1: Array, q2: Array, n: int, derivative: bool) -> tuple[Array, Optional[Array]]:
+    """``E[f(u) f(v)]`` (and ``E[f'(u) f'(v)]``) by ``n × n`` Gauss–Hermite quadrature.
 
     ``u = σa z1``, ``v = σb (ρ z1 + sqrt(1 − ρ²) z2)`` (Cholesky), where ``a`` is the input with the
     larger variance: the canonical order makes the result exactly symmetric under swapping the
-    two inputs, so a kernel matrix stays symmetric.
+    two inputs, so a kernel matrix stays symmetric. ``c``, ``q1``, ``q2`` share one shape. With
+    ``derivative`` each node evaluates ``f`` and ``f'`` together in one forward-mode pass.
     """
     nodes, weights = _hermite(n)
     dtype = c.dtype
@@ -362,14 +354,25 @@ def _quadrature(f: Callable, c: Array, q1: Array, q2: Array, n: int) -> Array:
     b1 = (sb * rho)[..., None]
     b2 = (sb * _angle(rho)[1])[..., None]
 
+    if derivative:
+        def both(x):
+            return jax.jvp(f, (x,), (jnp.ones_like(x),))
+    else:
+        def both(x):
+            return f(x), None
+
     def step(acc, zw):
         z, w = zw
-        inner = f(b1 * z + b2 * nodes) @ weights  # E[f(v) | z1 = z]
-        return acc + w * f(sa * z) * inner, None
+        fi, dfi = both(b1 * z + b2 * nodes)  # inner node values, (..., n)
+        fo, dfo = both(sa * z)
+        acc0 = acc[0] + w * fo * (fi @ weights)  # E[f(v) | z1 = z] by the inner sum
+        acc1 = acc[1] + w * dfo * (dfi @ weights) if derivative else acc[1]
+        return (acc0, acc1), None
 
     # Scanning over the outer node keeps memory at (entries × n), not (entries × n²).
-    acc, _ = jax.lax.scan(step, jnp.zeros(c.shape, dtype), (nodes, weights))
-    return acc
+    zero = jnp.zeros(c.shape, dtype)
+    (acc0, acc1), _ = jax.lax.scan(step, (zero, zero), (nodes, weights))
+    return acc0, (acc1 if derivative else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,13 +447,7 @@ def _expectation_fn(phi, params_items, use_closed, n_points, derivative):
             nngp = jnp.broadcast_to(nngp, c.shape).astype(c.dtype)
             dd = jnp.broadcast_to(dd, c.shape).astype(c.dtype) if derivative else None
             return nngp, dd
-        f = elementwise_fn(phi, **params)
-        nngp = _quadrature(f, c, q1, q2, n_points)
-        dd = None
-        if derivative:
-            df = _derivative(f)
-            dd = _quadrature(df, c, q1, q2, n_points)
-        return nngp, dd
+        return _quadrature(elementwise_fn(phi, **params), c, q1, q2, n_points, derivative)
 
     return fn
 

@@ -8,7 +8,6 @@ dropout masks) are checked by Monte Carlo over wide random layers and sampled ma
 over positions gives a second, independent implementation of the window average.
 """
 
-import itertools
 import math
 
 import flax.linen as nn
