@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from ntk_adapters.flax import ntk_param as _ntk_param
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import rules as _rules
 from ntk_adapters.infinite import initializers as _inits
@@ -133,3 +134,27 @@ def _batch_norm(k, call):
 
 
 _rules.register_rule(nn.BatchNorm, _batch_norm)
+
+
+def _ntk_dense(k, call):
+    m = call.module
+    fan_in = call.params["kernel"].shape[0]
+    b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2
+    return dense_kernel(k, fan_in, float(m.w_std) ** 2, b2, parameterization="ntk")
+
+
+def _ntk_conv(k, call):
+    m = call.module
+    w = call.params["kernel"]
+    b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2
+    try:
+        return _layers.conv(k, window_shape=tuple(w.shape[:-2]), fan_in=int(np.prod(w.shape[:-1])),
+                            strides=m.strides, padding=m.padding, dilation=m.kernel_dilation,
+                            weight_var=float(m.w_std) ** 2, bias_var=b2, has_bias=m.b_std is not None,
+                            parameterization="ntk")
+    except ValueError as e:
+        raise call.error(str(e)) from None
+
+
+_rules.register_rule(_ntk_param.Dense, _ntk_dense, linear=True, flat="average")
+_rules.register_rule(_ntk_param.Conv, _ntk_conv, linear=True)

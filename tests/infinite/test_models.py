@@ -111,3 +111,72 @@ def test_cnn_global_average_pooling_converges(mc, x_img):
 @pytest.mark.slow
 def test_residual_layernorm_batchnorm_converges(mc, x_vec):
     check_convergence(mc, flax_res_ln, x_vec)
+
+
+# Rule coverage: each model below exercises several rules on the real modules.
+
+from ntk_adapters.flax import ntk_param as flax_ntk  # noqa: E402
+from ntk_adapters.haiku import ntk_param as haiku_ntk  # noqa: E402
+
+
+class FlaxConv1D(nn.Module):
+    """1-D circular dilated conv, strided VALID conv, leaky ReLU, NTK-param Dense on a flatten."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.leaky_relu(nn.Conv(self.width, (3,), padding="CIRCULAR", kernel_dilation=2)(x), 0.2)
+        x = jax.scipy.special.erf(nn.Conv(self.width, (2,), strides=2, padding="VALID", use_bias=False)(x))
+        return flax_ntk.Dense(8, w_std=1.3, b_std=0.2)(x.reshape((x.shape[0], -1)))
+
+
+def flax_conv1d(width, x):
+    return nflax.adapt(FlaxConv1D(width), None, x.reshape((x.shape[0], -1, 2)))
+
+
+class FlaxNTKConvPool(nn.Module):
+    """NTK-param conv, LayerNorm over channels, inline average pooling, deterministic dropout."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = flax_ntk.Conv(self.width, (3, 3), w_std=1.5, b_std=0.1)(x)
+        x = nn.gelu(nn.LayerNorm()(x))
+        x = nn.Dropout(0.3, deterministic=True)(x)
+        x = nn.avg_pool(nn.Conv(self.width, (3, 3))(x), (2, 2), strides=(2, 2))
+        x = jnp.sum(nn.relu(x), axis=(1, 2))
+        return nn.Dense(8)(x)
+
+
+def flax_ntk_conv_pool(width, x):
+    return nflax.adapt(FlaxNTKConvPool(width), None, x)
+
+
+def haiku_norm_net(width, x):
+    """Haiku NTK-param conv, LayerNorm, strided VALID conv, NTK-param Linear, Linear without bias."""
+
+    def f(x):
+        x = haiku_ntk.Conv2D(width, 3, padding="CIRCULAR", w_std=1.2, b_std=0.3)(x)
+        x = jax.nn.relu(hk.LayerNorm(-1, True, True)(x))
+        x = hk.Conv2D(width, 2, stride=2, padding="VALID")(x)
+        x = jnp.tanh(x).reshape((x.shape[0], -1))
+        return hk.Linear(8, with_bias=False)(haiku_ntk.Linear(width, w_std=1.1)(x))
+
+    return nhaiku.adapt(hk.without_apply_rng(hk.transform(f)), None, x)
+
+
+@pytest.mark.slow
+def test_conv1d_circular_dilated_ntk_dense_converges(mc, x_img):
+    check_convergence(mc, lambda w, x: flax_conv1d(w, x), x_img.reshape((3, -1, 2))[:, :8], widths=(8, 128), n_nngp=512)
+
+
+@pytest.mark.slow
+def test_ntk_conv_layernorm_avgpool_converges(mc, x_img):
+    check_convergence(mc, flax_ntk_conv_pool, x_img[:, :4, :4], widths=(8, 64), n_nngp=512)
+
+
+@pytest.mark.slow
+def test_haiku_ntk_conv_layernorm_converges(mc, x_img):
+    check_convergence(mc, haiku_norm_net, x_img, widths=(8, 64), n_nngp=512)
