@@ -104,21 +104,24 @@ __all__ = [
 # Small numerically safe helpers.
 
 
-def _corr(c: Array, q1: Array, q2: Array) -> tuple[Array, Array, Array]:
-    """``(s, ρ, positive)`` with ``s = sqrt(q1 q2)``, ``ρ = c/s`` clipped; ``ρ = 0`` where ``s = 0``."""
-    qq = q1 * q2
-    positive = qq > 0
-    # Double `where`: the untaken branch sees a safe argument, so gradients stay finite too.
-    s = jnp.where(positive, jnp.sqrt(jnp.where(positive, qq, 1.0)), 0.0)
-    s_safe = jnp.where(positive, s, 1.0)
-    rho = jnp.where(positive, jnp.clip(c / s_safe, -1.0, 1.0), 0.0)
-    return s, rho, positive
-
-
 def _safe_sqrt(x: Array) -> Array:
     """``sqrt(max(x, 0))`` with a zero (not NaN) gradient at 0."""
     pos = x > 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def _corr(c: Array, q1: Array, q2: Array) -> tuple[Array, Array, Array]:
+    """``(s, ρ, positive)`` with ``s = sqrt(q1 q2)``, ``ρ = c/s`` clipped; ``ρ = 0`` where ``s = 0``."""
+    positive = (q1 > 0) & (q2 > 0)
+    # sqrt(q1·q2) is exactly q when q1 = q2 = q (so a diagonal entry has ρ = 1 exactly, where
+    # arccos/arcsin would turn a rounding error ε into sqrt(ε)); sqrt(q1)·sqrt(q2) only where the
+    # product of two tiny variances would underflow.
+    qq = q1 * q2
+    normal = qq >= jnp.finfo(qq.dtype).tiny
+    s = jnp.where(normal, _safe_sqrt(jnp.where(normal, qq, 1.0)), _safe_sqrt(q1) * _safe_sqrt(q2))
+    s_safe = jnp.where(positive, s, 1.0)
+    rho = jnp.where(positive, jnp.clip(c / s_safe, -1.0, 1.0), 0.0)
+    return s, rho, positive
 
 
 def _factor_if_degenerate(value, positive, q1, q2, mean_pos, at_zero):
