@@ -510,6 +510,39 @@ def _eval_elementwise(jaxpr, consts, args, dtype):
     return [read(v) for v in jaxpr.outvars]
 
 
+def _interleave_diag(d: jax.Array, first: bool) -> jax.Array:
+    n, *spatial = d.shape
+    shape = [n]
+    for size in spatial:
+        shape += [size, 1] if first else [1, size]
+    return d.reshape(shape)
+
+
+def _apply_phi(k: Kernel, phi, n_points: int, params: dict) -> Kernel:
+    """``nngp ← E[phi(u)phi(v)]``, ``ntk ← E[phi'(u)phi'(v)]·ntk``, ``cov ← E[phi(u)phi(u')]``.
+
+    Each array is transformed by its own call of :func:`elementwise.gaussian_expectations`, so
+    the derivative is computed only for the NTK and no array is concatenated.
+    """
+    expect = functools.partial(_ew.gaussian_expectations, phi, n_points=n_points, **params)
+    want_ntk = k.ntk is not None
+    if k.layout == "full":
+        d1 = _diag_full(k.cov1, 1)
+        d2 = d1 if k.same_inputs else _diag_full(k.cov2, 1)
+        v1 = _interleave_diag(d1, True)[:, None]
+        v2 = _interleave_diag(d2, False)[None]
+        cov1 = expect(k.cov1, _interleave_diag(d1, True), _interleave_diag(d1, False), derivative=False)[0]
+        cov2 = cov1 if k.same_inputs else expect(k.cov2, _interleave_diag(d2, True), _interleave_diag(d2, False),
+                                                 derivative=False)[0]
+    else:
+        v1, v2 = k.cov1[:, None], k.cov2[None]
+        cov1 = expect(k.cov1, k.cov1, k.cov1, derivative=False)[0]
+        cov2 = cov1 if k.same_inputs else expect(k.cov2, k.cov2, k.cov2, derivative=False)[0]
+    nngp, dd = expect(k.nngp, v1, v2, derivative=want_ntk)
+    ntk = dd * k.ntk if want_ntk else None
+    return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
+
+
 def _recognise(eqn, invals) -> Optional[tuple[str, tuple]]:
     """A closed-form name for a one-equation phi applied to an identity value, if recognised."""
     name = eqn.primitive.name
@@ -572,7 +605,7 @@ class _Interpreter:
                 raise self.error(eqn, msg)
             raise InfiniteWidthError(msg + "; " + _SUGGEST)
         phi = v.phi.name if v.phi.name is not None else v.phi.fn
-        k = _ew.apply_elementwise(v.kernel, phi, n_points=self.options.n_points, **dict(v.phi.params))
+        k = _apply_phi(v.kernel, phi, self.options.n_points, dict(v.phi.params))
         return Value(kernel=k, shape=v.shape, flat=v.flat, base=next(_ids), fresh=None, deps=v.deps)
 
     def tags(self, eqn) -> list[int]:
