@@ -21,8 +21,16 @@ Implementations (``implementation=``):
   parameter space (VJP) and push it forward through ``x1`` (JVP); never stores ``J(x1)`` and
   processes the ``N2·O`` basis vectors in chunks, so memory stays ``chunk·P``. Time
   ``~ N2·O·(N1 + N2)`` forward-equivalents.
-* ``'auto'`` (default): ``'jacobian'`` when both Jacobians fit in ``memory_budget`` bytes
-  (default 1 GiB), else ``'ntvp'``.
+* ``'structured'``: layer factorization (:mod:`ntk_adapters.structured`): a dense or
+  convolutional weight's contribution is an activation Gram times an output-cotangent Gram, so
+  its Jacobian block is never formed; leaves that cannot be factorized use their Jacobian. Fast
+  when ``vmap_axes`` declares independent examples (then per example: ``~ O`` backward passes
+  for cotangents plus ``N1·N2·(fan_in + O²·fan_out)`` per dense layer); exact but about as costly
+  as ``'jacobian'`` with ``vmap_axes=None``.
+* ``'auto'`` (default): ``'structured'`` when ``vmap_axes`` is given and its multiply-add estimate
+  from the shapes (:func:`ntk_adapters.structured.structured_cost`) is below ``'jacobian'``'s and
+  its memory estimate fits in ``memory_budget`` bytes (default 1 GiB); otherwise ``'jacobian'``
+  when both Jacobians fit in ``memory_budget``, else ``'ntvp'``.
 """
 
 from __future__ import annotations
@@ -38,8 +46,9 @@ import numpy as np
 from ntk_adapters.axes import Axes, OutputAxes
 from ntk_adapters.model import Model, ModelLike, PyTree, as_model, check_array_output, check_params_match, module_path
 from ntk_adapters.outputs import Get, pack
+from ntk_adapters.structured import structured_contributions, structured_cost
 
-IMPLEMENTATIONS = ("auto", "jacobian", "ntvp")
+IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
 Subset = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 KernelFn = Callable[..., Any]
@@ -206,7 +215,8 @@ def empirical_ntk_fn(
         an int ``a`` declares that examples are independent along input axis ``a`` and output
         axis ``a`` (no batch statistics), so the Jacobian is taken one example at a time, which
         is much cheaper for large batches.
-      implementation: ``'jacobian'``, ``'ntvp'`` or ``'auto'`` (see module docstring).
+      implementation: ``'jacobian'``, ``'ntvp'``, ``'structured'`` or ``'auto'`` (see module
+        docstring).
       subset: only differentiate the parameters whose module path (``'Dense_2'``,
         ``'mlp/~/linear_1'``) equals or starts with one of these strings, or for which this
         predicate of the parameter path (``'Dense_2/kernel'``) is true. E.g. ``subset='Dense_2'``
@@ -249,7 +259,13 @@ def empirical_ntk_fn(
         n_params = sum(math.prod(np.shape(p)) for p in used)
         n = np.shape(x1)[0] + (0 if x2 is None else np.shape(x2)[0])
         itemsize = jnp.result_type(*used).itemsize
-        impl = "jacobian" if by_layer else _choose(implementation, n * n_out * n_params, itemsize, memory_budget)
+        impl = _choose(implementation, n * n_out * n_params, itemsize, memory_budget)
+        if implementation == "auto" and vmap_axes is not None:
+            cost = structured_cost(model.apply_fn, params, x1, x2, axes, vmap_axes, selected)
+            if cost["structured_flops"] < cost["jacobian_flops"] and cost["structured_bytes"] <= memory_budget:
+                impl = "structured"
+        if by_layer and impl == "ntvp":
+            impl = "jacobian"  # NTK-vector products do not separate the layers
         compute = _ntk_jit(model.apply_fn, axes, impl, vmap_axes, ntvp_chunk, selected, groups if by_layer else None)
         return compute(params, x1, x2)
 
@@ -275,7 +291,9 @@ def _ntk_jit(apply_fn, axes: OutputAxes, impl: str, vmap_axes, chunk: int, selec
         g, sub = _restricted(apply_fn, params, selected)
         if impl == "ntvp":
             return _ntvp_kernel(g, sub, x1, x2, axes, chunk)
-        if vmap_axes is None:
+        if impl == "structured":
+            parts = structured_contributions(g, sub, x1, x2, axes, vmap_axes)
+        elif vmap_axes is None:
             parts = _jacobian_contributions(g, sub, x1, x2, axes)
         else:
             parts = _vmapped_jacobian(g, sub, x1, x2, axes, vmap_axes)

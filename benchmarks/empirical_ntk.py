@@ -1,0 +1,186 @@
+"""Empirical NTK implementations side by side: time and memory on an MLP and a small CNN.
+
+Not a test: prints, per model and output-axes setting, the median wall time of each method (jitted,
+after one compile-and-run), its ratio to the naive Jacobian contraction, and the compiled peak
+memory (``memory_analysis()`` of the jitted function: temporaries + outputs, in MiB).
+
+Methods:
+  naive        jax.jacrev of the batched model, then one einsum over the flattened parameters
+  by-hand      (MLP only) activation Gram × cotangent Gram per layer, written for this exact MLP
+  jacobian / ntvp / structured   ntk_adapters.empirical.empirical_ntk_fn(implementation=...),
+               with vmap_axes=0 (examples are independent in both models)
+
+Run:
+  .venv/bin/python benchmarks/empirical_ntk.py            # a few minutes on 2 CPU cores
+  .venv/bin/python benchmarks/empirical_ntk.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_adapters.empirical import empirical_ntk_fn
+
+
+def mlp_params(key, widths=(784, 512, 512, 10)):
+    keys = jax.random.split(key, len(widths) - 1)
+    return [jax.random.normal(k, (a, b)) / np.sqrt(a) for k, a, b in zip(keys, widths[:-1], widths[1:])]
+
+
+def mlp(params, x):
+    h = x
+    for w in params[:-1]:
+        h = jnp.tanh(h @ w)
+    return h @ params[-1]
+
+
+def mlp_by_hand(params, x1, x2, full: bool):
+    """Σ_l (h1_{l-1} h2_{l-1}ᵀ) ⊙ (g1_l g2_lᵀ) with g_l[n, o, :] = ∂f_o(x_n)/∂z_l, z_l = h_{l-1} W_l."""
+
+    def forward(x):
+        hs, zs, h = [x], [], x
+        for w in params[:-1]:
+            z = h @ w
+            zs.append(z)
+            h = jnp.tanh(z)
+            hs.append(h)
+        return hs, zs
+
+    def cotangents(zs):
+        n, o = zs[0].shape[0], params[-1].shape[1]
+        g = jnp.broadcast_to(jnp.eye(o), (n, o, o))  # ∂f/∂z_last
+        gs = [g]
+        for w, z in zip(params[:0:-1], zs[::-1]):
+            g = jnp.einsum("noj,ij->noi", g, w) * (1 - jnp.tanh(z) ** 2)[:, None, :]
+            gs.append(g)
+        return gs[::-1]
+
+    hs1, zs1 = forward(x1)
+    hs2, zs2 = forward(x2)
+    gs1, gs2 = cotangents(zs1), cotangents(zs2)
+    out = 0.0
+    for h1, h2, g1, g2 in zip(hs1, hs2, gs1, gs2):
+        if full:
+            out = out + (h1 @ h2.T)[:, :, None, None] * jnp.einsum("naj,mbj->nmab", g1, g2)
+        else:
+            out = out + (h1 @ h2.T) * jnp.einsum("naj,maj->nm", g1, g2) / g1.shape[1]
+    return out
+
+
+class CNN:
+    """conv 3×3 (32) – relu – conv 3×3 (32) – relu – flatten – dense (10), SAME padding, no biases."""
+
+    @staticmethod
+    def init(key, channels=32, classes=10, hw=8, c_in=3):
+        k1, k2, k3 = jax.random.split(key, 3)
+        return [
+            jax.random.normal(k1, (3, 3, c_in, channels)) / np.sqrt(9 * c_in),
+            jax.random.normal(k2, (3, 3, channels, channels)) / np.sqrt(9 * channels),
+            jax.random.normal(k3, (hw * hw * channels, classes)) / np.sqrt(hw * hw * channels),
+        ]
+
+    @staticmethod
+    def apply(params, x):
+        dn = ("NHWC", "HWIO", "NHWC")
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, params[0], (1, 1), "SAME", dimension_numbers=dn))
+        h = jax.nn.relu(jax.lax.conv_general_dilated(h, params[1], (1, 1), "SAME", dimension_numbers=dn))
+        return h.reshape(h.shape[0], -1) @ params[2]
+
+
+def naive(apply_fn, full: bool):
+    def ntk(params, x1, x2):
+        j1 = jnp.concatenate([j.reshape(j.shape[:2] + (-1,)) for j in jax.jacrev(apply_fn)(params, x1)], -1)
+        j2 = jnp.concatenate([j.reshape(j.shape[:2] + (-1,)) for j in jax.jacrev(apply_fn)(params, x2)], -1)
+        if full:
+            return jnp.einsum("nap,mbp->nmab", j1, j2)
+        return jnp.einsum("nap,map->nm", j1, j2) / j1.shape[1]
+
+    return ntk
+
+
+def library(apply_fn, implementation: str, full: bool):
+    ntk = empirical_ntk_fn(apply_fn, trace_axes=() if full else (-1,), vmap_axes=0,
+                           implementation=implementation, check_finite_values=False)
+    return lambda params, x1, x2: ntk(x1, x2, params)
+
+
+def measure(fn, args, repeats: int):
+    jitted = jax.jit(fn)
+    try:
+        mem = jitted.lower(*args).compile().memory_analysis()
+        peak = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20
+    except Exception:  # memory_analysis is backend-dependent
+        peak = float("nan")
+    out = jax.block_until_ready(jitted(*args))
+    times = []
+    while len(times) < repeats and (len(times) < 1 or sum(times) < 20.0):  # slow methods: fewer runs
+        t = time.perf_counter()
+        jax.block_until_ready(jitted(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), peak, out
+
+
+def run_case(title, methods, args, repeats, reference="naive"):
+    print(f"\n{title}")
+    print(f"{'method':<12} {'median ms':>10} {'× naive':>9} {'× by-hand':>10} {'peak MiB':>9} {'max |Δ| vs naive':>17}")
+    results = {}
+    for name, fn in methods.items():
+        results[name] = measure(fn, args, repeats)
+    ref_time, _, ref_out = results[reference]
+    hand = results.get("by-hand")
+    for name, (t, peak, out) in results.items():
+        err = float(jnp.max(jnp.abs(out - ref_out)))
+        by_hand = f"{t / hand[0]:10.2f}" if hand else f"{'':>10}"
+        print(f"{name:<12} {t * 1e3:10.2f} {ref_time / t:8.1f}× {by_hand} {peak:9.1f} {err:17.2e}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}, float32")
+    print("times: median of --repeats runs of the jitted function; '× naive' = naive time / method time "
+          "(higher is faster); '× by-hand' = method time / by-hand time (lower is faster); peak = compiled "
+          "temp + output bytes")
+
+    key = jax.random.PRNGKey(0)
+    params = mlp_params(key)
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (128, 784))
+    x2 = jax.random.normal(jax.random.PRNGKey(2), (64, 784))
+    for full in (False, True):
+        methods = {
+            "naive": naive(mlp, full),
+            "by-hand": lambda p, a, b, full=full: mlp_by_hand(p, a, b, full),
+            "jacobian": library(mlp, "jacobian", full),
+            "ntvp": library(mlp, "ntvp", full),
+            "structured": library(mlp, "structured", full),
+            "auto": library(mlp, "auto", full),
+        }
+        what = "full O×O, (128, 64, 10, 10)" if full else "traced, (128, 64)"
+        run_case(f"MLP 784-512-512-10, tanh, no biases, N1=128, N2=64, {what}", methods, (params, x1, x2),
+                 args.repeats)
+
+    params = CNN.init(key)
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (32, 8, 8, 3))
+    x2 = jax.random.normal(jax.random.PRNGKey(2), (16, 8, 8, 3))
+    for full in (False, True):
+        methods = {
+            "naive": naive(CNN.apply, full),
+            "jacobian": library(CNN.apply, "jacobian", full),
+            "ntvp": library(CNN.apply, "ntvp", full),
+            "structured": library(CNN.apply, "structured", full),
+            "auto": library(CNN.apply, "auto", full),
+        }
+        what = "full O×O, (32, 16, 10, 10)" if full else "traced, (32, 16)"
+        run_case(f"CNN 8×8×3 → conv3×3(32) → conv3×3(32) → dense(10), N1=32, N2=16, {what}", methods,
+                 (params, x1, x2), args.repeats)
+
+
+if __name__ == "__main__":
+    main()
