@@ -230,20 +230,32 @@ class TrainingComparison:
     def __str__(self) -> str:
         return self.table()
 
-    def plot(self, path: Optional[Union[str, os.PathLike]] = None, *, title: Optional[str] = None, dpi: int = 120):
+    def plot(
+        self,
+        path: Optional[Union[str, os.PathLike]] = None,
+        *,
+        title: Optional[str] = None,
+        xscale: str = "linear",
+        dpi: int = 120,
+    ):
         """Loss curves and output discrepancies against time, as a matplotlib figure.
 
         Top row: training (and test) loss of every trajectory on a log scale; bottom row: RMS
-        output discrepancies between them. The x axis is ``t = k·η`` (symlog, so step 0 shows).
+        output discrepancies between them (exact zeros, e.g. at step 0, are not drawn). The x
+        axis is ``t = k·η``; on a linear x axis and a log y axis exponential decay is a straight
+        line.
 
         Args:
           path: where to save the figure (its directory is created); ``None`` only returns it.
           title: figure title; a summary of the run by default.
+          xscale: ``'linear'``, ``'log'`` or ``'symlog'`` (log-like, but shows t = 0).
           dpi: resolution of the saved file.
 
         Returns:
           The ``matplotlib.figure.Figure``. Needs matplotlib (``pip install 'ntk_adapters[plot]'``).
         """
+        if xscale not in ("linear", "log", "symlog"):
+            raise ValueError(f"xscale must be 'linear', 'log' or 'symlog'; got {xscale!r}")
         plt = _pyplot()
         has_test = bool(self.loss_test) or bool(self.discrepancy_test)
         ncols = 2 if has_test else 1
@@ -292,7 +304,11 @@ class TrainingComparison:
                 ax.legend(fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
         for ax in axes.ravel():
-            ax.set_xscale("symlog", linthresh=max(float(x[1]) if len(x) > 1 else 1.0, 1e-12))
+            if xscale == "symlog":
+                ax.set_xscale("symlog", linthresh=max(float(x[1]) if len(x) > 1 else 1.0, 1e-12))
+            else:
+                ax.set_xscale(xscale)
+            ax.set_xlim(left=float(x[0]) if xscale == "linear" else None, right=float(x[-1]))
         fig.suptitle(title if title is not None else self._header(), fontsize=10)
         fig.tight_layout()
         if path is not None:
