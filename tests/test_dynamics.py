@@ -301,9 +301,9 @@ def test_plain_function_model(data):
         return x @ p["w"]
 
     # A linear model is its own linearization, and its NTK (x xᵀ ⊗ I) is exactly per-output, so
-    # the traced kernel is exact too.
+    # the traced kernel is exact too (computed here per example, vmap_axes=0).
     r = compare_training(f, x, y, params={"w": w}, learning_rate=0.5, steps=20, eval_every=5,
-                         kernel="traced", infinite=False, progress=False)
+                         kernel="traced", vmap_axes=0, infinite=False, progress=False)
     np.testing.assert_allclose(r.outputs_train["network"], r.outputs_train["linearized"], atol=1e-12)
     k = x @ x.T
     f0 = x @ np.asarray(w)
