@@ -1,8 +1,10 @@
 """Empirical NTK implementations side by side: time and memory on an MLP and a small CNN.
 
-Not a test: prints, per model and output-axes setting, the median wall time of each method (jitted,
-after one compile-and-run), its ratio to the naive Jacobian contraction, and the compiled peak
-memory (``memory_analysis()`` of the jitted function: temporaries + outputs, in MiB).
+Not a test: prints, per model and output-axes setting, the median wall time of each method (jitted
+and compiled beforehand; ``--repeats`` runs taken round-robin across methods after a first run, or
+that single first run when it takes over 5 s), its ratio to the naive Jacobian contraction, and
+the compiled peak memory (``memory_analysis()`` of the compiled function: temporaries + outputs,
+in MiB). Also prints which implementation ``'auto'`` picks and its cost estimates.
 
 Methods:
   naive        jax.jacrev of the batched model, then one einsum over the flattened parameters
@@ -11,7 +13,7 @@ Methods:
                with vmap_axes=0 (examples are independent in both models)
 
 Run:
-  .venv/bin/python benchmarks/empirical_ntk.py            # a few minutes on 2 CPU cores
+  .venv/bin/python benchmarks/empirical_ntk.py            # about 5 minutes on 2 CPU cores, ~10 GiB RAM
   .venv/bin/python benchmarks/empirical_ntk.py --repeats 3
 """
 
@@ -25,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_adapters.axes import OutputAxes
 from ntk_adapters.empirical import empirical_ntk_fn
+from ntk_adapters.structured import structured_cost
 
 
 def mlp_params(key, widths=(784, 512, 512, 10)):
@@ -110,44 +114,57 @@ def library(apply_fn, implementation: str, full: bool):
     return lambda params, x1, x2: ntk(x1, x2, params)
 
 
-def measure(fn, args, repeats: int):
-    jitted = jax.jit(fn)
+def compile_and_run(fn, args):
+    """``(compiled, peak MiB, first-run seconds, output)``; the compile is not timed."""
+    compiled = jax.jit(fn).lower(*args).compile()
     try:
-        mem = jitted.lower(*args).compile().memory_analysis()
+        mem = compiled.memory_analysis()
         peak = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20
     except Exception:  # memory_analysis is backend-dependent
         peak = float("nan")
-    out = jax.block_until_ready(jitted(*args))
-    times = []
-    while len(times) < repeats and (len(times) < 1 or sum(times) < 20.0):  # slow methods: fewer runs
-        t = time.perf_counter()
-        jax.block_until_ready(jitted(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), peak, out
+    t = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return compiled, peak, time.perf_counter() - t, out
 
 
 def run_case(title, methods, args, repeats, reference="naive"):
+    """Time every method; fast ones round-robin (so a busy machine slows them alike), slow ones once."""
     print(f"\n{title}")
+    runs = {name: compile_and_run(fn, args) for name, fn in methods.items()}
+    times = {name: [] for name, (_, _, first, _) in runs.items() if first <= 5.0}
+    for _ in range(repeats):
+        for name in times:
+            t = time.perf_counter()
+            jax.block_until_ready(runs[name][0](*args))
+            times[name].append(time.perf_counter() - t)
+    median = {name: statistics.median(times[name]) if name in times else runs[name][2] for name in runs}
     print(f"{'method':<12} {'median ms':>10} {'× naive':>9} {'× by-hand':>10} {'peak MiB':>9} {'max |Δ| vs naive':>17}")
-    results = {}
-    for name, fn in methods.items():
-        results[name] = measure(fn, args, repeats)
-    ref_time, _, ref_out = results[reference]
-    hand = results.get("by-hand")
-    for name, (t, peak, out) in results.items():
+    ref_out = runs[reference][3]
+    for name, (_, peak, _, out) in runs.items():
         err = float(jnp.max(jnp.abs(out - ref_out)))
-        by_hand = f"{t / hand[0]:10.2f}" if hand else f"{'':>10}"
-        print(f"{name:<12} {t * 1e3:10.2f} {ref_time / t:8.1f}× {by_hand} {peak:9.1f} {err:17.2e}")
+        by_hand = f"{median[name] / median['by-hand']:10.2f}" if "by-hand" in median else f"{'':>10}"
+        runs_note = "" if name in times else "  (1 run)"
+        print(f"{name:<12} {median[name] * 1e3:10.2f} {median[reference] / median[name]:8.1f}× {by_hand} "
+              f"{peak:9.1f} {err:17.2e}{runs_note}")
+
+
+def auto_choice(apply_fn, params, x1, x2, full: bool) -> str:
+    axes = OutputAxes.make(2, () if full else (-1,), ())
+    cost = structured_cost(apply_fn, params, x1, x2, axes, 0)
+    pick = "structured" if cost["structured_flops"] < cost["jacobian_flops"] else "jacobian"
+    return (f"'auto' (vmap_axes=0) picks {pick}: estimated multiply-adds structured "
+            f"{cost['structured_flops']:.2e} vs jacobian {cost['jacobian_flops']:.2e}; "
+            f"memory {cost['structured_bytes'] / 2**20:.1f} vs {cost['jacobian_bytes'] / 2**20:.1f} MiB")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}, float32")
-    print("times: median of --repeats runs of the jitted function; '× naive' = naive time / method time "
-          "(higher is faster); '× by-hand' = method time / by-hand time (lower is faster); peak = compiled "
-          "temp + output bytes")
+    print("times: median of --repeats round-robin runs of each compiled function (a single run where the "
+          "first takes over 5 s); '× naive' = naive time / method time (higher is faster); '× by-hand' = "
+          "method time / by-hand time (lower is faster); peak = compiled temp + output bytes")
 
     key = jax.random.PRNGKey(0)
     params = mlp_params(key)
@@ -160,11 +177,11 @@ def main():
             "jacobian": library(mlp, "jacobian", full),
             "ntvp": library(mlp, "ntvp", full),
             "structured": library(mlp, "structured", full),
-            "auto": library(mlp, "auto", full),
         }
         what = "full O×O, (128, 64, 10, 10)" if full else "traced, (128, 64)"
         run_case(f"MLP 784-512-512-10, tanh, no biases, N1=128, N2=64, {what}", methods, (params, x1, x2),
                  args.repeats)
+        print(auto_choice(mlp, params, x1, x2, full))
 
     params = CNN.init(key)
     x1 = jax.random.normal(jax.random.PRNGKey(1), (32, 8, 8, 3))
@@ -175,11 +192,11 @@ def main():
             "jacobian": library(CNN.apply, "jacobian", full),
             "ntvp": library(CNN.apply, "ntvp", full),
             "structured": library(CNN.apply, "structured", full),
-            "auto": library(CNN.apply, "auto", full),
         }
         what = "full O×O, (32, 16, 10, 10)" if full else "traced, (32, 16)"
         run_case(f"CNN 8×8×3 → conv3×3(32) → conv3×3(32) → dense(10), N1=32, N2=16, {what}", methods,
                  (params, x1, x2), args.repeats)
+        print(auto_choice(CNN.apply, params, x1, x2, full))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ class _Plan:
     unused: tuple  # leaves the output does not depend on structurally
     probe_paths: tuple  # equation paths that get a probe (a site path may serve two leaves)
     call_paths: frozenset  # call equations containing a probe
+    capture: Any = None  # {path: operand positions to capture (the activations)}
 
 
 def _sub_jaxpr(eqn):
@@ -236,7 +237,8 @@ def _analyze(closed: jcore.ClosedJaxpr, n_leaves: int, active: Optional[Sequence
             fallback.append(i)
     probe_paths = tuple(sorted({s.path for s in sites}))
     call_paths = frozenset(p[:k] for p in probe_paths for k in range(1, len(p)))
-    return _Plan(tuple(sites), tuple(fallback), tuple(unused), probe_paths, call_paths)
+    capture = {p: tuple(sorted({1 - s.operand for s in sites if s.path == p})) for p in probe_paths}
+    return _Plan(tuple(sites), tuple(fallback), tuple(unused), probe_paths, call_paths, capture)
 
 
 def _interpret(jaxpr, consts, args, path, plan: _Plan, probes: dict, captured: dict):
@@ -263,7 +265,7 @@ def _interpret(jaxpr, consts, args, path, plan: _Plan, probes: dict, captured: d
                 outs = [outs]
             if here in probes:
                 outs = [outs[0] + probes[here].astype(outs[0].dtype)]
-                captured[here] = tuple(invals)
+                captured[here] = {i: invals[i] for i in plan.capture[here]}
         for v, val in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = val
@@ -572,7 +574,7 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
         closed2, plan2 = _trace(apply_fn, leaves, treedef, x2, vmap_axes)
         if [(s.leaf, s.path) for s in plan1.sites] != [(s.leaf, s.path) for s in plan2.sites]:
             # The model is structured differently for the two batch sizes: use Jacobians throughout.
-            plan1 = plan2 = _Plan((), tuple(range(len(leaves))), (), (), frozenset())
+            plan1 = plan2 = _Plan((), tuple(range(len(leaves))), (), (), frozenset(), {})
     g1, j1, c1 = _side(closed1, plan1, leaves, x1, vmap_axes)
     g2, j2, c2 = (g1, j1, c1) if same else _side(closed2, plan2, leaves, x2, vmap_axes)
     out1 = jax.eval_shape(apply_fn, params, x1).shape
