@@ -81,7 +81,7 @@ def main() -> None:
     # Standard parameterization: the NTK grows with width, so pick η relative to the largest
     # stable rate of full-batch gradient descent on the linearized network.
     # vmap_axes=0: examples are independent (no batch statistics), which makes the kernel cheap.
-    ntk_train = empirical_ntk_fn(model, vmap_axes=0)(x_train)        # (N, N), averaged over outputs
+    ntk_train = empirical_ntk_fn(model, trace_axes=(), vmap_axes=0)(x_train)     # (N, N, O, O)
     eta_max = max_learning_rate(ntk_train, y_train.size, momentum=args.momentum or 0.0)
     lr = args.lr_fraction * eta_max
 

@@ -51,7 +51,8 @@ def main() -> None:
     rows = []
     for width in args.widths:
         model = ntk_adapters.flax.adapt(MLP(width), None, x_train, key=jax.random.PRNGKey(args.seed))
-        eta_max = max_learning_rate(empirical_ntk_fn(model, vmap_axes=0)(x_train), y_train.size)
+        ntk_train = empirical_ntk_fn(model, trace_axes=(), vmap_axes=0)(x_train)  # (N, N, O, O)
+        eta_max = max_learning_rate(ntk_train, y_train.size)
         lr = args.lr_fraction * eta_max
         result = compare_training(
             model, x_train, y_train, x_test, y_test, learning_rate=lr, steps=args.steps,

@@ -68,6 +68,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import textwrap
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -259,7 +260,8 @@ class TrainingComparison:
         plt = _pyplot()
         has_test = bool(self.loss_test) or bool(self.discrepancy_test)
         ncols = 2 if has_test else 1
-        fig, axes = plt.subplots(2, ncols, figsize=(6.2 * ncols, 8.0), squeeze=False, sharex=True)
+        width_in = 6.2 * ncols + (1.4 if ncols == 1 else 0.0)
+        fig, axes = plt.subplots(2, ncols, figsize=(width_in, 8.0), squeeze=False, sharex=True)
         styles = {
             "network": dict(color="C0", lw=2.2, ls="-"),
             "linearized": dict(color="C1", lw=2.0, ls="--"),
@@ -309,7 +311,8 @@ class TrainingComparison:
             else:
                 ax.set_xscale(xscale)
             ax.set_xlim(left=float(x[0]) if xscale == "linear" else None, right=float(x[-1]))
-        fig.suptitle(title if title is not None else self._header(), fontsize=10)
+        heading = title if title is not None else self._header()
+        fig.suptitle(textwrap.fill(heading, width=int(width_in * 13)), fontsize=10)
         fig.tight_layout()
         if path is not None:
             path = os.fspath(path)
@@ -322,10 +325,6 @@ class TrainingComparison:
 
 def _pyplot():
     try:
-        import matplotlib
-
-        if not os.environ.get("MPLBACKEND") and not _interactive_backend():
-            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ImportError(
@@ -334,12 +333,6 @@ def _pyplot():
             "TrainingComparison.table() works without it."
         ) from err
     return plt
-
-
-def _interactive_backend() -> bool:
-    import sys
-
-    return "matplotlib.pyplot" in sys.modules or "IPython" in sys.modules
 
 
 def _positive(v: np.ndarray) -> np.ndarray:
