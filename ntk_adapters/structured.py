@@ -391,7 +391,9 @@ def _gram_layout(site: _Site) -> Optional[_GramLayout]:
         if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
             return None
         dn = params["dimension_numbers"]
-        lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+        rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
+        if list(rhs_spec[2:]) != sorted(rhs_spec[2:]):
+            return None  # patch extraction assumes the kernel's spatial axes in increasing order
         w_shape = _operand_shape(site)
         filter_shape = tuple(w_shape[d] for d in rhs_spec[2:])
         feature = out_spec[1]
@@ -414,11 +416,13 @@ def _apply_steps(steps, v):
     return v
 
 
-def _patches(a, layout: _GramLayout, precision=None):
+def _patches(a, layout: _GramLayout):
     filter_shape, strides, padding, lhs_dil, rhs_dil, dn = layout.patches
+    # Patches are a convolution with an identity filter: HIGHEST keeps that copy exact on
+    # accelerators whose default precision rounds operands.
     return jax.lax.conv_general_dilated_patches(
         a, filter_shape, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-        dimension_numbers=dn, precision=precision)
+        dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
 
 
 def _gram_subscripts(layout: _GramLayout, axes: OutputAxes, row_axis, a_ndim: int, y_ndim: int):

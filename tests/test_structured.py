@@ -161,16 +161,17 @@ def test_cnn_gram_and_jacobian_forms_match_the_jacobian_contraction(case, stride
 
 
 def test_strided_dilated_convolution_in_nchw_layout():
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (2, 1), ((1, 2), (0, 1)), lhs_dilation=(1, 2), rhs_dilation=(2, 1),
+                                            dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
     def f(p, x):
-        h = jax.lax.conv_general_dilated(x, p["k"], (2, 1), ((1, 2), (0, 1)), rhs_dilation=(1, 2),
-                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
-        return jnp.tanh(h).reshape(h.shape[0], -1) @ p["w"]
+        return jnp.tanh(conv(x, p["k"])).reshape(x.shape[0], -1) @ p["w"]
 
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
     x1 = jax.random.normal(k1, (3, 2, 6, 5))
     p = {"k": jax.random.normal(k2, (4, 2, 3, 2))}
-    n_feat = jax.eval_shape(lambda x: jax.lax.conv_general_dilated(
-        x, p["k"], (2, 1), ((1, 2), (0, 1)), rhs_dilation=(1, 2), dimension_numbers=("NCHW", "OIHW", "NCHW")), x1)
+    n_feat = jax.eval_shape(conv, x1, p["k"])
     p["w"] = jax.random.normal(k3, (int(np.prod(n_feat.shape[1:])), 2))
     axes = OutputAxes.make(2, (), ())
     want = reference(f, p, x1, None, axes)
@@ -251,10 +252,15 @@ def test_unfactorizable_leaves_fall_back_to_their_jacobian(xs):
 
 
 def test_scaled_and_broadcast_weights(xs):
-    """NTK parameterization (weight times a constant) and a weight broadcast over a batch dim."""
+    """NTK parameterization (weight times a constant) inside a jitted helper, and a weight
+    broadcast over a batch dimension."""
+
+    @jax.jit
+    def dense(x, w):
+        return x @ (w * 0.5)
 
     def f(p, x):
-        h = jnp.tanh(x @ (p["w1"] * 0.5) / 2.0)
+        h = jnp.tanh(dense(x, p["w1"]) / 2.0)
         hb = jnp.broadcast_to(-p["w2"], (x.shape[0],) + p["w2"].shape)
         return jnp.einsum("ni,nio->no", h, hb)
 
