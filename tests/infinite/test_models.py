@@ -9,10 +9,12 @@ from flax import linen as nn
 
 import ntk_adapters.flax as nflax
 import ntk_adapters.haiku as nhaiku
+from ntk_adapters.flax import ntk_param as flax_ntk
+from ntk_adapters.haiku import ntk_param as haiku_ntk
 from ntk_adapters.infinite import infinite_kernel_fn
 
-WIDTHS = (8, 128)
-N_NNGP, N_NTK = 1024, 8
+WIDTHS = (8, 256)
+N_NNGP, N_NTK = 2048, 16
 TOL_NNGP, TOL_NTK = 0.05, 0.08  # at the largest width: MC noise ~1-3 % plus O(1/width) bias
 
 
@@ -44,7 +46,8 @@ def check_convergence(mc, build, x, widths=WIDTHS, tol_nngp=TOL_NNGP, tol_ntk=TO
     for w in widths:
         model = build(w, x)
         k = infinite_kernel_fn(model)(x)
-        nngp, _ = mc.monte_carlo(model, x, n_samples=n_nngp, want_ntk=False, chunk=512)
+        # Compilation dominates the cost, so each estimate is one compiled call over all its samples.
+        nngp, _ = mc.monte_carlo(model, x, n_samples=n_nngp, want_ntk=False, chunk=n_nngp)
         _, ntk = mc.monte_carlo(model, x, n_samples=n_ntk, chunk=n_ntk)
         errs.append((mc.rel_err(nngp, k.nngp), mc.rel_err(ntk, k.ntk)))
     (n0, t0), (n1, t1) = errs[0], errs[-1]
@@ -59,24 +62,13 @@ def test_mlp_converges(mc, build, x_vec):
     check_convergence(mc, build, x_vec)
 
 
-class FlaxCNN(nn.Module):
-    width: int
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(self.width, (3, 3))(x))
-        x = nn.relu(nn.Conv(self.width, (3, 3), strides=2, padding="VALID")(x))
-        return nn.Dense(8)(x.reshape((x.shape[0], -1)))
-
-
-def flax_cnn_flatten(width, x):
-    return nflax.adapt(FlaxCNN(width), None, x)
-
-
 def haiku_cnn_pool(width, x):
+    """NTK-param conv (circular), LayerNorm, Haiku Conv2D, inline avg_pool, global mean."""
+
     def f(x):
-        x = jax.nn.relu(hk.Conv2D(width, 3)(x))
-        x = jax.nn.relu(hk.Conv2D(width, 3, padding="VALID")(x))
+        x = haiku_ntk.Conv2D(width, 3, padding="CIRCULAR", w_std=1.2, b_std=0.3)(x)
+        x = jax.nn.relu(hk.LayerNorm(-1, True, True)(x))
+        x = jax.nn.relu(hk.Conv2D(width, 2, padding="VALID")(x))
         x = hk.avg_pool(x, (1, 2, 2, 1), (1, 1, 1, 1), "VALID")
         return hk.Linear(8)(jnp.mean(x, axis=(1, 2)))
 
@@ -99,13 +91,8 @@ def flax_res_ln(width, x):
 
 
 @pytest.mark.slow
-def test_cnn_flatten_head_converges(mc, x_img):
-    check_convergence(mc, flax_cnn_flatten, x_img, widths=(8, 64), n_nngp=512)
-
-
-@pytest.mark.slow
 def test_cnn_global_average_pooling_converges(mc, x_img):
-    check_convergence(mc, haiku_cnn_pool, x_img, widths=(8, 64), n_nngp=512)
+    check_convergence(mc, haiku_cnn_pool, x_img[:, :5, :5], widths=(2, 64))
 
 
 @pytest.mark.slow
@@ -115,8 +102,6 @@ def test_residual_layernorm_batchnorm_converges(mc, x_vec):
 
 # Rule coverage: each model below exercises several rules on the real modules.
 
-from ntk_adapters.flax import ntk_param as flax_ntk  # noqa: E402
-from ntk_adapters.haiku import ntk_param as haiku_ntk  # noqa: E402
 
 
 class FlaxConv1D(nn.Module):
@@ -154,29 +139,11 @@ def flax_ntk_conv_pool(width, x):
     return nflax.adapt(FlaxNTKConvPool(width), None, x)
 
 
-def haiku_norm_net(width, x):
-    """Haiku NTK-param conv, LayerNorm, strided VALID conv, NTK-param Linear, Linear without bias."""
-
-    def f(x):
-        x = haiku_ntk.Conv2D(width, 3, padding="CIRCULAR", w_std=1.2, b_std=0.3)(x)
-        x = jax.nn.relu(hk.LayerNorm(-1, True, True)(x))
-        x = hk.Conv2D(width, 2, stride=2, padding="VALID")(x)
-        x = jnp.tanh(x).reshape((x.shape[0], -1))
-        return hk.Linear(8, with_bias=False)(haiku_ntk.Linear(width, w_std=1.1)(x))
-
-    return nhaiku.adapt(hk.without_apply_rng(hk.transform(f)), None, x)
-
-
 @pytest.mark.slow
 def test_conv1d_circular_dilated_ntk_dense_converges(mc, x_img):
-    check_convergence(mc, lambda w, x: flax_conv1d(w, x), x_img.reshape((3, -1, 2))[:, :8], widths=(8, 128), n_nngp=512)
+    check_convergence(mc, lambda w, x: flax_conv1d(w, x), x_img.reshape((3, -1, 2))[:, :8], widths=(2, 128))
 
 
 @pytest.mark.slow
 def test_ntk_conv_layernorm_avgpool_converges(mc, x_img):
-    check_convergence(mc, flax_ntk_conv_pool, x_img[:, :4, :4], widths=(8, 64), n_nngp=512)
-
-
-@pytest.mark.slow
-def test_haiku_ntk_conv_layernorm_converges(mc, x_img):
-    check_convergence(mc, haiku_norm_net, x_img, widths=(8, 64), n_nngp=512)
+    check_convergence(mc, flax_ntk_conv_pool, x_img[:, :4, :4], widths=(2, 64))
