@@ -292,8 +292,9 @@ def dense_kernel(
       bias_trainable: whether the layer has a bias parameter (adds 1 to the standard NTK).
     """
     nngp = weight_sigma2 * k.nngp + bias_sigma2
-    cov1 = weight_sigma2 * k.cov1 + _bias_cov(k, bias_sigma2)
-    cov2 = weight_sigma2 * k.cov2 + _bias_cov(k, bias_sigma2)
+    # The bias is shared by all positions, so in the 'full' layout it adds to every pair too.
+    cov1 = weight_sigma2 * k.cov1 + bias_sigma2
+    cov2 = weight_sigma2 * k.cov2 + bias_sigma2
     if k.ntk is None:
         ntk = None
     elif parameterization == "standard":
@@ -303,11 +304,6 @@ def dense_kernel(
     else:
         raise ValueError(f"parameterization must be 'standard' or 'ntk'; got {parameterization!r}")
     return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=True)
-
-
-def _bias_cov(k: Kernel, bias_sigma2: float):
-    # The bias is shared by all positions, so in the 'full' layout it adds to every pair too.
-    return bias_sigma2
 
 
 def channel_affine(k: Kernel, call: "ModuleCall", *, scale_param: Optional[str] = None,
@@ -663,7 +659,8 @@ class _Interpreter:
                 outs = _bind(eqn, [v.value for v in invals])
             if not eqn.primitive.multiple_results:
                 outs = [outs]
-            for var, o, src in zip(eqn.outvars, outs, itertools.repeat(invals)):
+            src = invals
+            for var, o in zip(eqn.outvars, outs):
                 scalar = None
                 if np.ndim(o) == 0:
                     scalar = o
@@ -691,14 +688,8 @@ class _Interpreter:
             jaxpr, consts = sub
             if _elementwise_jaxpr(jaxpr) and len(eqn.outvars) == 1:
                 return [self.elementwise(eqn, invals)]
-            consts = [_C(c, c if np.ndim(c) == 0 else None) for c in consts]
-            return self.run(jaxpr, [c.value for c in consts] and consts, invals) if False else \
-                self._run_sub(jaxpr, consts, invals)
+            return self.run(jaxpr, consts, invals)
         raise self.error(eqn, "this operation has no infinite-width rule")
-
-    def _run_sub(self, jaxpr, consts, invals):
-        env_consts = [c.value for c in consts]
-        return self.run(jaxpr, env_consts, invals)
 
     # -- elementwise ---------------------------------------------------------------------------
 
@@ -714,8 +705,6 @@ class _Interpreter:
         v0 = values[0]
         for c in invals:
             if isinstance(c, _C) and c.scalar is None and np.size(c.value) != 1:
-                if name == "mul" and self._channel_constant(c, v0) is not None:
-                    pass
                 raise self.error(eqn, f"an elementwise operation with a non-scalar constant of shape "
                                       f"{np.shape(c.value)} (per-unit constants make channels non-identical)")
         scalars = [None if _is_value(c) else (c.scalar if c.scalar is not None else jnp.reshape(c.value, ()))
@@ -757,9 +746,6 @@ class _Interpreter:
             phi = Phi(fn=fn)
         return dataclasses.replace(v0, phi=phi, fresh=None)
 
-    def _channel_constant(self, c, v):
-        return None
-
     def _linear_scale(self, name, invals, scalars):
         if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
             return 1.0
@@ -793,8 +779,7 @@ class _Interpreter:
         ka, kb = a.kernel, b.kernel
         if ka.layout != kb.layout:
             raise self.error(eqn, f"adds kernels of layouts {ka.layout} and {kb.layout}")
-        sign = -1.0 if eqn.primitive.name == "sub" else 1.0
-        del sign  # a - b has the same kernel as a + b for independent zero-mean branches
+        # a - b has the same kernel as a + b for independent zero-mean branches
         ntk = None if ka.ntk is None or kb.ntk is None else ka.ntk + kb.ntk
         k = ka.replace(nngp=ka.nngp + kb.nngp, ntk=ntk, cov1=ka.cov1 + kb.cov1, cov2=ka.cov2 + kb.cov2,
                        is_gaussian=ka.is_gaussian and kb.is_gaussian)
@@ -1122,6 +1107,11 @@ def infinite_kernel_fn(
         return kout
 
     compute_jit = jax.jit(compute) if jit else compute
+    if model.input_shape is not None:
+        # Interpret the model once now, so that a layer without a rule is reported here and not at
+        # the first evaluation.
+        dtype = jnp.result_type(float)
+        jax.eval_shape(compute, jax.ShapeDtypeStruct((2,) + tuple(model.input_shape), dtype), None)
 
     def kernel_fn(x1: jax.Array, x2: Optional[jax.Array] = None, get=("nngp", "ntk")):
         x1 = jnp.asarray(x1)
