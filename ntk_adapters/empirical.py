@@ -261,8 +261,11 @@ def empirical_ntk_fn(
         itemsize = jnp.result_type(*used).itemsize
         impl = _choose(implementation, n * n_out * n_params, itemsize, memory_budget)
         if implementation == "auto" and vmap_axes is not None:
-            cost = structured_cost(model.apply_fn, params, x1, x2, axes, vmap_axes, selected)
-            if cost["structured_flops"] < cost["jacobian_flops"] and cost["structured_bytes"] <= memory_budget:
+            try:
+                cost = structured_cost(model.apply_fn, params, x1, x2, axes, vmap_axes, selected)
+            except Exception:  # a model that cannot be traced on abstract shapes: keep the simpler choice
+                cost = None
+            if cost and cost["structured_flops"] < cost["jacobian_flops"] and cost["structured_bytes"] <= memory_budget:
                 impl = "structured"
         if by_layer and impl == "ntvp":
             impl = "jacobian"  # NTK-vector products do not separate the layers

@@ -50,6 +50,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from ntk_adapters.axes import OutputAxes
+from ntk_adapters.model import module_path
 
 __all__ = ["structured_contributions", "structured_cost", "factorized_leaves"]
 
@@ -116,9 +117,7 @@ class _Site:
 
     def apply(self, other, leaf_value):
         """The equation as a function of the leaf: linear (or affine) in ``leaf_value``."""
-        w = leaf_value
-        for step in self.origin.steps:
-            w = step(w)
+        w = _apply_steps(self.origin.steps, leaf_value)
         args = (other, w) if self.operand == 1 else (w, other)
         return self.primitive.bind(*args, **self.primitive.get_bind_params(dict(self.params)))
 
@@ -229,9 +228,11 @@ def _analyze(closed: jcore.ClosedJaxpr, n_leaves: int, active: Optional[Sequence
     leaf_shapes = [tuple(v.aval.shape) for v in closed.jaxpr.invars[:n_leaves]]
     sites, fallback, unused = [], [], []
     for i in active:
-        if consumed[i] == 0:
+        if bad[i]:
+            fallback.append(i)
+        elif consumed[i] == 0:
             unused.append(i)
-        elif not bad[i] and len(found[i]) == 1 and consumed[i] == chained[i] + 1:
+        elif len(found[i]) == 1 and consumed[i] == chained[i] + 1:
             sites.append(dataclasses.replace(found[i][0], leaf_shape=leaf_shapes[i]))
         else:
             fallback.append(i)
@@ -606,22 +607,33 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
 
 
 def factorized_leaves(apply_fn: Callable, params, x: jax.Array, vmap_axes: Optional[int] = None) -> dict:
-    """Which parameter leaves the structured implementation factorizes, for inspection.
+    """How the structured implementation handles each parameter leaf, for inspection.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> y``.
+      params: the parameter pytree.
+      x: an input batch ``(N, *input)`` (only its shape and dtype matter).
+      vmap_axes: as for :func:`ntk_adapters.empirical.empirical_ntk_fn`.
 
     Returns:
-      ``{leaf index: description}``, e.g. ``{0: 'dot_general (gram-capable)', 1: 'add', 2: 'jacobian'}``.
+      ``{parameter path: how}`` in ``tree_leaves`` order, ``how`` being the equation the leaf is
+      factorized at (``'dot_general'``, ``'conv_general_dilated'``, ``'add'``, ``'sub'``, ``'mul'``;
+      ``' (gram-capable)'`` appended where the Gram form applies), ``'jacobian'`` for a leaf that
+      keeps its Jacobian, or ``'unused'`` for a leaf the output does not depend on.
 
     Example::
 
       factorized_leaves(model.apply_fn, model.params, x[:2], vmap_axes=0)
+      # {'Dense_0/bias': 'add', 'Dense_0/kernel': 'dot_general (gram-capable)', ...}
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     _, plan = _trace(apply_fn, leaves, treedef, x, vmap_axes)
-    out = {i: "jacobian" for i in plan.fallback}
-    out.update({i: "unused" for i in plan.unused})
+    how = {i: "jacobian" for i in plan.fallback}
+    how.update({i: "unused" for i in plan.unused})
     for s in plan.sites:
-        out[s.leaf] = s.name + (" (gram-capable)" if _gram_layout(s) is not None else "")
-    return dict(sorted(out.items()))
+        how[s.leaf] = s.name + (" (gram-capable)" if _gram_layout(s) is not None else "")
+    paths = [module_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return {paths[i]: how[i] for i in range(len(leaves))}
 
 
 def _forward_flops(jaxpr) -> int:

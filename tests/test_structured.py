@@ -108,9 +108,8 @@ def test_mlp_matches_jacobian_and_ntvp(xs, bias):
 def test_every_leaf_of_an_mlp_is_factorized(xs):
     params = init_mlp(jax.random.PRNGKey(0))
     kinds = factorized_leaves(mlp, params, xs[0], vmap_axes=0)
-    # tree_leaves order: b1, b2, w1, w2, w3.
-    assert kinds == {0: "add", 1: "add", 2: "dot_general (gram-capable)", 3: "dot_general (gram-capable)",
-                     4: "dot_general (gram-capable)"}
+    assert kinds == {"b1": "add", "b2": "add", "w1": "dot_general (gram-capable)",
+                     "w2": "dot_general (gram-capable)", "w3": "dot_general (gram-capable)"}
 
 
 def conv_net(strides, padding, bias=True):
@@ -236,18 +235,20 @@ def test_batch_statistics_are_exact_without_vmap_axes(xs):
 
 
 def test_unfactorizable_leaves_fall_back_to_their_jacobian(xs):
-    """A weight used twice, one used through exp, and a leaf the output ignores."""
+    """A weight used twice, one used through exp, one passed straight to the output, and a leaf
+    the output ignores."""
 
     def f(p, x):
         h = jnp.tanh(x @ p["w"])
         h = jnp.tanh(h[:, :4] @ p["w"] + jnp.exp(p["log_b"]))  # w shared: used twice
-        return h @ p["out"] + 0.0 * jnp.sum(p["unused_shape"].shape[0])
+        return jnp.concatenate([h @ p["out"], jnp.broadcast_to(p["direct"], (x.shape[0], 1))], 1)
 
-    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
     p = {"w": jax.random.normal(k[0], (4, 4)), "log_b": 0.1 * jax.random.normal(k[1], (4,)),
-         "out": jax.random.normal(k[2], (4, 2)), "unused_shape": jnp.ones(3)}
+         "out": jax.random.normal(k[2], (4, 2)), "unused": jnp.ones(3), "direct": jax.random.normal(k[3], (1,))}
     kinds = factorized_leaves(f, p, xs[0], vmap_axes=0)
-    assert kinds == {0: "jacobian", 1: "dot_general (gram-capable)", 2: "unused", 3: "jacobian"}
+    assert kinds == {"direct": "jacobian", "log_b": "jacobian", "out": "dot_general (gram-capable)",
+                     "unused": "unused", "w": "jacobian"}
     agree(f, *xs, p)
 
 
@@ -266,7 +267,7 @@ def test_scaled_and_broadcast_weights(xs):
 
     k = jax.random.split(jax.random.PRNGKey(0), 2)
     p = {"w1": jax.random.normal(k[0], (4, 5)), "w2": jax.random.normal(k[1], (5, 2))}
-    assert factorized_leaves(f, p, xs[0], vmap_axes=0)[0] == "dot_general (gram-capable)"
+    assert factorized_leaves(f, p, xs[0], vmap_axes=0) == {"w1": "dot_general (gram-capable)", "w2": "dot_general"}
     agree(f, *xs, p)
 
 
