@@ -271,6 +271,24 @@ def test_scaled_and_broadcast_weights(xs):
     agree(f, *xs, p)
 
 
+def test_weight_as_left_operand_head_axes_and_scan(xs):
+    """W @ xᵀ (weight on the left), a weight with a free head axis, and a weight inside lax.scan."""
+
+    def f(p, x):
+        h = jnp.tanh((p["wl"] @ x.T).T)
+        h = jnp.einsum("nd,hdk->nhk", h, p["heads"]).reshape(x.shape[0], -1)
+        h, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ p["rnn"]), None), h, None, length=2)
+        return h @ p["out"]
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    p = {"wl": jax.random.normal(k[0], (5, 4)), "heads": jax.random.normal(k[1], (2, 5, 3)),
+         "rnn": 0.3 * jax.random.normal(k[2], (6, 6)), "out": jax.random.normal(k[3], (6, 2))}
+    assert factorized_leaves(f, p, xs[0], vmap_axes=0) == {
+        "heads": "dot_general (gram-capable)", "out": "dot_general (gram-capable)", "rnn": "jacobian",
+        "wl": "dot_general (gram-capable)"}
+    agree(f, *xs, p, cases=[((), (), 0), ((-1,), (), None)], ntvp=False)
+
+
 # --------------------------------------------------------------------------------------------
 # Flax and Haiku.
 
