@@ -24,9 +24,10 @@ Implementations (``implementation=``):
 * ``'structured'``: layer factorization (:mod:`ntk_adapters.structured`): a dense or
   convolutional weight's contribution is an activation Gram times an output-cotangent Gram, so
   its Jacobian block is never formed; leaves that cannot be factorized use their Jacobian. Fast
-  when ``vmap_axes`` declares independent examples (then per example: ``~ O`` backward passes
-  for cotangents plus ``N1·N2·(fan_in + O²·fan_out)`` per dense layer); exact but about as costly
-  as ``'jacobian'`` with ``vmap_axes=None``.
+  when ``vmap_axes`` declares independent examples (then ``~ O`` backward passes per example
+  for the cotangents plus ``N1·N2·(fan_in + O·fan_out)`` multiply-adds per dense layer, ``O²``
+  in place of ``O`` for ``trace_axes=()``); exact but about as costly as ``'jacobian'`` with
+  ``vmap_axes=None``.
 * ``'auto'`` (default): ``'structured'`` when ``vmap_axes`` is given and its multiply-add estimate
   from the shapes (:func:`ntk_adapters.structured.structured_cost`) is below ``'jacobian'``'s and
   its memory estimate fits in ``memory_budget`` bytes (default 1 GiB); otherwise ``'jacobian'``
