@@ -147,3 +147,38 @@ def test_conv1d_circular_dilated_ntk_dense_converges(mc, x_img):
 @pytest.mark.slow
 def test_ntk_conv_layernorm_avgpool_converges(mc, x_img):
     check_convergence(mc, flax_ntk_conv_pool, x_img[:, :4, :4], widths=(2, 64))
+
+
+class FlaxBN(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.width)(nn.relu(nn.Dense(self.width)(x)))
+        return nn.Dense(8)(nn.BatchNorm(use_running_average=True)(h))
+
+
+def flax_batchnorm_stats(width, x):
+    """Inference BatchNorm with non-trivial running statistics and trained-looking scale/bias."""
+    module = FlaxBN(width)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    c = jnp.arange(width)
+    stats = {"mean": 0.3 * jnp.sin(c), "var": 1.0 + 0.5 * jnp.cos(c)}
+    variables = {"params": variables["params"], "batch_stats": {"BatchNorm_0": stats}}
+    params = variables["params"]
+    params["BatchNorm_0"] = {"scale": 1.0 + 0.4 * jnp.cos(0.7 * c), "bias": 0.2 * jnp.sin(1.3 * c)}
+    model = nflax.adapt(module, variables, x)
+    init = model.init_fn
+
+    def init_fn(key, x):
+        # fresh Dense weights; the BatchNorm's (trained) scale and bias stay as they are
+        p = init(key, x)
+        return {**p, "BatchNorm_0": params["BatchNorm_0"]}
+
+    return model.replace(init_fn=init_fn, params=params)
+
+
+@pytest.mark.slow
+def test_batchnorm_inference_with_running_stats_converges(mc, x_vec):
+    # The NTK here counts the BatchNorm scale/bias as trainable (the Monte Carlo NTK differentiates them).
+    check_convergence(mc, flax_batchnorm_stats, x_vec)
