@@ -126,3 +126,17 @@ def test_weight_variance_override(xs):
     model = nflax.adapt(ReluMLP(()), None, x1)  # a single Dense layer
     k = infinite_kernel_fn(model, weight_variance={"Dense_0": 3.0}, bias_variance=0.5)(x1, get="nngp")
     np.testing.assert_allclose(k, 3.0 * x1 @ x1.T / x1.shape[1] + 0.5, rtol=1e-12)
+
+
+def test_dense_general_plain_projection_equals_dense(xs):
+    x1, x2 = xs
+
+    class A(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(3)(nn.relu(nn.DenseGeneral(16, axis=-1)(x)))
+
+    k = infinite_kernel_fn(nflax.adapt(A(), None, x1))(x1, x2)
+    nngp, ntk = arccos_mlp(x1, x2, 1, 1.0, 0.0, (16,))
+    np.testing.assert_allclose(k.nngp, nngp, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(k.ntk, ntk, rtol=1e-10, atol=1e-12)
