@@ -46,7 +46,7 @@ import numpy as np
 
 from ntk_adapters.axes import Axes, OutputAxes
 from ntk_adapters.model import Model, ModelLike, PyTree, as_model, check_array_output, check_params_match, module_path
-from ntk_adapters.outputs import Get, pack
+from ntk_adapters.outputs import Get, normalize_get, pack
 from ntk_adapters.structured import structured_contributions, structured_cost
 
 IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
@@ -86,12 +86,19 @@ def check_inputs(x1: jax.Array, x2: Optional[jax.Array]) -> None:
         )
 
 
-def _resolve_params(model: Model, params: Optional[PyTree]) -> PyTree:
+def checked_call(model: Model, x1, x2, params: Optional[PyTree], finite: bool) -> PyTree:
+    """Validate one kernel call's arguments and return the params to use (the Model's by default)."""
     if params is None:
         if model.params is None:
             raise ValueError("no params: pass params=... to the kernel function, or build a Model that holds them")
-        return model.params
-    check_params_match(model.params, params)
+        params = model.params
+    else:
+        check_params_match(model.params, params)
+    check_inputs(x1, x2)
+    if finite:
+        check_finite(x1, "x1")
+        check_finite(x2, "x2")
+        check_finite(params, "params")
     return params
 
 
@@ -244,12 +251,7 @@ def empirical_ntk_fn(
     _check_vmap_axes(vmap_axes)
 
     def ntk(x1: jax.Array, x2: Optional[jax.Array] = None, params: Optional[PyTree] = None):
-        params = _resolve_params(model, params)
-        check_inputs(x1, x2)
-        if check_finite_values:
-            check_finite(x1, "x1")
-            check_finite(x2, "x2")
-            check_finite(params, "params")
+        params = checked_call(model, x1, x2, params, check_finite_values)
         selected = None if subset is None else select_leaves(params, subset)
         paths = _leaf_paths(params)
         groups = tuple(layer_of(paths[i]) for i in (range(len(paths)) if selected is None else selected))
@@ -353,12 +355,7 @@ def empirical_nngp_fn(
     model = as_model(f)
 
     def nngp(x1: jax.Array, x2: Optional[jax.Array] = None, params: Optional[PyTree] = None):
-        params = _resolve_params(model, params)
-        check_inputs(x1, x2)
-        if check_finite_values:
-            check_finite(x1, "x1")
-            check_finite(x2, "x2")
-            check_finite(params, "params")
+        params = checked_call(model, x1, x2, params, check_finite_values)
         axes = _output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
         return _nngp_jit(model.apply_fn, axes)(params, x1, x2)
 
@@ -403,8 +400,6 @@ def empirical_kernel_fn(
                               check_finite_values=check_finite_values)
 
     def kernel(x1: jax.Array, x2: Optional[jax.Array] = None, get: Get = None, params: Optional[PyTree] = None):
-        from ntk_adapters.outputs import normalize_get
-
         names, _ = normalize_get(get)
         values = {}
         if "nngp" in names:

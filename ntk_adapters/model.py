@@ -113,19 +113,36 @@ def adapt(
         return apply_fn
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable as apply_fn(params, x); got {type(apply_fn).__name__}")
-    input_shape = output_shape = None
     if sample_x is not None:
-        input_shape = tuple(np.shape(sample_x)[1:])
-        out = jax.eval_shape(apply_fn, params, sample_x)
-        output_shape = tuple(check_array_output(out, "apply_fn").shape[1:])
+        return traced_model(apply_fn, params, sample_x, where="apply_fn", init_fn=init_fn)
+    return Model(apply_fn=apply_fn, params=params, init_fn=init_fn, module=apply_fn)
+
+
+def traced_model(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    sample_x: jax.Array,
+    *,
+    where: str,
+    init_fn: Optional[InitFn] = None,
+    framework: str = "function",
+    module: Any = None,
+    info: Optional[Mapping[str, Any]] = None,
+) -> Model:
+    """A Model whose shapes come from tracing ``apply_fn(params, sample_x)`` (nothing is computed).
+
+    ``where`` names the user's function in the error raised when it does not return one array.
+    """
+    out = check_array_output(jax.eval_shape(apply_fn, params, sample_x), where)
     return Model(
         apply_fn=apply_fn,
         params=params,
         init_fn=init_fn,
-        input_shape=input_shape,
-        output_shape=output_shape,
-        framework="function",
-        module=apply_fn,
+        input_shape=tuple(np.shape(sample_x)[1:]),
+        output_shape=tuple(out.shape[1:]),
+        framework=framework,
+        module=apply_fn if module is None else module,
+        info=dict(info or {}),
     )
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
-import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from ntk_adapters.model import Model, PyTree, check_array_output
+from ntk_adapters.model import Model, PyTree, traced_model
 from ntk_adapters.selectors import OutputSelector, describe, select_output
 
 
@@ -117,15 +116,8 @@ def adapt_linen(
         fresh = module.init({"params": key, **_stream_keys(key, rngs)}, x, method=method, **call_kwargs)
         return fresh["params"]
 
-    out = _check_call(apply_fn, params, sample_x, where)
-    return Model(
-        apply_fn=apply_fn,
-        params=params,
-        init_fn=init_fn,
-        input_shape=tuple(np.shape(sample_x)[1:]),
-        output_shape=tuple(out.shape[1:]),
-        framework="flax.linen",
-        module=module,
+    return traced_model(
+        apply_fn, params, sample_x, where=where, init_fn=init_fn, framework="flax.linen", module=module,
         info={"variables": rest, "method": method, "call_kwargs": call_kwargs, "rngs": rngs,
               "output": output, "mutable": mutable},
     )
@@ -176,15 +168,8 @@ def adapt_nnx(
             del x  # NNX modules are built from their constructor arguments, not from an input
             return nnx.to_pure_dict(nnx.split(init(nnx.Rngs(key)), nnx.Param, ...)[1])
 
-    out = _check_call(apply_fn, params, sample_x, where)
-    return Model(
-        apply_fn=apply_fn,
-        params=params,
-        init_fn=init_fn,
-        input_shape=tuple(np.shape(sample_x)[1:]),
-        output_shape=tuple(out.shape[1:]),
-        framework="flax.nnx",
-        module=module,
+    return traced_model(
+        apply_fn, params, sample_x, where=where, init_fn=init_fn, framework="flax.nnx", module=module,
         info={"graphdef": graphdef, "variables": rest, "call_kwargs": call_kwargs, "output": output},
     )
 
@@ -193,8 +178,3 @@ def _method_name(method) -> str:
     if method is None:
         return "__call__"
     return method if isinstance(method, str) else getattr(method, "__name__", repr(method))
-
-
-def _check_call(apply_fn, params, sample_x, where: str):
-    out = jax.eval_shape(apply_fn, params, sample_x)
-    return check_array_output(out, where)

@@ -7,9 +7,8 @@ from typing import Any, Optional, Union
 
 import haiku as hk
 import jax
-import numpy as np
 
-from ntk_adapters.model import Model, PyTree, check_array_output
+from ntk_adapters.model import Model, PyTree, traced_model
 from ntk_adapters.selectors import OutputSelector, describe, select_output
 
 
@@ -88,8 +87,10 @@ def adapt(
         fresh = transformed.init(key, x, **call_kwargs)
         return fresh[0] if with_state else fresh
 
+    info = {"state": state, "rng": rng, "call_kwargs": call_kwargs, "output": output, "with_state": with_state}
     try:
-        out = jax.eval_shape(apply_fn, params, sample_x)
+        return traced_model(apply_fn, params, sample_x, where=where, init_fn=init_fn, framework="haiku",
+                            module=transformed, info=info)
     except ValueError as err:
         # Haiku's MissingRNGError (a ValueError) is not part of its public API.
         if type(err).__name__ != "MissingRNGError":
@@ -99,15 +100,3 @@ def adapt(
             "given: pass rng=jax.random.PRNGKey(...) to ntk_adapters.haiku.adapt, or make it "
             "deterministic (e.g. is_training=False)"
         ) from err
-    out = check_array_output(out, where)
-    return Model(
-        apply_fn=apply_fn,
-        params=params,
-        init_fn=init_fn,
-        input_shape=tuple(np.shape(sample_x)[1:]),
-        output_shape=tuple(out.shape[1:]),
-        framework="haiku",
-        module=transformed,
-        info={"state": state, "rng": rng, "call_kwargs": call_kwargs, "output": output,
-              "with_state": with_state},
-    )
