@@ -4,8 +4,9 @@ The framework adapters live in ``ntk_adapters.flax`` and ``ntk_adapters.haiku`` 
 explicitly; everything here is framework-free.
 """
 
-from ntk_adapters import batching, predict
+from ntk_adapters import batching, dynamics, predict
 from ntk_adapters.batching import batch, kernel_regression_cg
+from ntk_adapters.dynamics import TrainingComparison, compare_training
 from ntk_adapters.empirical import empirical_kernel_fn, empirical_nngp_fn, empirical_ntk_fn
 from ntk_adapters.infinite import (
     InfiniteWidthError,
@@ -38,7 +39,10 @@ __all__ = [
     "register_primitive_rule",
     "register_elementwise_primitive",
     "register_initializer",
+    "compare_training",
+    "TrainingComparison",
     "predict",
+    "dynamics",
     "batching",
     "batch",
     "kernel_regression_cg",
