@@ -12,6 +12,7 @@ except ImportError as err:  # pragma: no cover - exercised only without flax ins
         "`pip install 'ntk_adapters[flax]'` (or `pip install flax`)."
     ) from err
 
+from ntk_adapters.flax import ntk_param
 from ntk_adapters.flax.adapter import adapt, adapt_linen, adapt_nnx
 
-__all__ = ["adapt", "adapt_linen", "adapt_nnx"]
+__all__ = ["adapt", "adapt_linen", "adapt_nnx", "ntk_param"]

@@ -8,6 +8,7 @@ except ImportError as err:  # pragma: no cover - exercised only without haiku in
         "`pip install 'ntk_adapters[haiku]'` (or `pip install dm-haiku`)."
     ) from err
 
+from ntk_adapters.haiku import ntk_param
 from ntk_adapters.haiku.adapter import adapt
 
-__all__ = ["adapt"]
+__all__ = ["adapt", "ntk_param"]
