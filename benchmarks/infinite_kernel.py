@@ -5,7 +5,7 @@ Flax model and by a jitted arc-cosine recursion written out here for the same ar
 table gives medians over repeats (after a warm-up call that compiles) and the ratio
 engine / hand-written (target ≤ 1.2×). The two results are also checked to agree.
 
-Run:  .venv/bin/python benchmarks/infinite_kernel.py [--repeats 7] [--n 1000]
+Run:  .venv/bin/python benchmarks/infinite_kernel.py [--repeats 15] [--n 1000]
 """
 
 from __future__ import annotations
@@ -108,19 +108,22 @@ def cnn_by_hand(x1, x2):
     return k, 64 * k + ntk + 1.0
 
 
-def bench(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
+def bench(engine, by_hand, repeats):
+    """Median seconds of each, timed alternately so that drift in machine load hits both alike."""
+    jax.block_until_ready(engine())
+    jax.block_until_ready(by_hand())
+    times = ([], [])
     for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        for fn, out in zip((engine, by_hand), times):
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            out.append(time.perf_counter() - t)
+    return tuple(float(np.median(t)) for t in times)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--n", type=int, default=1000, help="inputs per side for the MLP")
     ap.add_argument("--n-img", type=int, default=32, help="images per side for the CNN")
     args = ap.parse_args()
@@ -134,8 +137,8 @@ def main():
     np.testing.assert_allclose(eng.nngp, ref[0], rtol=1e-9, atol=1e-12)
     # arccos is ill-conditioned at ρ = 1 (the diagonal): ~1e-8 relative differences there
     np.testing.assert_allclose(eng.ntk, ref[1], rtol=1e-7)
-    rows.append((f"MLP 32-512-512-10, {args.n}x{args.n}", bench(lambda: kf(x, x), args.repeats),
-                 bench(lambda: mlp_by_hand(x, x), args.repeats)))
+    rows.append((f"MLP 32-512-512-10, {args.n}x{args.n}",
+                 *bench(lambda: kf(x, x), lambda: mlp_by_hand(x, x), args.repeats)))
 
     xi = jax.random.normal(jax.random.PRNGKey(1), (args.n_img, 8, 8, 3))
     model = nflax.adapt(CNN(), None, xi[:2])
@@ -146,12 +149,12 @@ def main():
     # arccos is ill-conditioned at ρ = 1 (the diagonal): ~1e-8 relative differences there
     np.testing.assert_allclose(eng.ntk, ref[1], rtol=1e-7)
     rows.append((f"CNN conv-conv-GAP-dense 8x8x3, {args.n_img}x{args.n_img}",
-                 bench(lambda: kf(xi, xi), args.repeats), bench(lambda: cnn_by_hand(xi, xi), args.repeats)))
+                 *bench(lambda: kf(xi, xi), lambda: cnn_by_hand(xi, xi), args.repeats)))
 
     print(f"{'case':44s} {'engine (ms)':>12s} {'by hand (ms)':>13s} {'ratio':>7s}")
     for name, t_eng, t_ref in rows:
         print(f"{name:44s} {1e3 * t_eng:12.2f} {1e3 * t_ref:13.2f} {t_eng / t_ref:7.2f}")
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, float64, median of {args.repeats}")
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, float64, median of {args.repeats} alternating runs")
 
 
 if __name__ == "__main__":
