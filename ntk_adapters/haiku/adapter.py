@@ -29,6 +29,7 @@ def adapt(
     rng: Optional[jax.Array] = None,
     output: OutputSelector = None,
     key: Optional[jax.Array] = None,
+    init_kwargs: Optional[dict] = None,
     **call_kwargs: Any,
 ) -> Model:
     """Turn a Haiku transformed function into a :class:`~ntk_adapters.Model` ``(params, x) -> y``.
@@ -44,6 +45,10 @@ def adapt(
         it is closed over, so every call sees the same draw.
       output: picks one array of a tuple/dict output: an index, a key or a function.
       key: PRNG key used when ``params`` is ``None`` (default ``PRNGKey(0)``).
+      init_kwargs: keyword arguments for ``transformed.init`` (default: ``call_kwargs``). Haiku's
+        BatchNorm, for one, must be initialized with ``is_training=True`` even when it is applied
+        with ``is_training=False``: ``adapt(f, params, x, state=state, is_training=False,
+        init_kwargs={'is_training': True})``.
       **call_kwargs: fixed keyword arguments of every call, e.g. ``is_training=False``.
 
     Returns:
@@ -61,10 +66,11 @@ def adapt(
             f"got {type(transformed).__name__}. For a plain function f(params, x) use ntk_adapters.adapt."
         )
     with_state = isinstance(transformed, hk.TransformedWithState)
+    init_kwargs = call_kwargs if init_kwargs is None else dict(init_kwargs)
     takes_rng = _takes_rng(transformed.apply)
     if params is None:
         key = jax.random.PRNGKey(0) if key is None else key
-        initial = transformed.init(key, sample_x, **call_kwargs)
+        initial = transformed.init(key, sample_x, **init_kwargs)
         params, initial_state = initial if with_state else (initial, None)
         if with_state and state is None:
             state = initial_state
@@ -84,7 +90,7 @@ def adapt(
         return select_output(out, output, where)
 
     def init_fn(key: jax.Array, x: jax.Array) -> PyTree:
-        fresh = transformed.init(key, x, **call_kwargs)
+        fresh = transformed.init(key, x, **init_kwargs)
         return fresh[0] if with_state else fresh
 
     info = {"state": state, "rng": rng, "call_kwargs": call_kwargs, "output": output, "with_state": with_state}

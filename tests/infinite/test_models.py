@@ -182,3 +182,35 @@ def flax_batchnorm_stats(width, x):
 def test_batchnorm_inference_with_running_stats_converges(mc, x_vec):
     # The NTK here counts the BatchNorm scale/bias as trainable (the Monte Carlo NTK differentiates them).
     check_convergence(mc, flax_batchnorm_stats, x_vec)
+
+
+def haiku_batchnorm_stats(width, x):
+    """Haiku inference BatchNorm with non-trivial running statistics and scale/offset."""
+
+    def f(x, is_training):
+        h = hk.Linear(width)(jax.nn.relu(hk.Linear(width)(x)))
+        h = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9)(h, is_training)
+        return hk.Linear(8)(h)
+
+    net = hk.without_apply_rng(hk.transform_with_state(f))
+    params, state = net.init(jax.random.PRNGKey(0), x, is_training=True)
+    c = jnp.arange(width, dtype=x.dtype).reshape(1, width)  # Haiku keeps (1, C) statistics
+    state = {
+        "batch_norm/~/mean_ema": {**state["batch_norm/~/mean_ema"], "average": 0.3 * jnp.sin(c)},
+        "batch_norm/~/var_ema": {**state["batch_norm/~/var_ema"], "average": 1.0 + 0.5 * jnp.cos(c)},
+    }
+    bn = {"scale": 1.0 + 0.4 * jnp.cos(0.7 * c), "offset": 0.2 * jnp.sin(1.3 * c)}
+    params = {**params, "batch_norm": bn}
+    model = nhaiku.adapt(net, params, x, state=state, is_training=False, init_kwargs={"is_training": True})
+    init = model.init_fn
+
+    def init_fn(key, x):
+        # fresh Linear weights; the BatchNorm's (trained) scale and offset stay as they are
+        return {**init(key, x), "batch_norm": bn}
+
+    return model.replace(init_fn=init_fn)
+
+
+@pytest.mark.slow
+def test_haiku_batchnorm_inference_with_running_stats_converges(mc, x_vec):
+    check_convergence(mc, haiku_batchnorm_stats, x_vec)
