@@ -170,7 +170,8 @@ def adapt_nnx(
 
     return traced_model(
         apply_fn, params, sample_x, where=where, init_fn=init_fn, framework="flax.nnx", module=module,
-        info={"graphdef": graphdef, "variables": rest, "call_kwargs": call_kwargs, "output": output},
+        info={"graphdef": graphdef, "variables": rest, "call_kwargs": call_kwargs, "output": output,
+              "init": init},
     )
 
 

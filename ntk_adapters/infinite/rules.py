@@ -76,7 +76,7 @@ class ModuleRule:
 _MODULE_RULES: dict[Any, ModuleRule] = {}
 PRIMITIVE_RULES: dict[str, Callable] = {}
 FRAMEWORKS: dict[str, Callable] = {}
-_FRAMEWORK_PACKAGES = {"flax.linen": "ntk_adapters.flax.rules", "flax.nnx": "ntk_adapters.flax.rules",
+_FRAMEWORK_PACKAGES = {"flax.linen": "ntk_adapters.flax.rules", "flax.nnx": "ntk_adapters.flax.nnx_rules",
                        "haiku": "ntk_adapters.haiku.rules"}
 
 ELEMENTWISE_PRIMITIVES: set[str] = {
