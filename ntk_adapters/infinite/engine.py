@@ -703,6 +703,9 @@ class _Interpreter:
             raise self.error(eqn, "combines two different input-dependent values entry by entry "
                                   "(only sums of independent branches are supported)")
         v0 = values[0]
+        positional = self._positional_scale(eqn, invals, v0)
+        if positional is not None:
+            return positional
         for c in invals:
             if isinstance(c, _C) and c.scalar is None and np.size(c.value) != 1:
                 raise self.error(eqn, f"an elementwise operation with a non-scalar constant of shape "
@@ -745,6 +748,43 @@ class _Interpreter:
         else:
             phi = Phi(fn=fn)
         return dataclasses.replace(v0, phi=phi, fresh=None)
+
+    def _positional_scale(self, eqn, invals, v0: Value) -> Optional[Value]:
+        """``x * s`` or ``x / s`` with ``s`` constant over channels but varying over positions.
+
+        Average pooling with 'SAME' padding divides each position by its own window count. Every
+        channel is scaled alike, so channels stay identically distributed and the kernel entry of
+        positions ``(p, p')`` is multiplied by ``s_p · s_p'``.
+        """
+        name = eqn.primitive.name
+        if name not in ("mul", "div") or len(invals) != 2 or v0.phi is not None or v0.flat:
+            return None
+        const = [c for c in invals if isinstance(c, _C)]
+        if len(const) != 1 or const[0].scalar is not None or np.size(const[0].value) == 1:
+            return None
+        if name == "div" and not _is_value(invals[0]):
+            return None
+        k, spatial = v0.kernel, v0.shape[:-1]
+        try:
+            s = np.broadcast_to(np.asarray(const[0].value), (1,) + tuple(v0.shape))[0]
+        except (ValueError, TypeError, jax.errors.ConcretizationTypeError):
+            return None
+        if k.layout == "none" or not spatial or not np.all(s == s[..., :1]):
+            return None
+        s = s[..., 0].astype(np.float64)
+        if name == "div":
+            s = 1.0 / s
+        if k.layout == "diagonal":
+            pair = s * s  # (*spatial), matching nngp (N1, N2, *spatial) and cov (N, *spatial)
+        else:
+            # interleaved (p1, p2) per spatial dimension: outer product s[p] s[p'] reordered
+            nd = len(spatial)
+            outer = np.multiply.outer(s, s)  # (*spatial, *spatial)
+            pair = np.transpose(outer, [i for d in range(nd) for i in (d, nd + d)])
+        pair = jnp.asarray(pair, k.nngp.dtype)
+        k = k.replace(nngp=pair * k.nngp, ntk=None if k.ntk is None else pair * k.ntk,
+                      cov1=pair * k.cov1, cov2=pair * k.cov2)
+        return dataclasses.replace(v0, kernel=k, base=next(_ids))
 
     def _linear_scale(self, name, invals, scalars):
         if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):

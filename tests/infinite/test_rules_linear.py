@@ -61,6 +61,9 @@ CASES = [
     ("conv3d_same_stride_gap", (2, 4, 4, 4, 1), lambda: nn.Conv(3, (2, 2, 2), strides=2),
      lambda h: jnp.mean(h, axis=(1, 2, 3))),
     ("conv2d_full_output", (2, 5, 5, 2), lambda: nn.Conv(3, (3, 3), padding="VALID"), lambda h: h),
+    ("conv2d_avgpool_same_without_padding_counts", (2, 5, 5, 2), lambda: nn.Conv(3, (3, 3)),
+     lambda h: nn.avg_pool(h, (3, 3), strides=(2, 2), padding="SAME", count_include_pad=False)
+     .reshape((h.shape[0], -1))),
 ]
 
 
@@ -92,6 +95,11 @@ HAIKU_CASES = [
     ("conv3d_same", (2, 4, 4, 4, 1), lambda h: jnp.sum(hk.Conv3D(3, 2)(h), axis=(1, 2, 3))),
     ("conv2d_avgpool", (2, 6, 6, 2),
      lambda h: hk.avg_pool(hk.Conv2D(3, 3)(h), (1, 2, 2, 1), (1, 2, 2, 1), "VALID").reshape((h.shape[0], -1))),
+    # 'SAME' pooling divides each position by its own window count
+    ("conv2d_avgpool_same", (2, 5, 5, 2),
+     lambda h: hk.avg_pool(hk.Conv2D(3, 3)(h), (1, 3, 3, 1), (1, 2, 2, 1), "SAME").reshape((h.shape[0], -1))),
+    ("conv2d_avgpool_same_gap", (2, 5, 5, 2),
+     lambda h: jnp.mean(hk.avg_pool(hk.Conv2D(3, 3)(h), (1, 3, 3, 1), (1, 1, 1, 1), "SAME"), axis=(1, 2))),
 ]
 
 
