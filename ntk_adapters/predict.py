@@ -378,6 +378,22 @@ def _warn_unstable(fac: _Factor, learning_rate: Optional[float], size: int, name
 # --------------------------------------------------------------------------------------------
 
 
+def _initial_outputs(layout, y_shape, dtype, fx_train_0, fx_test_0, k_test_train):
+    """Initial train/test outputs and the test kernel in the flat layout; empty test arrays when no
+    test kernel is given (one code path). Returns ``(f0, ft0, kt, m)`` with ``m`` the number of test
+    points, or ``None`` without a test kernel."""
+    f0 = layout.targets(_broadcast_outputs(fx_train_0, y_shape, dtype, "fx_train_0"))
+    if k_test_train is None:
+        if fx_test_0 is not None:
+            raise ValueError("fx_test_0 was given without k_test_train; pass the test-train kernel")
+        return f0, jnp.zeros((0, f0.shape[1]), dtype), jnp.zeros((0, f0.shape[0]), dtype), None
+    kt = _as_float(k_test_train, "k_test_train").astype(dtype)
+    m = _check_cross(kt, layout, "k_test_train")
+    ft0 = 0.0 if fx_test_0 is None else fx_test_0
+    ft0 = layout.targets(_broadcast_outputs(ft0, (m,) + layout.out_shape, dtype, "fx_test_0"))
+    return f0, ft0, layout.kernel(kt), m
+
+
 def gradient_descent_mse(
     k_train_train: ArrayLike,
     y_train: ArrayLike,
@@ -447,19 +463,8 @@ def gradient_descent_mse(
         fx_test_0: Optional[ArrayLike] = None,
         k_test_train: Optional[ArrayLike] = None,
     ):
-        f0 = layout.targets(_broadcast_outputs(fx_train_0, y.shape, dtype, "fx_train_0"))
-        test = k_test_train is not None
-        if test:
-            kt = _as_float(k_test_train, "k_test_train").astype(dtype)
-            m = _check_cross(kt, layout, "k_test_train")
-            ft0 = 0.0 if fx_test_0 is None else fx_test_0
-            ft0 = layout.targets(_broadcast_outputs(ft0, (m,) + layout.out_shape, dtype, "fx_test_0"))
-            kt = layout.kernel(kt)
-        elif fx_test_0 is not None:
-            raise ValueError("fx_test_0 was given without k_test_train; pass the test-train kernel")
-        else:  # an empty test set keeps one code path
-            kt = jnp.zeros((0, y_flat.shape[0]), dtype)
-            ft0 = jnp.zeros((0, y_flat.shape[1]), dtype)
+        f0, ft0, kt, m = _initial_outputs(layout, y.shape, dtype, fx_train_0, fx_test_0, k_test_train)
+        test = m is not None
 
         if t is None:
             train, test_out = _mse_infinite(fac, y_flat, f0, ft0, kt)
@@ -955,19 +960,8 @@ def gradient_descent(
                 "use gradient_descent_mse"
             )
         times = _times(t, dtype)
-        f0 = layout.targets(_broadcast_outputs(fx_train_0, y.shape, dtype, "fx_train_0"))
-        test = k_test_train is not None
-        if test:
-            kt = _as_float(k_test_train, "k_test_train").astype(dtype)
-            m = _check_cross(kt, layout, "k_test_train")
-            ft0 = 0.0 if fx_test_0 is None else fx_test_0
-            ft0 = layout.targets(_broadcast_outputs(ft0, (m,) + layout.out_shape, dtype, "fx_test_0"))
-            kt = layout.kernel(kt)
-        elif fx_test_0 is not None:
-            raise ValueError("fx_test_0 was given without k_test_train; pass the test-train kernel")
-        else:  # an empty test set keeps one code path
-            kt = jnp.zeros((0, k_flat.shape[0]), dtype)
-            ft0 = jnp.zeros((0, f0.shape[1]), dtype)
+        f0, ft0, kt, m = _initial_outputs(layout, y.shape, dtype, fx_train_0, fx_test_0, k_test_train)
+        test = m is not None
 
         train, test_out = integrate(times.reshape(-1), f0, ft0, kt)
         train = layout.outputs(train.reshape(times.shape + f0.shape), layout.n)
