@@ -168,12 +168,7 @@ def _dense_general(k, call):
     if tuple(a % (nd + 1) for a in axis) != (nd,) or len(feats) != 1 or tuple(m.batch_dims or ()):
         raise call.error("only DenseGeneral as a plain projection of the last axis to one feature axis "
                          "(axis=-1, integer features, no batch_dims) has a rule")
-    w = call.params["kernel"]
-    fan_in = w.shape[0]
-    s_w2 = call.weight_sigma2(m.kernel_init, w.shape, fan_in)
-    has_bias = "bias" in call.params
-    s_b2 = call.bias_sigma2(m.bias_init, call.params["bias"].shape) if has_bias else 0.0
-    return dense_kernel(k, fan_in, s_w2, s_b2, bias_trainable=has_bias)
+    return _dense(k, call)  # a plain projection has Dense's parameters and initializers
 
 
 _rules.register_rule(nn.DenseGeneral, _dense_general, linear=True, flat="average")
