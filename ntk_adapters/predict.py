@@ -378,6 +378,18 @@ def _warn_unstable(fac: _Factor, learning_rate: Optional[float], size: int, name
 # --------------------------------------------------------------------------------------------
 
 
+def _train_inputs(k_train_train, y_train):
+    """Checked training kernel and targets in one float dtype: ``(k, y, dtype, layout)``."""
+    k = _as_float(k_train_train, "k_train_train")
+    y = _as_float(y_train, "y_train")
+    dtype = jnp.result_type(k.dtype, y.dtype)
+    k, y = k.astype(dtype), y.astype(dtype)
+    layout = _train_layout(k, y, "k_train_train", "y_train")
+    _check_finite(k, "k_train_train")
+    _check_finite(y, "y_train")
+    return k, y, dtype, layout
+
+
 def _initial_outputs(layout, y_shape, dtype, fx_train_0, fx_test_0, k_test_train):
     """Initial train/test outputs and the test kernel in the flat layout; empty test arrays when no
     test kernel is given (one code path). Returns ``(f0, ft0, kt, m)`` with ``m`` the number of test
@@ -443,13 +455,7 @@ def gradient_descent_mse(
       fx_train, fx_test = predict(steps * 0.1, fx_train_0, fx_test_0, ntk_test_train)
       # fx_train: (2, N, O), fx_test: (2, M, O): after 10 and 100 steps of sgd(0.1)
     """
-    k = _as_float(k_train_train, "k_train_train")
-    y = _as_float(y_train, "y_train")
-    dtype = jnp.result_type(k.dtype, y.dtype)
-    k, y = k.astype(dtype), y.astype(dtype)
-    layout = _train_layout(k, y, "k_train_train", "y_train")
-    _check_finite(k, "k_train_train")
-    _check_finite(y, "y_train")
+    k, y, dtype, layout = _train_inputs(k_train_train, y_train)
     if learning_rate is not None and not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive (or None); got {learning_rate}")
     fac = _factor(layout.kernel(k), "k_train_train", diag_reg, diag_reg_absolute_scale)
@@ -891,13 +897,7 @@ def gradient_descent(
       predict = gradient_descent(xent, ntk_train_train, y_onehot, learning_rate=1.0)
       fx_train = predict(jnp.linspace(0., 10., 5))        # (5, N, O)
     """
-    k = _as_float(k_train_train, "k_train_train")
-    y = _as_float(y_train, "y_train")
-    dtype = jnp.result_type(k.dtype, y.dtype)
-    k, y = k.astype(dtype), y.astype(dtype)
-    layout = _train_layout(k, y, "k_train_train", "y_train")
-    _check_finite(k, "k_train_train")
-    _check_finite(y, "y_train")
+    k, y, dtype, layout = _train_inputs(k_train_train, y_train)
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive; got {learning_rate}")
     if momentum is not None and not 0 <= momentum < 1:
