@@ -8,6 +8,7 @@ from ntk_adapters import batching, dynamics, predict
 from ntk_adapters.batching import batch, kernel_regression_cg
 from ntk_adapters.dynamics import TrainingComparison, compare_training
 from ntk_adapters.empirical import empirical_kernel_fn, empirical_nngp_fn, empirical_ntk_fn
+from ntk_adapters.implementations import NtkImplementation
 from ntk_adapters.infinite import (
     InfiniteWidthError,
     Kernel,
@@ -28,6 +29,7 @@ __all__ = [
     "empirical_ntk_fn",
     "empirical_nngp_fn",
     "empirical_kernel_fn",
+    "NtkImplementation",
     "linearize",
     "taylor_expand",
     "monte_carlo_kernel_fn",

@@ -28,29 +28,38 @@ Implementations (``implementation=``):
   for the cotangents plus ``N1·N2·(fan_in + O·fan_out)`` multiply-adds per dense layer, ``O²``
   in place of ``O`` for ``trace_axes=()``); exact but about as costly as ``'jacobian'`` with
   ``vmap_axes=None``.
-* ``'auto'`` (default): ``'structured'`` when ``vmap_axes`` is given and its multiply-add estimate
+* ``'auto'`` (default): ``'structured'`` when examples are independent (``vmap_axes`` given or
+  proven by ``vmap_axes='auto'``) and its multiply-add estimate
   from the shapes (:func:`ntk_adapters.structured.structured_cost`) is below ``'jacobian'``'s and
   its memory estimate fits in ``memory_budget`` bytes (default 1 GiB); otherwise ``'jacobian'``
   when both Jacobians fit in ``memory_budget``, else ``'ntvp'``.
+
+neural-tangents' implementation numbers are accepted too: ``1`` (Jacobian contraction), ``2``
+(NTK-vector products), ``3`` (structured derivatives), ``0`` (auto), or
+:class:`ntk_adapters.NtkImplementation`.
+
+Inputs ``x1``, ``x2`` are arrays or pytrees of arrays sharing the batch axis
+(:mod:`ntk_adapters.inputs`): ``(tokens, lengths)``, ``{'image': ..., 'mask': ...}``.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ntk_adapters.axes import Axes, OutputAxes
+from ntk_adapters.implementations import Implementation, choose, implementation_name
+from ntk_adapters.implementations import ntk as _ntk_value
+from ntk_adapters.inputs import BatchAxes, check_pair, declared_vmap_axes, resolve_vmap_axes
 from ntk_adapters.model import Model, ModelLike, PyTree, as_model, check_array_output, check_params_match, module_path
 from ntk_adapters.outputs import Get, normalize_get, pack
-from ntk_adapters.structured import structured_contributions, structured_cost
 
-IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
 Subset = Union[None, str, Sequence[str], Callable[[str], bool]]
+VmapAxes = Any  # 'auto', None, an int, a pytree prefix of x, or (in_axes, out_axes, kwargs_axes)
 
 KernelFn = Callable[..., Any]
 
@@ -71,22 +80,15 @@ def check_finite(tree: PyTree, name: str) -> None:
                 where = f" at {jax.tree_util.keystr(path)}" if path else ""
                 raise ValueError(
                     f"{name}{where} contains NaN or Inf; kernels of non-finite values are meaningless. "
-                    "Clean the data, or pass check_finite=False to let NaNs propagate."
+                    "Clean the data, or pass check_finite_values=False to let NaNs propagate."
                 )
 
 
-def check_inputs(x1: jax.Array, x2: Optional[jax.Array]) -> None:
-    for name, x in (("x1", x1), ("x2", x2)):
-        if x is not None and np.ndim(x) < 1:
-            raise ValueError(f"{name} must have a batch axis: shape (N, ...); got a scalar")
-    if x2 is not None and np.shape(x1)[1:] != np.shape(x2)[1:]:
-        raise ValueError(
-            f"x1 and x2 must have the same per-example shape: x1 is {np.shape(x1)} and x2 is "
-            f"{np.shape(x2)} (batch axis first)"
-        )
+check_inputs = check_pair
 
 
-def checked_call(model: Model, x1, x2, params: Optional[PyTree], finite: bool) -> PyTree:
+def checked_call(model: Model, x1, x2, params: Optional[PyTree], finite: bool,
+                 batch: Optional[BatchAxes] = None) -> PyTree:
     """Validate one kernel call's arguments and return the params to use (the Model's by default)."""
     if params is None:
         if model.params is None:
@@ -94,7 +96,7 @@ def checked_call(model: Model, x1, x2, params: Optional[PyTree], finite: bool) -
         params = model.params
     else:
         check_params_match(model.params, params)
-    check_inputs(x1, x2)
+    check_pair(x1, x2, batch)
     if finite:
         check_finite(x1, "x1")
         check_finite(x2, "x2")
@@ -148,55 +150,6 @@ def _restricted(apply_fn, params: PyTree, selected: Optional[tuple[int, ...]]):
 
 
 # --------------------------------------------------------------------------------------------
-# The two contractions.
-
-
-def _jacobian_contributions(apply_fn, params, x1, x2, axes: OutputAxes) -> list[jax.Array]:
-    """Per-leaf NTK contributions ``J1_leaf J2_leafᵀ`` (untraced sums; divided later)."""
-    jac = jax.jacrev(apply_fn)
-    j1 = jax.tree_util.tree_leaves(jac(params, x1))
-    j2 = j1 if x2 is None else jax.tree_util.tree_leaves(jac(params, x2))
-    return _contract(j1, j2, axes)
-
-
-def _contract(j1: list[jax.Array], j2: list[jax.Array], axes: OutputAxes) -> list[jax.Array]:
-    first, second, result = axes.letters()
-    out = []
-    for leaf1, leaf2 in zip(j1, j2):
-        p = "".join(chr(ord("α") + i) for i in range(leaf1.ndim - axes.ndim))
-        out.append(jnp.einsum(f"{first}{p},{second}{p}->{result}", leaf1, leaf2))
-    return out
-
-
-def _ntvp_kernel(apply_fn, params, x1, x2, axes: OutputAxes, chunk: int) -> jax.Array:
-    x2_ = x1 if x2 is None else x2
-    f1 = lambda p: apply_fn(p, x1)
-    y2, vjp2 = jax.vjp(lambda p: apply_fn(p, x2_), params)
-    size2 = math.prod(y2.shape)
-
-    def column(i):
-        basis = jnp.zeros(size2, y2.dtype).at[i].set(1).reshape(y2.shape)
-        (tangent,) = vjp2(basis)
-        return jax.jvp(f1, (params,), (tangent,))[1]
-
-    cols = jax.lax.map(column, jnp.arange(size2), batch_size=min(chunk, size2))  # (size2, *y1)
-    y1_shape = cols.shape[1:]
-    cols = cols.reshape(y2.shape + y1_shape)
-    nd = axes.ndim
-    # (*y2, *y1) -> interleaved (a1, a2, b1, b2, ...), then trace/diagonal.
-    perm = [k for a in range(nd) for k in (nd + a, a)]
-    return axes.reduce_full(jnp.transpose(cols, perm))
-
-
-def _choose(implementation: str, n_entries: int, itemsize: int, memory_budget: float) -> str:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r}; choose one of {IMPLEMENTATIONS}")
-    if implementation != "auto":
-        return implementation
-    return "jacobian" if n_entries * itemsize <= memory_budget else "ntvp"
-
-
-# --------------------------------------------------------------------------------------------
 # Public kernel functions.
 
 
@@ -205,8 +158,8 @@ def empirical_ntk_fn(
     *,
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
-    vmap_axes: Optional[int] = None,
-    implementation: str = "auto",
+    vmap_axes: VmapAxes = "auto",
+    implementation: Implementation = "auto",
     subset: Subset = None,
     by_layer: bool = False,
     memory_budget: float = 2**30,
@@ -218,13 +171,18 @@ def empirical_ntk_fn(
     Args:
       f: a :class:`~ntk_adapters.Model` or a function ``f(params, x) -> y``.
       trace_axes: output axes to contract and average (default: the last, i.e. the outputs).
+        The batch axis 0 cannot be traced.
       diagonal_axes: output axes to keep once (only equal indices paired).
-      vmap_axes: ``None`` (default) differentiates the whole batch at once, exact for any model;
-        an int ``a`` declares that examples are independent along input axis ``a`` and output
-        axis ``a`` (no batch statistics), so the Jacobian is taken one example at a time, which
-        is much cheaper for large batches.
-      implementation: ``'jacobian'``, ``'ntvp'``, ``'structured'`` or ``'auto'`` (see module
-        docstring).
+      vmap_axes: where independent examples sit, so that Jacobians can be taken one example at a
+        time (much cheaper for large batches). ``'auto'`` (default) reads the traced program and
+        takes the per-example path along axis 0 exactly when no operation combines examples
+        (batch statistics, reductions over the batch, ...), else differentiates the whole batch.
+        ``None`` always differentiates the whole batch (exact for any model; neural-tangents'
+        default). An int, a pytree prefix of ``x`` (``(0, None)``: the second input is shared by
+        every example) or neural-tangents' triple ``(in_axes, out_axes, {})`` declares the axes;
+        it is refused, naming the operation and the layer, when examples provably interact.
+      implementation: ``'jacobian'``, ``'ntvp'``, ``'structured'`` or ``'auto'`` (see the module
+        docstring), or neural-tangents' numbers ``0``-``3`` / :class:`NtkImplementation`.
       subset: only differentiate the parameters whose module path (``'Dense_2'``,
         ``'mlp/~/linear_1'``) equals or starts with one of these strings, or for which this
         predicate of the parameter path (``'Dense_2/kernel'``) is true. E.g. ``subset='Dense_2'``
@@ -237,9 +195,10 @@ def empirical_ntk_fn(
 
     Returns:
       ``ntk(x1, x2=None, params=None)`` with ``x1`` ``(N1, *input)``, ``x2`` ``(N2, *input)``
-      (``None`` means ``x1``) and ``params`` defaulting to the Model's. Output shape: ``(N1, N2)``
-      for outputs ``(N, O)`` and the default ``trace_axes``; ``(N1, N2, O, O)`` with
-      ``trace_axes=()``; ``(N1, N2, O)`` with ``trace_axes=(), diagonal_axes=(-1,)``.
+      (``None`` means ``x1``), each an array or a pytree of arrays sharing the batch axis, and
+      ``params`` defaulting to the Model's. Output shape: ``(N1, N2)`` for outputs ``(N, O)`` and the
+      default ``trace_axes``; ``(N1, N2, O, O)`` with ``trace_axes=()``; ``(N1, N2, O)`` with
+      ``trace_axes=(), diagonal_axes=(-1,)``.
 
     Example::
 
@@ -248,86 +207,47 @@ def empirical_ntk_fn(
       ntk(x_test, x_train).shape       # (M, N)
     """
     model = as_model(f)
-    _check_vmap_axes(vmap_axes)
+    impl_name = implementation_name(implementation)
+    declared = declared_vmap_axes(vmap_axes)
 
-    def ntk(x1: jax.Array, x2: Optional[jax.Array] = None, params: Optional[PyTree] = None):
-        params = checked_call(model, x1, x2, params, check_finite_values)
+    def ntk(x1: PyTree, x2: Optional[PyTree] = None, params: Optional[PyTree] = None):
+        params = checked_call(model, x1, x2, params, check_finite_values, declared)
         selected = None if subset is None else select_leaves(params, subset)
         paths = _leaf_paths(params)
         groups = tuple(layer_of(paths[i]) for i in (range(len(paths)) if selected is None else selected))
-        axes = _output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
-        leaves = jax.tree_util.tree_leaves(params)
-        used = leaves if selected is None else [leaves[i] for i in selected]
-        n_out = math.prod(jax.eval_shape(model.apply_fn, params, x1[:1]).shape[1:])
-        n_params = sum(math.prod(np.shape(p)) for p in used)
-        n = np.shape(x1)[0] + (0 if x2 is None else np.shape(x2)[0])
-        itemsize = jnp.result_type(*used).itemsize
-        impl = _choose(implementation, n * n_out * n_params, itemsize, memory_budget)
-        if implementation == "auto" and vmap_axes is not None:
-            try:
-                cost = structured_cost(model.apply_fn, params, x1, x2, axes, vmap_axes, selected)
-            except Exception:  # a model that cannot be traced on abstract shapes: keep the simpler choice
-                cost = None
-            if cost and cost["structured_flops"] < cost["jacobian_flops"] and cost["structured_bytes"] <= memory_budget:
-                impl = "structured"
+        axes = output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
+        batch = resolve_vmap_axes(model.replace(params=params), x1, vmap_axes)
+        impl = choose(impl_name, model.apply_fn, params, x1, x2, axes, batch, selected, memory_budget)
         if by_layer and impl == "ntvp":
             impl = "jacobian"  # NTK-vector products do not separate the layers
-        compute = _ntk_jit(model.apply_fn, axes, impl, vmap_axes, ntvp_chunk, selected, groups if by_layer else None)
+        compute = _ntk_jit(model.apply_fn, axes, impl, batch, ntvp_chunk, selected, groups if by_layer else None)
         return compute(params, x1, x2)
 
     return ntk
 
 
-def _check_vmap_axes(vmap_axes) -> None:
-    if vmap_axes is not None and (not isinstance(vmap_axes, int) or isinstance(vmap_axes, bool)):
-        raise TypeError(f"vmap_axes must be None or an int batch axis; got {vmap_axes!r}")
-
-
-def _output_axes(apply_fn, params, x1, x2, trace_axes, diagonal_axes) -> OutputAxes:
+def output_axes(apply_fn, params, x1, x2, trace_axes, diagonal_axes) -> OutputAxes:
+    """The resolved output axes for this model on these inputs (shapes checked)."""
     y1 = check_array_output(jax.eval_shape(apply_fn, params, x1), "the model")
     y2 = y1 if x2 is None else check_array_output(jax.eval_shape(apply_fn, params, x2), "the model")
     axes = OutputAxes.make(len(y1.shape), trace_axes, diagonal_axes)
+    if len(y1.shape) == 1 and 0 in axes.trace:
+        # Only the batch axis is left: tracing it would silently turn the kernel into a scalar.
+        raise ValueError(
+            f"the model returns one value per example, shape {tuple(y1.shape)}, so trace_axes={trace_axes!r} "
+            "would trace the batch axis; pass trace_axes=() for an (N1, N2) kernel, or return shape (N, 1)"
+        )
     axes.check_shapes(y1.shape, y2.shape)
     return axes
 
 
 @functools.lru_cache(maxsize=256)
-def _ntk_jit(apply_fn, axes: OutputAxes, impl: str, vmap_axes, chunk: int, selected, groups):
+def _ntk_jit(apply_fn, axes: OutputAxes, impl: str, batch: Optional[BatchAxes], chunk: int, selected, groups):
     def compute(params, x1, x2):
         g, sub = _restricted(apply_fn, params, selected)
-        if impl == "ntvp":
-            return _ntvp_kernel(g, sub, x1, x2, axes, chunk)
-        if impl == "structured":
-            parts = structured_contributions(g, sub, x1, x2, axes, vmap_axes)
-        elif vmap_axes is None:
-            parts = _jacobian_contributions(g, sub, x1, x2, axes)
-        else:
-            parts = _vmapped_jacobian(g, sub, x1, x2, axes, vmap_axes)
-        return _combine(parts, groups, axes, jax.eval_shape(g, sub, x1).shape)
+        return _ntk_value(g, sub, x1, x2, axes, impl, batch, chunk, groups)
 
     return jax.jit(compute)
-
-
-def _combine(parts, groups, axes: OutputAxes, out_shape):
-    scale = axes.trace_size(out_shape)
-    if groups is None:
-        return sum(parts) / scale
-    out: dict[str, jax.Array] = {}
-    for g, part in zip(groups, parts):
-        out[g] = out.get(g, 0) + part / scale
-    return out
-
-
-def _vmapped_jacobian(apply_fn, params, x1, x2, axes: OutputAxes, batch_axis: int) -> list[jax.Array]:
-    """Per-leaf contributions from per-example Jacobians (examples independent along batch_axis)."""
-
-    def single(p, x):
-        return jnp.squeeze(apply_fn(p, jnp.expand_dims(x, batch_axis)), batch_axis)
-
-    jac = jax.vmap(jax.jacrev(single), in_axes=(None, batch_axis), out_axes=batch_axis)
-    j1 = jax.tree_util.tree_leaves(jac(params, x1))
-    j2 = j1 if x2 is None else jax.tree_util.tree_leaves(jac(params, x2))
-    return _contract(j1, j2, axes)
 
 
 def empirical_nngp_fn(
@@ -354,9 +274,9 @@ def empirical_nngp_fn(
     """
     model = as_model(f)
 
-    def nngp(x1: jax.Array, x2: Optional[jax.Array] = None, params: Optional[PyTree] = None):
+    def nngp(x1: PyTree, x2: Optional[PyTree] = None, params: Optional[PyTree] = None):
         params = checked_call(model, x1, x2, params, check_finite_values)
-        axes = _output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
+        axes = output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
         return _nngp_jit(model.apply_fn, axes)(params, x1, x2)
 
     return nngp
@@ -377,12 +297,13 @@ def empirical_kernel_fn(
     *,
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
-    vmap_axes: Optional[int] = None,
-    implementation: str = "auto",
+    vmap_axes: VmapAxes = "auto",
+    implementation: Implementation = "auto",
     subset: Subset = None,
+    memory_budget: float = 2**30,
     check_finite_values: bool = True,
 ) -> KernelFn:
-    """Empirical NNGP and NTK behind one function.
+    """Empirical NNGP and NTK behind one function (arguments as :func:`empirical_ntk_fn`).
 
     Returns:
       ``kernel(x1, x2=None, get=('nngp', 'ntk'), params=None)``: an array for ``get='ntk'`` or
@@ -396,10 +317,10 @@ def empirical_kernel_fn(
     nngp_fn = empirical_nngp_fn(f, trace_axes=trace_axes, diagonal_axes=diagonal_axes,
                                 check_finite_values=check_finite_values)
     ntk_fn = empirical_ntk_fn(f, trace_axes=trace_axes, diagonal_axes=diagonal_axes, vmap_axes=vmap_axes,
-                              implementation=implementation, subset=subset,
+                              implementation=implementation, subset=subset, memory_budget=memory_budget,
                               check_finite_values=check_finite_values)
 
-    def kernel(x1: jax.Array, x2: Optional[jax.Array] = None, get: Get = None, params: Optional[PyTree] = None):
+    def kernel(x1: PyTree, x2: Optional[PyTree] = None, get: Get = None, params: Optional[PyTree] = None):
         names, _ = normalize_get(get)
         values = {}
         if "nngp" in names:

@@ -5,7 +5,8 @@ trainable parameters it was adapted with and, when known, a way to draw fresh on
 adapters (``ntk_adapters.flax``, ``ntk_adapters.haiku``) build Models; everything else in the
 library consumes them and never imports a framework.
 
-Shapes: ``x`` carries the batch on axis 0, ``(N, *input_shape)``; ``y`` is an array
+Shapes: ``x`` carries the batch on axis 0, ``(N, *input_shape)``: an array, or a pytree (tuple,
+dict) of arrays sharing that axis, such as ``(tokens, lengths)``; ``y`` is an array
 ``(N, *output_shape)``.
 """
 
@@ -34,12 +35,15 @@ class Model:
       params: the trainable parameters only (a pytree of arrays).
       init_fn: ``init_fn(key, x) -> params`` drawing fresh parameters with the same structure as
         ``params`` from the model's own initializers, or ``None`` when the adapter cannot.
-      input_shape: the per-example input shape seen when adapting, or ``None``.
+      input_shape: the per-example input shape seen when adapting (a pytree of shapes for pytree
+        inputs), or ``None``.
       output_shape: the per-example output shape seen when adapting, or ``None``.
       framework: ``'flax.linen'``, ``'flax.nnx'``, ``'haiku'`` or ``'function'``.
       module: the user's object (linen Module, NNX graph definition, ``hk.Transformed``, or the
         function), for tools that inspect the architecture.
       info: adapter-specific details (other variable collections, call kwargs, the method, ...).
+      input_spec: per-example ``jax.ShapeDtypeStruct`` of the input seen when adapting (a pytree
+        like ``x``; integer dtypes kept), or ``None``.
 
     A Model is callable: ``model(params, x)`` is ``model.apply_fn(params, x)``.
 
@@ -57,6 +61,7 @@ class Model:
     framework: str = "function"
     module: Any = None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    input_spec: Any = None
 
     def __call__(self, params: PyTree, x: jax.Array, **kwargs: Any) -> jax.Array:
         return self.apply_fn(params, x, **kwargs)
@@ -70,7 +75,8 @@ class Model:
 
         Args:
           key: a PRNG key.
-          x: an input batch ``(N, *input_shape)``; defaults to zeros of the adapted input shape.
+          x: an input batch ``(N, *input_shape)``; defaults to one zero example of the adapted
+            input's shapes and dtypes.
         """
         if self.init_fn is None:
             raise ValueError(
@@ -79,9 +85,9 @@ class Model:
                 "ntk_adapters.flax / ntk_adapters.haiku which know its initializers"
             )
         if x is None:
-            if self.input_shape is None:
+            if self.input_spec is None:
                 raise ValueError("Model.init needs x: the model does not record its input shape")
-            x = jnp.zeros((1,) + tuple(self.input_shape))
+            x = jax.tree_util.tree_map(lambda s: jnp.zeros((1,) + tuple(s.shape), s.dtype), self.input_spec)
         return self.init_fn(key, x)
 
 
@@ -98,7 +104,8 @@ def adapt(
     """Wrap a plain ``f(params, x) -> y`` as a :class:`Model`.
 
     Args:
-      apply_fn: ``f(params, x, **kwargs)`` returning an array ``(N, *output_shape)``.
+      apply_fn: ``f(params, x, **kwargs)`` returning an array ``(N, *output_shape)``; ``x`` is an
+        array or a pytree of arrays sharing the batch axis.
       params: the trainable parameters.
       sample_x: optional input batch ``(N, *input_shape)``; when given, the output is checked to
         be an array and the shapes are recorded.
@@ -111,6 +118,7 @@ def adapt(
     """
     if isinstance(apply_fn, Model):
         return apply_fn
+    _refuse_framework_object(apply_fn)
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable as apply_fn(params, x); got {type(apply_fn).__name__}")
     if sample_x is not None:
@@ -133,17 +141,38 @@ def traced_model(
 
     ``where`` names the user's function in the error raised when it does not return one array.
     """
+    from ntk_adapters.inputs import example_spec, num_examples
+
+    num_examples(sample_x, "sample_x")
     out = check_array_output(jax.eval_shape(apply_fn, params, sample_x), where)
+    per_example = example_spec(sample_x)
+    shapes = jax.tree_util.tree_map(lambda s: tuple(s.shape), per_example)
     return Model(
         apply_fn=apply_fn,
         params=params,
         init_fn=init_fn,
-        input_shape=tuple(np.shape(sample_x)[1:]),
+        input_shape=shapes,
+        input_spec=per_example,
         output_shape=tuple(out.shape[1:]),
         framework=framework,
         module=apply_fn if module is None else module,
         info=dict(info or {}),
     )
+
+
+def _refuse_framework_object(obj: Any) -> None:
+    """Point users who pass a Flax module or Haiku transform to the adapter that knows it."""
+    modules = {getattr(c, "__module__", "") or "" for c in type(obj).__mro__}
+    if any(m.startswith(("flax.linen", "flax.nnx", "flax.core")) for m in modules):
+        raise TypeError(
+            f"ntk_adapters.adapt got a Flax module ({type(obj).__name__}); Flax modules are adapted with "
+            "ntk_adapters.flax.adapt(module, variables, sample_x) (variables=None for NNX modules)"
+        )
+    if any(m.startswith("haiku") for m in modules):
+        raise TypeError(
+            f"ntk_adapters.adapt got a Haiku {type(obj).__name__}; transformed functions are adapted with "
+            "ntk_adapters.haiku.adapt(transformed, params, sample_x)"
+        )
 
 
 def as_model(f: ModelLike, params: Optional[PyTree] = None) -> Model:
@@ -152,6 +181,7 @@ def as_model(f: ModelLike, params: Optional[PyTree] = None) -> Model:
         if params is not None:
             return f.replace(params=params)
         return f
+    _refuse_framework_object(f)
     if callable(f):
         return Model(apply_fn=f, params=params, framework="function", module=f)
     raise TypeError(

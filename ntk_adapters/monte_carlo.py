@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_adapters.axes import Axes, OutputAxes
-from ntk_adapters.empirical import _contract, _jacobian_contributions, check_finite, check_inputs
-from ntk_adapters.model import Model, as_model, check_array_output
+from ntk_adapters.empirical import VmapAxes, check_finite, output_axes
+from ntk_adapters.implementations import Implementation, choose, implementation_name
+from ntk_adapters.implementations import ntk as _ntk_value
+from ntk_adapters.inputs import BatchAxes, check_pair, declared_vmap_axes, resolve_vmap_axes
+from ntk_adapters.model import Model, as_model
 from ntk_adapters.outputs import Get, normalize_get, pack
 
 
@@ -24,13 +27,19 @@ def monte_carlo_kernel_fn(
     get: Get = ("nngp", "ntk"),
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
-    vmap_axes: Optional[int] = None,
+    vmap_axes: VmapAxes = "auto",
+    implementation: Implementation = "auto",
+    memory_budget: float = 2**30,
+    ntvp_chunk: int = 256,
+    check_finite_values: bool = True,
 ) -> Callable[..., Any]:
     """Average empirical NNGP and NTK over fresh initializations of a model.
 
     Each sample draws parameters with ``model.init_fn`` (the model's own initializers) and
-    evaluates the empirical kernels of :mod:`ntk_adapters.empirical`; the estimates converge to
-    the infinite-width kernels as width and ``n_samples`` grow (standard error ``∝ 1/√n``).
+    evaluates the empirical kernels of :mod:`ntk_adapters.empirical` with the same implementation
+    choice as :func:`ntk_adapters.empirical_ntk_fn` (structured derivatives wherever examples are
+    independent and that is cheaper); the estimates converge to the infinite-width kernels as
+    width and ``n_samples`` grow (standard error ``∝ 1/√n``).
 
     Args:
       model: a :class:`~ntk_adapters.Model` with an ``init_fn`` (the Flax and Haiku adapters
@@ -41,12 +50,15 @@ def monte_carlo_kernel_fn(
         dict ``{count: estimate}`` of running means (a convergence curve at the cost of the
         largest count).
       batch_size: initializations evaluated together (``jax.vmap``); trades memory for speed.
+        ``'auto'`` implementations are chosen so that ``batch_size`` samples fit in
+        ``memory_budget``.
       get: default kernels to return, ``'nngp'``, ``'ntk'`` or a tuple.
-      trace_axes, diagonal_axes, vmap_axes: as for :func:`ntk_adapters.empirical_ntk_fn`.
+      trace_axes, diagonal_axes, vmap_axes, implementation, memory_budget, ntvp_chunk,
+      check_finite_values: as for :func:`ntk_adapters.empirical_ntk_fn`.
 
     Returns:
-      ``kernel_fn(x1, x2=None, get=None)``; shapes as the empirical kernels, ``(N1, N2)`` by
-      default.
+      ``kernel_fn(x1, x2=None, get=None)``; ``x1``, ``x2`` arrays or pytrees of arrays sharing the
+      batch axis; shapes as the empirical kernels, ``(N1, N2)`` by default.
 
     Example::
 
@@ -65,19 +77,24 @@ def monte_carlo_kernel_fn(
         raise ValueError(f"n_samples must be a positive int or an increasing list of them; got {n_samples!r}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive; got {batch_size}")
+    impl_name = implementation_name(implementation)
+    declared = declared_vmap_axes(vmap_axes)
     default_get = get
 
-    def kernel_fn(x1: jax.Array, x2: Optional[jax.Array] = None, get: Get = None):
+    def kernel_fn(x1: Any, x2: Optional[Any] = None, get: Get = None):
         get = default_get if get is None else get
         names, _ = normalize_get(get)
-        check_inputs(x1, x2)
-        check_finite(x1, "x1")
-        check_finite(x2, "x2")
-        y = check_array_output(jax.eval_shape(model.apply_fn, model.params, x1), "the model")
-        axes = OutputAxes.make(len(y.shape), trace_axes, diagonal_axes)
-        if x2 is not None:
-            axes.check_shapes(y.shape, jax.eval_shape(model.apply_fn, model.params, x2).shape)
-        chunk = _chunk_fn(model.init_fn, model.apply_fn, axes, names, vmap_axes)
+        check_pair(x1, x2, declared)
+        if check_finite_values:
+            check_finite(x1, "x1")
+            check_finite(x2, "x2")
+        axes = output_axes(model.apply_fn, model.params, x1, x2, trace_axes, diagonal_axes)
+        batch = resolve_vmap_axes(model, x1, vmap_axes)
+        impl = "jacobian"
+        if "ntk" in names:
+            impl = choose(impl_name, model.apply_fn, model.params, x1, x2, axes, batch, None,
+                          memory_budget / batch_size)
+        chunk = _chunk_fn(model.init_fn, model.apply_fn, axes, names, impl, batch, ntvp_chunk)
         totals = None
         done = 0
         results = {}
@@ -95,24 +112,19 @@ def monte_carlo_kernel_fn(
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_fn(init_fn, apply_fn, axes: OutputAxes, names: tuple[str, ...], vmap_axes):
+def _chunk_fn(init_fn, apply_fn, axes: OutputAxes, names: tuple[str, ...], impl: str,
+              batch: Optional[BatchAxes], ntvp_chunk: int):
     """Sum of empirical kernels over a batch of init keys (jitted once per shape)."""
-    from ntk_adapters.empirical import _vmapped_jacobian
 
     def one(key, x1, x2):
         params = init_fn(key, x1)
         out = {}
-        y1 = apply_fn(params, x1)
-        scale = axes.trace_size(y1.shape)
         if "nngp" in names:
+            y1 = apply_fn(params, x1)
             y2 = y1 if x2 is None else apply_fn(params, x2)
             out["nngp"] = axes.outer(y1, y2)
         if "ntk" in names:
-            if vmap_axes is None:
-                parts = _jacobian_contributions(apply_fn, params, x1, x2, axes)
-            else:
-                parts = _vmapped_jacobian(apply_fn, params, x1, x2, axes, vmap_axes)
-            out["ntk"] = sum(parts) / scale
+            out["ntk"] = _ntk_value(apply_fn, params, x1, x2, axes, impl, batch, ntvp_chunk)
         return out
 
     def chunk(keys, x1, x2):

@@ -50,6 +50,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from ntk_adapters.axes import OutputAxes
+from ntk_adapters.inputs import BatchAxes, hashable_spec, parse_vmap_axes, spec
 from ntk_adapters.model import module_path
 
 __all__ = ["structured_contributions", "structured_cost", "factorized_leaves"]
@@ -273,22 +274,29 @@ def _interpret(jaxpr, consts, args, path, plan: _Plan, probes: dict, captured: d
     return [read(v) for v in jaxpr.outvars]
 
 
-def _flat_fn(apply_fn, treedef, vmap_axes):
+def _batch_axes(vmap_axes) -> Optional[BatchAxes]:
+    return vmap_axes if vmap_axes is None or isinstance(vmap_axes, BatchAxes) else parse_vmap_axes(vmap_axes)
+
+
+def _out_axis(batch: Optional[BatchAxes]) -> Optional[int]:
+    return None if batch is None else batch.out_axis
+
+
+def _flat_fn(apply_fn, treedef, batch: Optional[BatchAxes]):
     def flat(leaves, x):
         params = jax.tree_util.tree_unflatten(treedef, list(leaves))
-        if vmap_axes is None:
+        if batch is None:
             return apply_fn(params, x)
-        return jnp.squeeze(apply_fn(params, jnp.expand_dims(x, vmap_axes)), vmap_axes)
+        return batch.squeeze_out(apply_fn(params, batch.expand(x)))
 
     return flat
 
 
-def _trace(apply_fn, leaves, treedef, x, vmap_axes):
-    """``(closed jaxpr, plan)`` of the model on ``x`` (one example when ``vmap_axes`` is set)."""
-    shape = np.shape(x) if vmap_axes is None else tuple(np.delete(np.shape(x), vmap_axes))
-    sample = jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(x))
+def _trace(apply_fn, leaves, treedef, x, batch: Optional[BatchAxes]):
+    """``(closed jaxpr, plan)`` of the model on ``x`` (one example when ``batch`` is set)."""
+    sample = spec(x) if batch is None else batch.example(x)
     leaf_specs = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for l in leaves]
-    closed = jax.make_jaxpr(_flat_fn(apply_fn, treedef, vmap_axes))(leaf_specs, sample)
+    closed = jax.make_jaxpr(_flat_fn(apply_fn, treedef, batch))(leaf_specs, sample)
     return closed, _analyze(closed, len(leaves))
 
 
@@ -296,7 +304,7 @@ def _trace(apply_fn, leaves, treedef, x, vmap_axes):
 # Cotangents and activations.
 
 
-def _side(closed, plan: _Plan, leaves, x, vmap_axes):
+def _side(closed, plan: _Plan, leaves, x, batch: Optional[BatchAxes]):
     """Probe cotangents ``g[path]``, captured operands and fallback Jacobians for one input batch.
 
     Shapes (``out`` the full output shape with the batch axis where the model puts it):
@@ -312,7 +320,7 @@ def _side(closed, plan: _Plan, leaves, x, vmap_axes):
         for i, leaf in zip(plan.fallback, fb_leaves):
             full[i] = leaf
         captured = {}
-        (out,) = _interpret(closed.jaxpr, closed.consts, full + [x_], (), plan, probes, captured)
+        (out,) = _interpret(closed.jaxpr, closed.consts, full + jax.tree_util.tree_leaves(x_), (), plan, probes, captured)
         return out, captured
 
     def one(x_):
@@ -320,10 +328,10 @@ def _side(closed, plan: _Plan, leaves, x, vmap_axes):
         (g, jfb), captured = jax.jacrev(run, argnums=(0, 1), has_aux=True)(probes, fb, x_)
         return g, jfb, captured
 
-    if vmap_axes is None:
+    if batch is None:
         return one(x)
-    g, jfb, captured = jax.vmap(one, in_axes=vmap_axes)(x)
-    move = lambda t: jnp.moveaxis(t, 0, vmap_axes)
+    g, jfb, captured = jax.vmap(one, in_axes=(batch.in_axes,))(x)
+    move = lambda t: jnp.moveaxis(t, 0, batch.out_axis)
     return jax.tree_util.tree_map(move, g), jax.tree_util.tree_map(move, jfb), captured
 
 
@@ -472,7 +480,7 @@ class _Form:
     elements: int
 
 
-def _choose_form(site: _Site, axes: OutputAxes, vmap_axes, out1, out2, prefer: str = "auto") -> _Form:
+def _choose_form(site: _Site, axes: OutputAxes, row_axis, out1, out2, prefer: str = "auto") -> _Form:
     """The Gram form or the per-example Jacobian form of a site, whichever needs fewer multiply-adds.
 
     Gram: ``Σ_i a1 a2`` over the contracted activation axes, ``Σ_j g1 g2`` over the weight's output
@@ -494,8 +502,8 @@ def _choose_form(site: _Site, axes: OutputAxes, vmap_axes, out1, out2, prefer: s
     jac = _Form("jacobian", None, None, n_out * y_size * contract + pair * leaf_size, n_out * leaf_size)
     if layout is None:
         return jac
-    rows = (lambda o: (o[vmap_axes],)) if vmap_axes is not None else (lambda o: ())
-    subs = _gram_subscripts(layout, axes, vmap_axes, len(a_shape), len(site.out_shape))
+    rows = (lambda o: (o[row_axis],)) if row_axis is not None else (lambda o: ())
+    subs = _gram_subscripts(layout, axes, row_axis, len(a_shape), len(site.out_shape))
     shapes = (rows(out1) + a_shape, rows(out2) + a_shape, out1 + site.out_shape, out2 + site.out_shape)
     sizes = _letter_sizes(subs["a"][:2] + subs["g"][:2], shapes)
     flops = (_size(subs["a"][:2], shapes[:2]) + _size(subs["g"][:2], shapes[2:])
@@ -507,7 +515,7 @@ def _choose_form(site: _Site, axes: OutputAxes, vmap_axes, out1, out2, prefer: s
     return gram if gram.flops < jac.flops else jac
 
 
-def _site_jacobian(site: _Site, leaf_value, a, g, out_shape, vmap_axes):
+def _site_jacobian(site: _Site, leaf_value, a, g, out_shape, row_axis):
     """Per-output Jacobian ``(*out, *leaf)`` of one factorized leaf from its operand and cotangents."""
     y_shape = site.out_shape
 
@@ -515,20 +523,20 @@ def _site_jacobian(site: _Site, leaf_value, a, g, out_shape, vmap_axes):
         _, pull = jax.vjp(lambda w: site.apply(a_row, w), leaf_value)
         return jax.vmap(lambda c: pull(c.astype(site.out_dtype))[0])(g_rows)
 
-    if vmap_axes is None:
+    if row_axis is None:
         j = per_row(a, g.reshape((-1,) + y_shape))
         return j.reshape(tuple(out_shape) + site.leaf_shape)
-    n = out_shape[vmap_axes]
-    g_rows = jnp.moveaxis(g, vmap_axes, 0).reshape((n, -1) + y_shape)
+    n = out_shape[row_axis]
+    g_rows = jnp.moveaxis(g, row_axis, 0).reshape((n, -1) + y_shape)
     j = jax.vmap(per_row)(a, g_rows)
-    rest = tuple(np.delete(out_shape, vmap_axes))
-    return jnp.moveaxis(j.reshape((n,) + rest + site.leaf_shape), 0, vmap_axes)
+    rest = tuple(np.delete(out_shape, row_axis))
+    return jnp.moveaxis(j.reshape((n,) + rest + site.leaf_shape), 0, row_axis)
 
 
-def _gram_contribution(site, layout, subs, a1, a2, g1, g2, vmap_axes, same):
+def _gram_contribution(site, layout, subs, a1, a2, g1, g2, row_axis, same):
     if layout.patches is not None:
         patch = lambda a: _patches(a, layout)
-        if vmap_axes is not None:
+        if row_axis is not None:
             patch = jax.vmap(patch)
         a1 = patch(a1)
         a2 = a1 if same else patch(a2)
@@ -553,9 +561,12 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
     Args:
       apply_fn: ``apply_fn(params, x) -> y`` with ``y`` of shape ``(N, *O)``.
       params: the parameter pytree.
-      x1: ``(N1, *input)``; x2: ``(N2, *input)`` or ``None`` for ``x1``.
+      x1: ``(N1, *input)``, an array or a pytree of arrays; x2: the same with ``N2`` rows, or
+        ``None`` for ``x1``.
       axes: the resolved output axes (:class:`ntk_adapters.axes.OutputAxes`).
-      vmap_axes: ``None`` (exact for any model) or the batch axis of independent examples.
+      vmap_axes: ``None`` (exact for any model), or where independent examples sit: an int, a
+        pytree prefix of ``x``, the triple ``(in_axes, out_axes, {})`` or a
+        :class:`ntk_adapters.inputs.BatchAxes`.
       form: ``'auto'`` takes, per leaf, the cheaper of the Gram form and the Jacobian form;
         ``'gram'`` or ``'jacobian'`` force one wherever the Gram form applies (for checking).
 
@@ -570,18 +581,20 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
     """
     if form not in ("auto", "gram", "jacobian"):
         raise ValueError(f"form={form!r}; choose 'auto', 'gram' or 'jacobian'")
+    batch = _batch_axes(vmap_axes)
+    row_axis = _out_axis(batch)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    closed1, plan1 = _trace(apply_fn, leaves, treedef, x1, vmap_axes)
+    closed1, plan1 = _trace(apply_fn, leaves, treedef, x1, batch)
     same = x2 is None
-    if same or vmap_axes is not None:
+    if same or batch is not None:
         closed2, plan2 = closed1, plan1
     else:
-        closed2, plan2 = _trace(apply_fn, leaves, treedef, x2, vmap_axes)
+        closed2, plan2 = _trace(apply_fn, leaves, treedef, x2, batch)
         if [(s.leaf, s.path) for s in plan1.sites] != [(s.leaf, s.path) for s in plan2.sites]:
             # The model is structured differently for the two batch sizes: use Jacobians throughout.
             plan1 = plan2 = _Plan((), tuple(range(len(leaves))), (), (), frozenset(), {})
-    g1, j1, c1 = _side(closed1, plan1, leaves, x1, vmap_axes)
-    g2, j2, c2 = (g1, j1, c1) if same else _side(closed2, plan2, leaves, x2, vmap_axes)
+    g1, j1, c1 = _side(closed1, plan1, leaves, x1, batch)
+    g2, j2, c2 = (g1, j1, c1) if same else _side(closed2, plan2, leaves, x2, batch)
     out1 = jax.eval_shape(apply_fn, params, x1).shape
     out2 = out1 if same else jax.eval_shape(apply_fn, params, x2).shape
 
@@ -591,13 +604,13 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
     for s1, s2 in zip(plan1.sites, plan2.sites):
         a1 = c1[s1.path][1 - s1.operand]
         a2 = c2[s2.path][1 - s2.operand]
-        chosen = _choose_form(s1, axes, vmap_axes, out1, out2, form)
+        chosen = _choose_form(s1, axes, row_axis, out1, out2, form)
         if chosen.kind == "gram":
             parts[s1.leaf] = _gram_contribution(s1, chosen.layout, chosen.subs, a1, a2, g1[s1.path], g2[s2.path],
-                                                vmap_axes, same)
+                                                row_axis, same)
         else:
-            jac1 = _site_jacobian(s1, leaves[s1.leaf], a1, g1[s1.path], out1, vmap_axes)
-            jac2 = jac1 if same else _site_jacobian(s2, leaves[s2.leaf], a2, g2[s2.path], out2, vmap_axes)
+            jac1 = _site_jacobian(s1, leaves[s1.leaf], a1, g1[s1.path], out1, row_axis)
+            jac2 = jac1 if same else _site_jacobian(s2, leaves[s2.leaf], a2, g2[s2.path], out2, row_axis)
             parts[s1.leaf] = _contract(jac1, jac2, axes)
     shape = axes.result_shape(out1, out2)
     dtype = jnp.result_type(*leaves)
@@ -627,7 +640,7 @@ def factorized_leaves(apply_fn: Callable, params, x: jax.Array, vmap_axes: Optio
       # {'Dense_0/bias': 'add', 'Dense_0/kernel': 'dot_general (gram-capable)', ...}
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    _, plan = _trace(apply_fn, leaves, treedef, x, vmap_axes)
+    _, plan = _trace(apply_fn, leaves, treedef, x, _batch_axes(vmap_axes))
     how = {i: "jacobian" for i in plan.fallback}
     how.update({i: "unused" for i in plan.unused})
     for s in plan.sites:
@@ -673,21 +686,26 @@ def structured_cost(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.
       cost = structured_cost(model.apply_fn, model.params, x1, x2, OutputAxes.make(2, (-1,), ()), 0)
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    spec = lambda a: (tuple(np.shape(a)), str(jnp.result_type(a)))
-    return dict(_cost(apply_fn, treedef, tuple(spec(l) for l in leaves), spec(x1), None if x2 is None else spec(x2),
-                      axes, vmap_axes, None if selected is None else tuple(selected)))
+    leaf_spec = lambda a: (tuple(np.shape(a)), str(jnp.result_type(a)))
+    return dict(_cost(apply_fn, treedef, tuple(leaf_spec(l) for l in leaves), hashable_spec(x1),
+                      None if x2 is None else hashable_spec(x2), axes, _batch_axes(vmap_axes),
+                      None if selected is None else tuple(selected)))
+
+
+def _from_hashable(key):
+    treedef, leaf_specs = key
+    return jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaf_specs])
 
 
 @functools.lru_cache(maxsize=256)
-def _cost(apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, vmap_axes, selected) -> tuple:
+def _cost(apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, batch: Optional[BatchAxes], selected) -> tuple:
     leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaf_specs]
     params = jax.tree_util.tree_unflatten(treedef, leaves)
-    x1 = jax.ShapeDtypeStruct(*x1_spec)
-    x2 = None if x2_spec is None else jax.ShapeDtypeStruct(*x2_spec)
-    shape = x1.shape if vmap_axes is None else tuple(np.delete(x1.shape, vmap_axes))
-    closed = jax.make_jaxpr(_flat_fn(apply_fn, treedef, vmap_axes))(leaves, jax.ShapeDtypeStruct(shape, x1.dtype))
-    plan = _analyze(closed, len(leaves), selected)
+    x1 = _from_hashable(x1_spec)
+    x2 = None if x2_spec is None else _from_hashable(x2_spec)
+    closed, plan = _trace(apply_fn, leaves, treedef, x1, batch)
     if selected is not None:
+        plan = _analyze(closed, len(leaves), selected)
         leaves = [leaves[i] for i in selected]
     out1 = tuple(jax.eval_shape(apply_fn, params, x1).shape)
     out2 = out1 if x2 is None else tuple(jax.eval_shape(apply_fn, params, x2).shape)
@@ -705,7 +723,7 @@ def _cost(apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, vmap_axes, sele
     s_bytes = entries * sum(sizes[i] for i in plan.fallback) * itemsize
     s_bytes += entries * sum(math.prod(s.out_shape) for s in plan.sites) * itemsize
     for s in plan.sites:
-        form = _choose_form(s, axes, vmap_axes, out1, out2)
+        form = _choose_form(s, axes, _out_axis(batch), out1, out2)
         s_flops += form.flops
         s_bytes += form.elements * itemsize
     return tuple(dict(structured_flops=int(s_flops), jacobian_flops=int(jac_flops),

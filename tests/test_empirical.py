@@ -212,7 +212,7 @@ class TestBadInput:
         x[0, 0] = np.nan
         # Differentiating the whole batch at once, 0 * NaN in the backward pass reaches every entry;
         # per-example Jacobians (vmap_axes=0) confine it to the row and column of the bad example.
-        whole_batch = empirical_ntk_fn(mlp, check_finite_values=False)(x, None, mlp_params)
+        whole_batch = empirical_ntk_fn(mlp, vmap_axes=None, check_finite_values=False)(x, None, mlp_params)
         assert np.isnan(whole_batch).all()
         per_example = empirical_ntk_fn(mlp, vmap_axes=0, check_finite_values=False)(x, None, mlp_params)
         assert np.isnan(per_example[0]).all() and np.isnan(per_example[:, 0]).all()

@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import ntk_adapters.flax
 import ntk_adapters.haiku
-from ntk_adapters import empirical
+from ntk_adapters import implementations
 from ntk_adapters.axes import OutputAxes
 from ntk_adapters.empirical import empirical_ntk_fn
 from ntk_adapters.structured import factorized_leaves, structured_contributions, structured_cost
@@ -64,7 +64,7 @@ def contributions(f, p, x1, x2, axes, vmap_axes, form):
 
 
 def reference(f, p, x1, x2, axes):
-    return jax.jit(lambda p, a, b: empirical._jacobian_contributions(f, p, a, b, axes))(p, x1, x2)
+    return jax.jit(lambda p, a, b: implementations.jacobian_contributions(f, p, a, b, axes))(p, x1, x2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,11 +227,15 @@ def test_batch_statistics_are_exact_without_vmap_axes(xs):
     p = init_mlp(jax.random.PRNGKey(0), widths=(4, 6, 3), bias=False)
     agree(f, *xs, p, cases=[((), (), None), ((-1,), (), None)])
     agree(f, xs[0], None, p, cases=[((), (-1,), None)], ntvp=False)
-    # With vmap_axes=0 every implementation treats examples as independent, so they agree with
-    # each other but not with the true kernel: the declaration matters.
-    true = empirical_ntk_fn(f, implementation="jacobian")(*xs, p)
-    declared = empirical_ntk_fn(f, vmap_axes=0, implementation="structured")(*xs, p)
-    assert not np.allclose(true, declared)
+    # Per-example derivatives treat examples as independent and get a different kernel, so
+    # declaring vmap_axes=0 on this model is refused, and 'auto' differentiates the whole batch.
+    true = empirical_ntk_fn(f, vmap_axes=None, implementation="jacobian")(*xs, p)
+    axes = OutputAxes.make(2, (-1,), ())
+    per_example = sum(structured_contributions(f, p, *xs, axes, 0)) / 3
+    assert not np.allclose(true, per_example)
+    with pytest.raises(ValueError, match="reduce_sum"):
+        empirical_ntk_fn(f, vmap_axes=0, implementation="structured")(*xs, p)
+    np.testing.assert_allclose(empirical_ntk_fn(f)(*xs, p), true, rtol=1e-10, atol=1e-12)
 
 
 def test_unfactorizable_leaves_fall_back_to_their_jacobian(xs):
@@ -380,13 +384,13 @@ def test_haiku_convnet_with_batchnorm_state():
 
 def test_auto_picks_structured_for_a_wide_mlp_with_vmap_axes(monkeypatch):
     calls = []
-    real = empirical.structured_contributions
+    real = implementations.structured_contributions
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(empirical, "structured_contributions", spy)
+    monkeypatch.setattr(implementations, "structured_contributions", spy)
     f = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]  # a fresh function: nothing cached
     p = init_mlp(jax.random.PRNGKey(0), widths=(64, 128, 4), bias=False)
     x = jax.random.normal(jax.random.PRNGKey(1), (16, 64))
