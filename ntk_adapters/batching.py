@@ -72,6 +72,22 @@ def _num_rows(x: Any, name: str) -> int:
     return n
 
 
+def _refuse_coupled(kernel_fn: Callable, x: Any) -> None:
+    """Tiles of a kernel whose model mixes examples are not blocks of the whole kernel: refuse.
+
+    The library's kernel functions carry ``batch_coupling(x)``; other functions are trusted.
+    """
+    probe = getattr(kernel_fn, "batch_coupling", None)
+    coupling = None if probe is None else probe(x)
+    if coupling is not None and coupling.certain:
+        raise ValueError(
+            f"batch cannot tile this kernel: {coupling.message().rstrip('.')}. The kernel of such a "
+            "model depends on the whole batch, so its tiles are not blocks of it. Evaluate it untiled, "
+            "or adapt the model in a mode where examples are independent (e.g. BatchNorm with running "
+            "averages)"
+        )
+
+
 def _as_tiles(x: Any, n_tiles: int, tile: int) -> Any:
     """Pad the example axis to ``n_tiles * tile`` rows and reshape to ``(n_tiles, tile, ...)``.
 
@@ -280,6 +296,7 @@ def batch(
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def batched(x1: Any, x2: Any = None, **kwargs) -> Any:
+        _refuse_coupled(kernel_fn, x1)
         n1 = _num_rows(x1, "x1")
         same = x2 is None
         n2 = n1 if same else _num_rows(x2, "x2")

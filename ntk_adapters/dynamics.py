@@ -70,7 +70,7 @@ import math
 import os
 import textwrap
 import warnings
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +78,9 @@ import numpy as np
 import optax
 
 from ntk_adapters import predict as _predict
-from ntk_adapters.empirical import empirical_ntk_fn
+from ntk_adapters.empirical import VmapAxes, empirical_ntk_fn
+from ntk_adapters.implementations import Implementation
+from ntk_adapters.inputs import as_arrays, check_pair, concatenate, num_examples, rows
 from ntk_adapters.linearize import linearize
 from ntk_adapters.model import Model, ModelLike, PyTree, as_model, check_params_match
 
@@ -387,7 +389,7 @@ def _make_chunk(
 
     def chunk(states, params0, x_train, y_train, x_test, key, start, length):
         fns = (apply_fn, linearize(apply_fn, params0))
-        n = x_train.shape[0]
+        n = num_examples(x_train, "x_train")
 
         def step(states, k):
             if batch_size is None:
@@ -396,7 +398,7 @@ def _make_chunk(
                 # Batches drawn from the step index (not a carried key) do not depend on how the
                 # run is chunked, and both models see the same ones.
                 idx = jax.random.choice(jax.random.fold_in(key, k), n, (batch_size,), replace=False)
-                xb, yb = x_train[idx], y_train[idx]
+                xb, yb = rows(x_train, idx), y_train[idx]
             new = []
             for f, (params, opt_state) in zip(fns, states):
                 grads = jax.grad(lambda p: mse_loss(f(p, xb), yb))(params)
@@ -439,6 +441,7 @@ def _prediction(
     times: np.ndarray,
     learning_rate: float,
     momentum: Optional[float],
+    diag_reg: float = 0.0,
 ) -> tuple[np.ndarray, Optional[np.ndarray], list[str]]:
     """Outputs at ``times`` of gradient flow (heavy-ball ODE with momentum) from ``f0``."""
     t = jnp.asarray(times, dtype=k_tt.dtype)
@@ -448,7 +451,7 @@ def _prediction(
         if momentum:
             fn = _predict.gradient_descent(mse_loss, k_tt, y_train, learning_rate, momentum=momentum)
         else:
-            fn = _predict.gradient_descent_mse(k_tt, y_train, learning_rate)
+            fn = _predict.gradient_descent_mse(k_tt, y_train, learning_rate, diag_reg=diag_reg)
         if k_st is None:
             train, test = fn(t, f0_train), None
         else:
@@ -457,24 +460,24 @@ def _prediction(
     return np.asarray(train), (None if test is None else np.asarray(test)), messages
 
 
-def _infinite_kernels(model: Model, x_train: jax.Array, x_test: Optional[jax.Array]):
+def _infinite_kernels(model: Model, x_train: Any, x_test: Optional[Any]):
     from ntk_adapters.infinite import infinite_kernel_fn  # optional engine; absent is fine
 
     kernel_fn = infinite_kernel_fn(model)
     return _train_and_test_kernels(lambda a, b: kernel_fn(a, b, get="ntk"), x_train, x_test)
 
 
-def _train_and_test_kernels(kernel_fn, x_train: jax.Array, x_test: Optional[jax.Array]):
+def _train_and_test_kernels(kernel_fn, x_train: Any, x_test: Optional[Any]):
     """``(k(x_train, x_train), k(x_test, x_train))``.
 
     When the test set is not much larger than the training set both blocks come from one call
     on the stacked inputs: one compilation instead of two, for a little extra arithmetic.
     """
-    n = x_train.shape[0]
+    n = num_examples(x_train, "x_train")
     if x_test is None:
         return kernel_fn(x_train, None), None
-    if x_test.shape[0] <= 2 * n:
-        k = kernel_fn(jnp.concatenate([x_train, x_test]), None)
+    if num_examples(x_test, "x_test") <= 2 * n:
+        k = kernel_fn(concatenate(x_train, x_test), None)
         return k[:n, :n], k[n:, :n]
     return kernel_fn(x_train, None), kernel_fn(x_test, x_train)
 
@@ -499,9 +502,12 @@ def compare_training(
     batch_size: Optional[int] = None,
     key: Optional[jax.Array] = None,
     params: Optional[PyTree] = None,
-    kernel: str = "auto",
-    vmap_axes: Optional[int] = None,
-    infinite: Union[bool, str] = "auto",
+    kernel: Literal["auto", "full", "traced"] = "auto",
+    implementation: Implementation = "auto",
+    vmap_axes: VmapAxes = "auto",
+    diag_reg: float = 0.0,
+    memory_budget: float = 2**30,
+    infinite: Union[bool, Literal["auto"]] = "auto",
     progress: bool = True,
 ) -> TrainingComparison:
     """Train a model and its linearization with optax; compare with the NTK predictions.
@@ -513,10 +519,11 @@ def compare_training(
       model: a :class:`~ntk_adapters.Model` (from ``ntk_adapters.flax.adapt``,
         ``ntk_adapters.haiku.adapt`` or ``ntk_adapters.adapt``) or a function
         ``f(params, x) -> y`` together with ``params``.
-      x_train: training inputs ``(N, *input_shape)``.
+      x_train: training inputs ``(N, *input_shape)``: an array or a pytree of arrays sharing the
+        batch axis (``(tokens, lengths)``).
       y_train: targets ``(N, *out)``, the model's output shape.
-      x_test: optional test inputs ``(M, *input_shape)``: outputs and discrepancies are reported
-        on them too.
+      x_test: optional test inputs ``(M, *input_shape)``, structured like ``x_train``: outputs and
+        discrepancies are reported on them too.
       y_test: optional test targets ``(M, *out)`` for test losses.
       steps: number of optimizer steps.
       learning_rate: ``η`` of ``optax.sgd``; needed for the predictions and the time axis.
@@ -533,10 +540,13 @@ def compare_training(
         ``model.init(key)``.
       kernel: ``'full'``, ``'traced'`` or ``'auto'``: which empirical NTK the ``'ntk'``
         prediction uses (module docstring).
-      vmap_axes: passed to :func:`ntk_adapters.empirical.empirical_ntk_fn`: ``0`` declares that
-        examples are independent along axis 0 (no batch statistics), which lets the empirical
-        NTK be computed per example and by layer factorization, much faster for MLPs and CNNs;
-        ``None`` (default) is exact for any model.
+      implementation, vmap_axes, memory_budget: how the empirical NTK is computed, as for
+        :func:`ntk_adapters.empirical_ntk_fn`. The default ``vmap_axes='auto'`` computes it per
+        example (and by layer factorization where cheaper) whenever the traced model proves that
+        examples do not interact; ``None`` differentiates the whole batch, exact for any model.
+      diag_reg: ridge ``diag_reg · mean(diag Θ)`` added to the training NTK of both closed-form
+        predictions (as :func:`ntk_adapters.predict.gradient_descent_mse`); ``0`` (default) is
+        plain gradient flow. Not available with ``momentum`` (the ODE predictor has none).
       infinite: ``True`` requires the infinite-width prediction (errors propagate), ``False``
         skips it, ``'auto'`` computes it when ``ntk_adapters.infinite`` supports the model and
         otherwise records why not in ``notes``.
@@ -568,6 +578,13 @@ def compare_training(
         raise ValueError(f"kernel must be 'auto', 'full' or 'traced'; got {kernel!r}")
     if infinite not in (True, False, "auto"):
         raise ValueError(f"infinite must be True, False or 'auto'; got {infinite!r}")
+    if not diag_reg >= 0:
+        raise ValueError(f"diag_reg must be non-negative; got {diag_reg!r}")
+    if diag_reg and momentum:
+        raise ValueError(
+            "diag_reg applies to the closed-form MSE prediction; the momentum prediction integrates an ODE "
+            "without a ridge term: pass diag_reg=0 or momentum=None"
+        )
 
     if optimizer is not None:
         if learning_rate is not None or momentum is not None:
@@ -592,28 +609,28 @@ def compare_training(
         optimizer = optax.sgd(learning_rate, momentum=momentum)
         learning_rate = float(learning_rate)
 
-    x_train = jnp.asarray(x_train)
+    x_train = as_arrays(x_train)
+    n = num_examples(x_train, "x_train")
     out = jax.eval_shape(model.apply_fn, params0, x_train)
     dtype = out.dtype
     y_train = jnp.asarray(y_train, dtype=dtype)
     if tuple(y_train.shape) != tuple(out.shape):
         raise ValueError(
-            f"y_train has shape {tuple(y_train.shape)} but the model maps x_train {tuple(x_train.shape)} "
+            f"y_train has shape {tuple(y_train.shape)} but the model maps x_train {_shapes(x_train)} "
             f"to outputs {tuple(out.shape)}; targets must match the outputs (one-hot encode labels, "
             "add a trailing axis for a single output)"
         )
-    n = x_train.shape[0]
     if x_test is not None:
-        x_test = jnp.asarray(x_test)
-        if x_test.shape[1:] != x_train.shape[1:]:
-            raise ValueError(
-                f"x_test has per-example shape {tuple(x_test.shape[1:])}, x_train {tuple(x_train.shape[1:])}; they must agree"
-            )
+        x_test = as_arrays(x_test)
+        try:
+            check_pair(x_train, x_test)
+        except ValueError as err:
+            raise ValueError(f"x_test must be structured like x_train: {str(err).replace('x1', 'x_train').replace('x2', 'x_test')}") from None
     if y_test is not None:
         if x_test is None:
             raise ValueError("y_test was given without x_test")
         y_test = jnp.asarray(y_test, dtype=dtype)
-        want = (x_test.shape[0],) + tuple(out.shape[1:])
+        want = (num_examples(x_test, "x_test"),) + tuple(out.shape[1:])
         if tuple(y_test.shape) != want:
             raise ValueError(f"y_test must have shape {want} (the model's outputs on x_test); got {tuple(y_test.shape)}")
     if batch_size is not None:
@@ -670,7 +687,8 @@ def compare_training(
             kernel_used = "traced"
             notes.append("outputs are not (N, O): the per-output (traced) empirical NTK was used")
         ntk_fn = empirical_ntk_fn(
-            model, trace_axes=() if kernel_used == "full" else (-1,), vmap_axes=vmap_axes
+            model, trace_axes=() if kernel_used == "full" else (-1,), vmap_axes=vmap_axes,
+            implementation=implementation, memory_budget=memory_budget,
         )
         k_tt, k_st = _train_and_test_kernels(lambda a, b: ntk_fn(a, b, params0), x_train, x_test)
         eta_max = _predict.max_learning_rate(k_tt, n * n_out, momentum=momentum or 0.0)
@@ -681,7 +699,7 @@ def compare_training(
                 "while gradient flow does not"
             )
         pred_train, pred_test, messages = _prediction(
-            k_tt, k_st, y_train, f0_train, f0_test, times, learning_rate, momentum
+            k_tt, k_st, y_train, f0_train, f0_test, times, learning_rate, momentum, diag_reg
         )
         notes.extend(f"empirical NTK: {m}" for m in messages)
         outputs_train["ntk"] = pred_train
@@ -692,7 +710,7 @@ def compare_training(
             try:
                 i_tt, i_st = _infinite_kernels(model, x_train, x_test)
                 i_train, i_test, messages = _prediction(
-                    i_tt, i_st, y_train, f0_train, f0_test, times, learning_rate, momentum
+                    i_tt, i_st, y_train, f0_train, f0_test, times, learning_rate, momentum, diag_reg
                 )
             except Exception as err:  # noqa: BLE001 - 'auto' reports any failure instead of raising
                 if infinite is True:
@@ -738,6 +756,10 @@ def compare_training(
         max_learning_rate=eta_max,
         notes=notes,
     )
+
+
+def _shapes(x: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), x)
 
 
 def _first_line(err: BaseException) -> str:

@@ -54,7 +54,7 @@ import numpy as np
 from ntk_adapters.axes import Axes, OutputAxes
 from ntk_adapters.implementations import Implementation, choose, implementation_name
 from ntk_adapters.implementations import ntk as _ntk_value
-from ntk_adapters.inputs import BatchAxes, check_pair, declared_vmap_axes, resolve_vmap_axes
+from ntk_adapters.inputs import BatchAxes, batch_coupling, check_pair, declared_vmap_axes, resolve_vmap_axes
 from ntk_adapters.model import Model, ModelLike, PyTree, as_model, check_array_output, check_params_match, module_path
 from ntk_adapters.outputs import Get, normalize_get, pack
 
@@ -223,6 +223,7 @@ def empirical_ntk_fn(
         compute = _ntk_jit(model.apply_fn, axes, impl, batch, ntvp_chunk, selected, groups if by_layer else None)
         return compute(params, x1, x2)
 
+    ntk.batch_coupling = functools.partial(batch_coupling, model)
     return ntk
 
 
@@ -279,6 +280,7 @@ def empirical_nngp_fn(
         axes = output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
         return _nngp_jit(model.apply_fn, axes)(params, x1, x2)
 
+    nngp.batch_coupling = functools.partial(batch_coupling, model)
     return nngp
 
 
@@ -329,4 +331,5 @@ def empirical_kernel_fn(
             values["ntk"] = ntk_fn(x1, x2, params)
         return pack(get, values)
 
+    kernel.batch_coupling = ntk_fn.batch_coupling
     return kernel

@@ -295,9 +295,8 @@ def resolve_vmap_axes(model, x: PyTree, vmap_axes: Any, name: str = "vmap_axes")
     if declared is None and vmap_axes is None:
         return None
     batch = BatchAxes.of(0, 0) if declared is None else declared
-    x_key = hashable_spec(x)
     try:
-        coupling = _coupling(_ByFunction(model, x), x_key, batch)
+        coupling = _coupling(_ByFunction(model, x), hashable_spec(x), batch)
     except Exception:  # noqa: BLE001 - a program the analysis cannot trace proves nothing
         coupling = _Unproven()
     if coupling is None:
@@ -313,4 +312,20 @@ def resolve_vmap_axes(model, x: PyTree, vmap_axes: Any, name: str = "vmap_axes")
 
 
 class _Unproven:
+    """What an analysis that failed to run proves: nothing."""
+
     certain = False
+
+    def message(self) -> str:
+        return "the traced program could not be analysed for interactions between examples"
+
+
+def batch_coupling(model, x: PyTree):
+    """The first operation of ``model`` that combines examples along axis 0 of ``x`` (a
+    :class:`ntk_adapters.independence.BatchCoupling`), or ``None`` when examples provably do not
+    interact. Kernel functions carry it as their ``batch_coupling`` attribute, so that tiling
+    (:func:`ntk_adapters.batch`) can refuse kernels whose tiles are not blocks of the whole."""
+    try:
+        return _coupling(_ByFunction(model, x), hashable_spec(x), BatchAxes.of(0, 0))
+    except Exception:  # noqa: BLE001 - a program the analysis cannot trace proves nothing
+        return _Unproven()

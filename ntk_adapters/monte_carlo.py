@@ -13,7 +13,7 @@ from ntk_adapters.axes import Axes, OutputAxes
 from ntk_adapters.empirical import VmapAxes, check_finite, output_axes
 from ntk_adapters.implementations import Implementation, choose, implementation_name
 from ntk_adapters.implementations import ntk as _ntk_value
-from ntk_adapters.inputs import BatchAxes, check_pair, declared_vmap_axes, resolve_vmap_axes
+from ntk_adapters.inputs import BatchAxes, batch_coupling, check_pair, declared_vmap_axes, resolve_vmap_axes
 from ntk_adapters.model import Model, as_model
 from ntk_adapters.outputs import Get, normalize_get, pack
 
@@ -108,6 +108,7 @@ def monte_carlo_kernel_fn(
             results[count] = pack(get, {k: v / count for k, v in totals.items()})
         return results[counts[0]] if isinstance(n_samples, (int, np.integer)) else results
 
+    kernel_fn.batch_coupling = functools.partial(batch_coupling, model)
     return kernel_fn
 
 
