@@ -72,13 +72,13 @@ def _num_rows(x: Any, name: str) -> int:
     return n
 
 
-def _refuse_coupled(kernel_fn: Callable, x: Any) -> None:
+def _refuse_coupled(kernel_fn: Callable, x: Any, params: Any) -> None:
     """Tiles of a kernel whose model mixes examples are not blocks of the whole kernel: refuse.
 
     The library's kernel functions carry ``batch_coupling(x)``; other functions are trusted.
     """
     probe = getattr(kernel_fn, "batch_coupling", None)
-    coupling = None if probe is None else probe(x)
+    coupling = None if probe is None else probe(x, params)
     if coupling is not None and coupling.certain:
         raise ValueError(
             f"batch cannot tile this kernel: {coupling.message().rstrip('.')}. The kernel of such a "
@@ -296,7 +296,7 @@ def batch(
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def batched(x1: Any, x2: Any = None, **kwargs) -> Any:
-        _refuse_coupled(kernel_fn, x1)
+        _refuse_coupled(kernel_fn, x1, kwargs.get("params"))
         n1 = _num_rows(x1, "x1")
         same = x2 is None
         n2 = n1 if same else _num_rows(x2, "x2")

@@ -320,11 +320,14 @@ class _Unproven:
         return "the traced program could not be analysed for interactions between examples"
 
 
-def batch_coupling(model, x: PyTree):
+def batch_coupling(model, x: PyTree, params: Optional[PyTree] = None):
     """The first operation of ``model`` that combines examples along axis 0 of ``x`` (a
     :class:`ntk_adapters.independence.BatchCoupling`), or ``None`` when examples provably do not
-    interact. Kernel functions carry it as their ``batch_coupling`` attribute, so that tiling
-    (:func:`ntk_adapters.batch`) can refuse kernels whose tiles are not blocks of the whole."""
+    interact (``params`` replaces the Model's). Kernel functions carry it as their
+    ``batch_coupling(x, params=None)`` attribute, so that tiling (:func:`ntk_adapters.batch`) can
+    refuse kernels whose tiles are not blocks of the whole."""
+    if params is not None:
+        model = model.replace(params=params)
     try:
         return _coupling(_ByFunction(model, x), hashable_spec(x), BatchAxes.of(0, 0))
     except Exception:  # noqa: BLE001 - a program the analysis cannot trace proves nothing
