@@ -17,6 +17,14 @@ shape) and everything else is concrete:
   scales them;
 * anything else raises :class:`InfiniteWidthError` naming the module path and the primitive.
 
+Inputs may be pytrees of arrays sharing the batch axis. Each float leaf starts as its own input
+Value (a deterministic feature: ``nngp = x·x'/C``, zero NTK) with its own base, so the rules above
+decide how leaves may meet: through independent random layers (``Dense(a) + Dense(b)`` sums their
+kernels) or a concatenation on channels (``Dense(concatenate([a, b]))``), never entry by entry
+(``a + b``, ``a * mask`` need cross products between leaves, which no kernel tracks). Integer and
+bool leaves reach the traced program unchanged: a conversion to floats makes one an input feature,
+any other use (an embedding's gather) is refused naming the leaf, and unused leaves cost nothing.
+
 Normalization: kernels are per output unit, ``(N1, N2)``; the kernel of all O outputs is
 ``K ⊗ I_O`` (:func:`expand_outputs`). The NTK is the one of the loss
 ``½ · mean over all N·O entries of (f(x) − y)²`` used across the library: gradient flow gives
@@ -37,10 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_adapters.empirical import check_finite
 from ntk_adapters.infinite import elementwise as _ew
 from ntk_adapters.infinite import initializers as _inits
 from ntk_adapters.infinite import rules as _rules
 from ntk_adapters.infinite.kernel import Kernel
+from ntk_adapters.inputs import check_pair, hashable_spec, leaves_with_names, spec
 from ntk_adapters.model import Model, as_model
 from ntk_adapters.outputs import pack
 
@@ -94,6 +104,8 @@ class Value:
       fresh: id of the random linear layer whose output this is (through linear maps only):
         independent of, and zero-mean given, everything computed before that layer.
       deps: ids of every random linear layer this value depends on.
+      source: for a value computed from one input leaf alone, that leaf's name (``x``,
+        ``x['a']``, ``x[0]``), for messages.
     """
 
     kernel: Kernel
@@ -103,6 +115,7 @@ class Value:
     base: int = 0
     fresh: Optional[int] = None
     deps: frozenset = frozenset()
+    source: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +124,25 @@ class _C:
 
     value: Any
     scalar: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _IntInput:
+    """An integer or bool input leaf (token ids, masks) during interpretation.
+
+    It depends on the input but has no kernel: only a conversion to floats (which makes it an
+    ordinary input feature) consumes it; every other equation receiving it is refused, naming
+    ``name``. ``x1`` / ``x2`` are the leaf's arrays (``x2`` ``None`` when ``x2 = x1``).
+    """
+
+    name: str
+    x1: Any
+    x2: Any
+    shape: tuple
+
+    @property
+    def dtype(self):
+        return self.x1.dtype
 
 
 _ids = itertools.count(1)
@@ -236,6 +268,29 @@ def input_kernel(x1: jax.Array, x2: Optional[jax.Array] = None, layout: str = "d
     cov2 = cov1 if same else jnp.einsum(_spatial_einsum(nsp, full, True), x2, x2) / c
     return Kernel(nngp=nngp, ntk=jnp.zeros_like(nngp), cov1=cov1, cov2=cov2, layout=layout,
                   is_gaussian=False, same_inputs=same)
+
+
+def _input_value(a1: jax.Array, a2: Optional[jax.Array], layout: str, name: str) -> Value:
+    """A float input leaf as a deterministic input feature with its own kernel and base.
+
+    A leaf ``(N,)`` (one number per example) is one channel: per-example shape ``()``.
+    """
+    shape = tuple(a1.shape[1:])
+    if a1.ndim == 1:
+        a1 = a1[:, None]
+        a2 = None if a2 is None else a2[:, None]
+    return Value(kernel=input_kernel(a1, a2, layout), shape=shape, base=next(_ids), source=name)
+
+
+def _input_leaf(a1: jax.Array, a2: Optional[jax.Array], layout: str, name: str) -> Union[Value, _IntInput]:
+    """What the interpreter starts from for one input leaf (``name`` as in ``x['ids']``)."""
+    dtype = a1.dtype
+    if jnp.issubdtype(dtype, jnp.floating):
+        return _input_value(a1, a2, layout, name)
+    if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+        return _IntInput(name=name, x1=a1, x2=a2, shape=tuple(a1.shape[1:]))
+    raise InfiniteWidthError(f"input leaf {name} has dtype {dtype}; the infinite-width engine takes float, "
+                             "integer and bool inputs")
 
 
 def _diag_full(a: jax.Array, lead: int) -> jax.Array:
@@ -410,6 +465,20 @@ def _is_value(v) -> bool:
     return isinstance(v, Value)
 
 
+def _depends(v) -> bool:
+    """Whether an interpreted value depends on the input (a Value or an integer input leaf)."""
+    return isinstance(v, (Value, _IntInput))
+
+
+def _is_literal(v) -> bool:
+    return hasattr(v, "val") and not hasattr(v, "count")
+
+
+def _sources(values) -> str:
+    names = [v.source for v in values if v.source]
+    return f" ({' and '.join(names)})" if len(names) == len(values) and len(set(names)) > 1 else ""
+
+
 def _sub_jaxpr(eqn):
     """(jaxpr, consts) of a call-like equation, or None."""
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
@@ -422,6 +491,9 @@ def _sub_jaxpr(eqn):
             return j, []
     return None
 
+
+# Contractions that take integer operands as numbers, promoted to their float output dtype.
+_PROMOTING_CONTRACTIONS = {"dot_general", "conv_general_dilated"}
 
 _CALL_PRIMITIVES = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
                     "custom_vjp_call_jaxpr", "remat", "checkpoint", "custom_lin"}
@@ -577,17 +649,100 @@ class _Interpreter:
         self.params = params
         self.options = options
         self.batch = batch
+        # Call equations (jit, custom_jvp, ...) whose programs are being interpreted, outermost
+        # first: the equations inside carry name stacks relative to them.
+        self.outer: list = []
 
     # -- helpers -------------------------------------------------------------------------------
 
     def where(self, eqn) -> str:
-        stack = str(eqn.source_info.name_stack)
-        parts = [p for p in stack.split("/") if p and not _TAG.match(p)]
+        parts = []
+        for e in [*self.outer, eqn]:
+            parts += [p for p in str(e.source_info.name_stack).split("/") if p and not _TAG.match(p)]
         return "/".join(parts) or "<top level>"
+
+    def layer(self, eqn) -> str:
+        """The innermost module call ``eqn`` belongs to, for messages."""
+        tags = [t for e in [*self.outer, eqn] for t in self.tags(e) if t < len(self.calls)]
+        if not tags:
+            where = self.where(eqn)
+            return "the model's top level" if where == "<top level>" else f"`{where}`"
+        call = self.calls[tags[-1]]
+        return f"layer `{call.path}` ({call.type_name})"
+
+    def primitive(self, eqn) -> str:
+        """``eqn``'s primitive, with the calls it sits in (``lt inside jit(_take)``)."""
+        def name(e):
+            fn = e.params.get("name")
+            return f"{e.primitive.name}({fn})" if isinstance(fn, str) else e.primitive.name
+
+        inside = " > ".join(name(e) for e in self.outer)
+        return eqn.primitive.name + (f" inside {inside}" if inside else "")
+
+    def integer_error(self, eqn, v: _IntInput) -> InfiniteWidthError:
+        return InfiniteWidthError(
+            f"input leaf {v.name} ({v.dtype}, per-example shape {v.shape}) reaches {self.layer(eqn)} at "
+            f"primitive {self.primitive(eqn)}: embeddings and other uses of integer or bool inputs (token ids, "
+            "masks) have no infinite-width rule yet; only their conversion to floats is understood (an input "
+            "feature like any float leaf). Use ntk_adapters.monte_carlo_kernel_fn or the empirical kernels for "
+            "this model"
+        )
+
+    def call_program(self, eqn, invals):
+        """Interpret the program of a call equation (jit, custom_jvp, ...) on ``invals``."""
+        sub = _sub_jaxpr(eqn)
+        if sub is None:
+            raise self.error(eqn, "cannot read the called program")
+        self.outer.append(eqn)
+        try:
+            return self.run(sub[0], sub[1], invals)
+        finally:
+            self.outer.pop()
+
+    def integer_input(self, eqn, invals, v: _IntInput) -> list:
+        """Outputs of an equation receiving an integer input leaf: a conversion to floats makes it an
+        input feature, integer conversions keep it, call equations are entered; anything else is refused."""
+        name = eqn.primitive.name
+        if name == "convert_element_type" and len(invals) == 1:
+            new = eqn.params["new_dtype"]
+            a2 = None if v.x2 is None else v.x2.astype(new)
+            if jnp.issubdtype(new, jnp.floating):
+                return [_input_value(v.x1.astype(new), a2, self.options.layout, v.name)]
+            if jnp.issubdtype(new, jnp.integer) or jnp.issubdtype(new, jnp.bool_):
+                return [dataclasses.replace(v, x1=v.x1.astype(new), x2=a2)]
+        if name in _CALL_PRIMITIVES:
+            return self.call_program(eqn, invals)
+        raise self.integer_error(eqn, v)
+
+    def convert_module_inputs(self, group, env, read) -> list:
+        """Integer input leaves that a module uses only as numbers become input features before its
+        rule runs: Flax's Dense converts them to floats first, Haiku's Linear contracts them with its
+        float weights directly (``jnp.dot`` promotes inside ``dot_general``). Returns the module's
+        equations without the conversions already run."""
+        done = set()
+        for var in {v for e in group for v in e.invars if not _is_literal(v)}:
+            leaf = env.get(var)
+            if not isinstance(leaf, _IntInput):
+                continue
+            uses = [e for e in group if var in e.invars]
+            converts = [e for e in uses if e.primitive.name == "convert_element_type"
+                        and jnp.issubdtype(e.params["new_dtype"], jnp.floating)]
+            promoting = [e for e in uses if e.primitive.name in _PROMOTING_CONTRACTIONS
+                         and jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating)]
+            if len(converts) + len(promoting) != len(uses):
+                continue  # another use: run_module names it
+            for e in converts:
+                self.run_eqn(e, env, read)
+                done.add(id(e))
+            if promoting:
+                dtype = promoting[0].outvars[0].aval.dtype
+                env[var] = _input_value(leaf.x1.astype(dtype), None if leaf.x2 is None else leaf.x2.astype(dtype),
+                                        self.options.layout, leaf.name)
+        return [e for e in group if id(e) not in done]
 
     def error(self, eqn, message) -> InfiniteWidthError:
         return InfiniteWidthError(
-            f"at `{self.where(eqn)}` (primitive {eqn.primitive.name}): {message}; {_SUGGEST}"
+            f"at `{self.where(eqn)}` (primitive {self.primitive(eqn)}): {message}; {_SUGGEST}"
         )
 
     def materialize(self, v: Value, eqn=None) -> Value:
@@ -637,8 +792,9 @@ class _Interpreter:
                 while j < len(eqns) and call.index in self.tags(eqns[j]):
                     j += 1
                 group = eqns[i:j]
-                if any(_is_value(read(v)) for e in group for v in e.invars if not hasattr(v, "val")
+                if any(_depends(read(v)) for e in group for v in e.invars if not hasattr(v, "val")
                        if v in env):
+                    group = self.convert_module_inputs(group, env, read)
                     self.run_module(call, group, eqns[j:], jaxpr.outvars, env, read)
                     i = j
                     continue
@@ -652,6 +808,11 @@ class _Interpreter:
 
     def run_eqn(self, eqn, env, read):
         invals = [read(v) for v in eqn.invars]
+        ints = [v for v in invals if isinstance(v, _IntInput)]
+        if ints:
+            for var, o in zip(eqn.outvars, self.integer_input(eqn, invals, ints[0])):
+                env[var] = o
+            return
         if not any(_is_value(v) for v in invals):
             # Parameter-only computations run eagerly even while kernel_fn is being jitted, so rules
             # can inspect their values (e.g. a BatchNorm's per-channel scales).
@@ -685,10 +846,9 @@ class _Interpreter:
             sub = _sub_jaxpr(eqn)
             if sub is None:
                 raise self.error(eqn, "cannot read the called program")
-            jaxpr, consts = sub
-            if _elementwise_jaxpr(jaxpr) and len(eqn.outvars) == 1:
+            if _elementwise_jaxpr(sub[0]) and len(eqn.outvars) == 1:
                 return [self.elementwise(eqn, invals)]
-            return self.run(jaxpr, consts, invals)
+            return self.call_program(eqn, invals)
         raise self.error(eqn, "this operation has no infinite-width rule")
 
     # -- elementwise ---------------------------------------------------------------------------
@@ -700,8 +860,9 @@ class _Interpreter:
         if len(bases) > 1:
             if name in ("add", "sub", "add_any"):
                 return self.residual(eqn, invals)
-            raise self.error(eqn, "combines two different input-dependent values entry by entry "
-                                  "(only sums of independent branches are supported)")
+            raise self.error(eqn, "combines two different input-dependent values"
+                                  f"{_sources(values)} entry by entry (only sums of independent "
+                                  "branches are supported)")
         v0 = values[0]
         positional = self._positional_scale(eqn, invals, v0)
         if positional is not None:
@@ -809,6 +970,11 @@ class _Interpreter:
         a, b = invals
         independent = (a.fresh is not None and a.fresh not in b.deps) or (
             b.fresh is not None and b.fresh not in a.deps)
+        if not independent and a.source and b.source and a.source != b.source:
+            raise self.error(eqn, f"adds input leaves {a.source} and {b.source} (or functions of them) entry "
+                                  "by entry: the kernel of the sum needs the products between the two leaves, "
+                                  "which the engine does not track. Concatenate the leaves on the channel axis, "
+                                  "or give each its own Dense layer and add their outputs")
         if not independent:
             raise self.error(eqn, "adds two branches that are not independent Gaussian processes (neither ends "
                                   "in a fresh random linear layer that the other does not use), so their "
@@ -836,11 +1002,15 @@ class _Interpreter:
                     continue
                 if v in defined or v not in env:
                     continue
-                if _is_value(env[v]) and v not in inputs:
+                if _depends(env[v]) and v not in inputs:
                     inputs.append(v)
         used_later = {v for e in rest for v in e.invars if not hasattr(v, "val")} | {
             v for v in outvars if not hasattr(v, "val")}
         outs = [v for e in group for v in e.outvars if v in used_later]
+        for v in inputs:
+            if isinstance(env[v], _IntInput):
+                first = next(e for e in group if v in e.invars)
+                raise self.integer_error(first, env[v])
         if len(inputs) != 1 or len(outs) != 1:
             raise call.error(f"the rule expects one input-dependent input and one output; the module has "
                              f"{len(inputs)} and {len(outs)}")
@@ -1027,8 +1197,12 @@ def _reduce_window_sum_rule(eqn, invals, interp: _Interpreter):
 
 def _broadcast_rule(eqn, invals, interp: _Interpreter):
     v = invals[0]
-    if tuple(eqn.params["shape"][1:]) == v.shape:
+    new = tuple(eqn.params["shape"][1:])
+    if new == v.shape:
         return [v]
+    if v.shape == () and new == (1,) and v.kernel.layout == "none":
+        # x[:, None] of a leaf (N,): one number per example is one channel
+        return [dataclasses.replace(v, shape=new)]
     raise interp.error(eqn, f"broadcast of an input-dependent value of per-example shape {v.shape}")
 
 
@@ -1075,8 +1249,18 @@ def infinite_kernel_fn(
     bias_variance: Union[None, float, Mapping[str, float]] = None,
     n_points: int = _ew.DEFAULT_QUADRATURE_POINTS,
     jit: bool = True,
+    check_finite_values: bool = True,
 ) -> Callable:
     """Exact infinite-width NNGP and NTK of an unchanged Flax / Haiku model.
+
+    Inputs may be pytrees (tuple, dict) of arrays sharing the batch axis. Each float leaf is a
+    deterministic input feature with its own kernel (``x·x'/C`` over its last axis), so branches
+    that meet only through independent random layers (``Dense(a) + Dense(b)``) or a concatenation
+    on the channel axis (``Dense(concatenate([a, b], -1))``) have exact kernels; combining two
+    leaves entry by entry (``a + b``, ``a * mask``) is refused. Integer and bool leaves are passed
+    to the model unchanged; their conversion to floats is an input feature like a float leaf,
+    every other use (embeddings of token ids) raises :class:`InfiniteWidthError` naming the leaf,
+    and leaves the model does not use are ignored.
 
     Args:
       model: a :class:`~ntk_adapters.Model` from ``ntk_adapters.flax.adapt`` /
@@ -1090,24 +1274,34 @@ def infinite_kernel_fn(
       bias_variance: the same for ``σb² = Var(b)``.
       n_points: Gauss–Hermite nodes per dimension for elementwise functions without a closed form.
       jit: return a jitted ``kernel_fn``.
+      check_finite_values: raise ``ValueError`` on NaN/Inf in concrete inputs (skipped for
+        tracers, e.g. under an outer ``jit``).
 
     Returns:
-      ``kernel_fn(x1, x2=None, get=('nngp', 'ntk'))`` with ``x1`` ``(N1, *input_shape)``,
-      ``x2`` ``(N2, *input_shape)`` (``None``: ``x2 = x1``). Each kernel is ``(N1, N2)`` per output
-      unit (``(N1, N2, *spatial)`` for a model with spatial outputs); the kernel over all O outputs
+      ``kernel_fn(x1, x2=None, get=('nngp', 'ntk'))`` with ``x1`` an array ``(N1, *input_shape)``
+      or a pytree of arrays ``(N1, ...)``, ``x2`` the same with ``N2`` examples (``None``:
+      ``x2 = x1``); each float leaf of ``x2`` takes the dtype of its ``x1`` leaf, and the kernels
+      are computed in the dtype of the float inputs (float32 inputs give float32 kernels). Each kernel is ``(N1, N2)`` per output unit
+      (``(N1, N2, *spatial)`` for a model with spatial outputs); the kernel over all O outputs
       is ``K ⊗ I_O`` (:func:`expand_outputs`). ``get`` may also name ``'cov1'``, ``'cov2'`` (the
       per-input variances) or ``'kernel'`` (the whole :class:`Kernel`). ``get`` must be static
       under an outer ``jit``.
 
     Raises:
       InfiniteWidthError: a layer or operation without exact rule (max pooling, attention,
-        softmax, BatchNorm in training mode, ...), naming the layer and the primitive.
+        softmax, BatchNorm in training mode, embeddings, ...), naming the layer and the primitive
+        (and the input leaf for integer inputs). Raised when the kernel function is built if the
+        model records its input specs, else at the first call.
+      ValueError: (from ``kernel_fn``) inputs without a shared batch axis, ``x1`` and ``x2`` of
+        different structures or per-example shapes, or NaN/Inf with ``check_finite_values``.
 
     Example::
 
       model = ntk_adapters.flax.adapt(MLP(), None, x)
       kernel_fn = infinite_kernel_fn(model)
       k = kernel_fn(x1, x2)            # k.nngp, k.ntk: (N1, N2)
+      two = infinite_kernel_fn(ntk_adapters.flax.adapt(TwoInputs(), None, {'a': a, 'b': b}))
+      two({'a': a1, 'b': b1}, get='ntk')   # (N1, N1)
     """
     model = as_model(model)
     if spatial_layout not in ("auto", "diagonal", "full"):
@@ -1117,7 +1311,7 @@ def infinite_kernel_fn(
     cache: dict = {}
 
     def prepare(x_struct):
-        key = (tuple(x_struct.shape), str(x_struct.dtype))
+        key = hashable_spec(x_struct)
         if key not in cache:
             closed, calls = _trace(model, x_struct)
             layout = spatial_layout
@@ -1127,17 +1321,20 @@ def infinite_kernel_fn(
         return cache[key]
 
     def compute(x1, x2):
-        closed, calls, layout = prepare(jax.ShapeDtypeStruct(x1.shape, x1.dtype))
+        closed, calls, layout = prepare(spec(x1))
+        leaves1, treedef = jax.tree_util.tree_flatten(x1)
+        leaves2 = [None] * len(leaves1) if x2 is None else treedef.flatten_up_to(x2)
+        names = [name for name, _ in leaves_with_names(x1, "x")]
         options = _Options(weight_variance, bias_variance, layout, n_points)
-        interp = _Interpreter(calls, model.params, options, batch=x1.shape[0])
-        k = input_kernel(x1, x2, layout)
-        inp = Value(kernel=k, shape=tuple(x1.shape[1:]), base=next(_ids))
-        nparams = len(jax.tree_util.tree_leaves(model.params))
-        args = [_C(p) for p in jax.tree_util.tree_leaves(model.params)] + [inp]
-        if len(closed.jaxpr.invars) != nparams + 1:
+        interp = _Interpreter(calls, model.params, options, batch=leaves1[0].shape[0])
+        inputs = [_input_leaf(a1, a2, layout, name) for a1, a2, name in zip(leaves1, leaves2, names)]
+        args = [_C(p) for p in jax.tree_util.tree_leaves(model.params)] + inputs
+        if len(closed.jaxpr.invars) != len(args):
             raise InfiniteWidthError("the traced model has an unexpected signature")
         consts = [c for c in closed.consts]
         (out,) = interp.run(closed.jaxpr, consts, args)
+        if isinstance(out, _IntInput):
+            raise InfiniteWidthError(f"the model returns its integer input leaf {out.name}, which has no kernel")
         if not _is_value(out):
             raise InfiniteWidthError("the model's output does not depend on its input")
         out = interp.materialize(out)
@@ -1147,23 +1344,55 @@ def infinite_kernel_fn(
         return kout
 
     compute_jit = jax.jit(compute) if jit else compute
-    if model.input_shape is not None:
+    example = _example_spec(model)
+    if example is not None:
         # Interpret the model once now, so that a layer without a rule is reported here and not at
-        # the first evaluation.
-        dtype = jnp.result_type(float)
-        jax.eval_shape(compute, jax.ShapeDtypeStruct((2,) + tuple(model.input_shape), dtype), None)
+        # the first evaluation. The recorded dtypes matter: integer leaves must reach the model as
+        # integers (an embedding refuses floats).
+        jax.eval_shape(compute, jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct((2,) + tuple(s.shape), s.dtype), example), None)
 
-    def kernel_fn(x1: jax.Array, x2: Optional[jax.Array] = None, get=("nngp", "ntk")):
-        x1 = jnp.asarray(x1)
-        if not jnp.issubdtype(x1.dtype, jnp.floating):
-            x1 = x1.astype(jnp.result_type(float))
+    def kernel_fn(x1, x2=None, get=("nngp", "ntk")):
+        check_pair(x1, x2)
+        x1 = jax.tree_util.tree_map(jnp.asarray, x1)
         if x2 is not None:
-            x2 = jnp.asarray(x2, x1.dtype)
-            if x2.shape[1:] != x1.shape[1:]:
-                raise ValueError(f"x1 and x2 must have the same per-example shape; got {x1.shape} and {x2.shape}")
+            x2 = _like(x1, x2)
+        if check_finite_values:
+            check_finite(x1, "x1")
+            check_finite(x2, "x2")
         k = compute_jit(x1, x2)
         values = {"nngp": k.nngp, "ntk": k.ntk, "cov1": k.cov1, "cov2": k.cov2, "kernel": k}
         return pack(get, values, allowed=("nngp", "ntk", "cov1", "cov2", "kernel"))
 
     kernel_fn.model = model
     return kernel_fn
+
+
+def _example_spec(model: Model):
+    """Per-example ShapeDtypeStructs of the model's input, or ``None`` when it records none.
+
+    Models built without ``input_spec`` (only ``input_shape``) are taken to have float inputs.
+    """
+    if model.input_spec is not None:
+        return model.input_spec
+    if model.input_shape is None:
+        return None
+    is_shape = lambda s: isinstance(s, tuple) and all(isinstance(d, (int, np.integer)) for d in s)  # noqa: E731
+    dtype = jnp.result_type(float)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(tuple(s), dtype), model.input_shape,
+                                  is_leaf=is_shape)
+
+
+def _like(x1, x2):
+    """``x2`` with every leaf as an array of its ``x1`` leaf's dtype (``x1`` and ``x2`` already have the
+    same structure). Float values are not silently truncated into an integer leaf."""
+    named1 = leaves_with_names(x1, "x1")
+    leaves2, treedef = jax.tree_util.tree_flatten(x2)
+    out = []
+    for (name, a), b in zip(named1, leaves2):
+        b = jnp.asarray(b)
+        if not jnp.issubdtype(a.dtype, jnp.inexact) and jnp.issubdtype(b.dtype, jnp.inexact):
+            raise ValueError(f"{name} is {a.dtype} but its x2 counterpart is {b.dtype}; pass the same kind of "
+                             "values (integer, bool or float) for each input in x1 and x2")
+        out.append(b.astype(a.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
