@@ -1,6 +1,12 @@
 """Shared test configuration: float64 everywhere, so kernel comparisons are limited by the
 mathematics (Monte Carlo error, quadrature) and not by float32 round-off."""
 
+import os
+
+# The suite compiles hundreds of small programs and runs each a few times: XLA's CPU backend
+# spends most of that time in LLVM's optimizations, which do not change the results.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
 import jax
 
 jax.config.update("jax_enable_x64", True)

@@ -8,7 +8,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import flax
 from flax import linen as nn
+from flax import traverse_util
 from flax import nnx
 
 from ntk_adapters.inputs import Inputs, check_inputs_mode, spread
@@ -156,7 +158,8 @@ def adapt_linen(
         return _with_axes(lambda: call(params, x, kwargs), names)
 
     def init_fn(key: jax.Array, x: PyTree) -> PyTree:
-        return nn.unbox(init_variables(key, x)["params"])
+        fresh = nn.unbox(init_variables(key, x)["params"])
+        return _onto(params, fresh, where)
 
     with _explaining_unbound_axes(where):
         return traced_model(
@@ -265,6 +268,28 @@ def adapt_nnx(
             info={"graphdef": graphdef, "variables": rest, "call_kwargs": call_kwargs, "output": output,
                   "init": init, "inputs": inputs, "rng_key": rng_key, "axis_name": axis_name},
         )
+
+
+def _onto(params: PyTree, fresh: PyTree, where: str) -> PyTree:
+    """Fresh parameters in the structure of the adapted ones.
+
+    ``module.init(..., method=m)`` creates only the parameters that method uses, while the
+    variables a user adapts often come from a full ``init`` (a VAE's decoder beside the encoder
+    that ``method`` calls). The method's output does not depend on the others, so they keep their
+    adapted values; a fresh parameter the adapted ones lack is an error.
+    """
+    if jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(params):
+        return fresh
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+    new = traverse_util.flatten_dict(flax.core.unfreeze(fresh), sep="/")
+    missing = sorted(set(new) - set(flat))
+    if missing:
+        raise ValueError(
+            f"{where}: module.init creates parameters {missing} that the adapted variables do not have; "
+            "pass the variables of this module and method"
+        )
+    flat.update(new)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _copy_state(state: nnx.State) -> nnx.State:
