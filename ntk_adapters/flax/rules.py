@@ -1,8 +1,9 @@
 """Infinite-width rules for Flax linen layers, registered on import.
 
 The engine (:mod:`ntk_adapters.infinite.engine`) imports this module when it meets a Flax model.
-Each rule has the signature ``rule(kernel, call) -> kernel`` documented in
-:mod:`ntk_adapters.infinite.rules`.
+Each rule is a :class:`~ntk_adapters.infinite.rules.ModuleRule`, ``rule(kernel, call) -> kernel``
+with ``call`` a :class:`~ntk_adapters.infinite.rules.ModuleCall`; the kernel maps are those of
+:mod:`ntk_adapters.infinite.layers`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from flax import linen as nn
 from ntk_adapters.flax import ntk_param as _ntk_param
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import rules as _rules
-from ntk_adapters.infinite import initializers as _inits
-from ntk_adapters.infinite.engine import channel_affine, dense_kernel, reduces_over_batch
+from ntk_adapters.infinite.kernel import Kernel
+from ntk_adapters.infinite.rules import ModuleCall
 
 
 @contextlib.contextmanager
@@ -40,20 +41,20 @@ def _record(model, on_call):
 _rules.register_framework("flax.linen", _record)
 
 
-def _dense(k, call):
+def _dense(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     w = call.params["kernel"]
     fan_in = w.shape[0]
-    s_w2 = call.weight_sigma2(m.kernel_init, w.shape, fan_in)
+    s_w2 = call.weight_variance(m.kernel_init, w.shape, fan_in)
     has_bias = "bias" in call.params
-    s_b2 = call.bias_sigma2(m.bias_init, call.params["bias"].shape) if has_bias else 0.0
-    return dense_kernel(k, fan_in, s_w2, s_b2, bias_trainable=has_bias)
+    s_b2 = call.bias_variance(m.bias_init, call.params["bias"].shape) if has_bias else 0.0
+    return _layers.dense(k, fan_in=fan_in, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias)
 
 
 _rules.register_rule(nn.Dense, _dense, linear=True, flat="average")
 
 
-def _conv(k, call):
+def _conv(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     w = call.params["kernel"]
     window = tuple(w.shape[:-2])
@@ -64,9 +65,9 @@ def _conv(k, call):
     if k.layout == "none":
         raise call.error("a convolution needs spatial axes in its input")
     fan_in = int(np.prod(w.shape[:-1]))
-    s_w2 = call.weight_sigma2(m.kernel_init, w.shape, fan_in)
+    s_w2 = call.weight_variance(m.kernel_init, w.shape, fan_in)
     has_bias = "bias" in call.params
-    s_b2 = call.bias_sigma2(m.bias_init, call.params["bias"].shape) if has_bias else 0.0
+    s_b2 = call.bias_variance(m.bias_init, call.params["bias"].shape) if has_bias else 0.0
     padding = m.padding
     if isinstance(padding, str) and padding.upper() == "CAUSAL":
         padding = "CAUSAL"
@@ -80,17 +81,7 @@ def _conv(k, call):
 _rules.register_rule(nn.Conv, _conv, linear=True)
 
 
-def _init_value(call, init, shape, what):
-    try:
-        mean, var = _inits.moments(init, shape)
-    except _inits.UnknownInitializerError as e:
-        raise call.error(f"{what}: {e}") from None
-    if var != 0.0:
-        raise call.error(f"{what} is initialized at random; the rule needs a constant initial value")
-    return mean
-
-
-def _layer_norm(k, call):
+def _layer_norm(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     nd = len(call.in_shape)
     axes = tuple(a % (nd + 1) for a in np.atleast_1d(m.reduction_axes))
@@ -104,8 +95,8 @@ def _layer_norm(k, call):
     else:
         raise call.error(f"normalization over axes {m.reduction_axes} has no rule (use -1, or all non-batch axes)")
     c = call.in_shape[-1]
-    scale0 = _init_value(call, m.scale_init, (c,), "LayerNorm scale") if m.use_scale else 1.0
-    bias0 = _init_value(call, m.bias_init, (c,), "LayerNorm bias") if m.use_bias else 0.0
+    scale0 = call.initial_value(m.scale_init, (c,), "LayerNorm scale") if m.use_scale else 1.0
+    bias0 = call.initial_value(m.bias_init, (c,), "LayerNorm bias") if m.use_bias else 0.0
     try:
         return _layers.layer_norm(k, epsilon=m.epsilon, use_scale=m.use_scale, use_bias=m.use_bias,
                                   scale_init=scale0, bias_init=bias0, over_spatial=over_spatial)
@@ -116,7 +107,7 @@ def _layer_norm(k, call):
 _rules.register_rule(nn.LayerNorm, _layer_norm)
 
 
-def _dropout(k, call):
+def _dropout(k: Kernel, call: ModuleCall) -> Kernel:
     if not call.eqns:
         return k
     return _layers.dropout(k, float(call.module.rate))
@@ -125,25 +116,27 @@ def _dropout(k, call):
 _rules.register_rule(nn.Dropout, _dropout)
 
 
-def _batch_norm(k, call):
-    if reduces_over_batch(call):
+def _batch_norm(k: Kernel, call: ModuleCall) -> Kernel:
+    if call.reduces_over_batch():
         raise call.error("BatchNorm in training mode normalizes with batch statistics, which couple the "
                          "examples; call it with use_running_average=True (inference mode)")
-    return channel_affine(k, call, scale_param="scale" if call.module.use_scale else None,
-                          bias_param="bias" if call.module.use_bias else None)
+    a, b = call.per_channel_affine()
+    return _layers.channel_affine(k, a, b, scale=call.params.get("scale") if call.module.use_scale else None,
+                                  offset=call.params.get("bias") if call.module.use_bias else None)
 
 
 _rules.register_rule(nn.BatchNorm, _batch_norm)
 
 
-def _ntk_dense(k, call):
+def _ntk_dense(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     fan_in = call.params["kernel"].shape[0]
     b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2
-    return dense_kernel(k, fan_in, float(m.w_std) ** 2, b2, parameterization="ntk")
+    return _layers.dense(k, fan_in=fan_in, weight_var=float(m.w_std) ** 2, bias_var=b2, has_bias=m.b_std is not None,
+                         parameterization="ntk")
 
 
-def _ntk_conv(k, call):
+def _ntk_conv(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     w = call.params["kernel"]
     b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2
@@ -160,7 +153,7 @@ _rules.register_rule(_ntk_param.Dense, _ntk_dense, linear=True, flat="average")
 _rules.register_rule(_ntk_param.Conv, _ntk_conv, linear=True)
 
 
-def _dense_general(k, call):
+def _dense_general(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     axis = tuple(np.atleast_1d(m.axis))
     feats = tuple(np.atleast_1d(m.features))

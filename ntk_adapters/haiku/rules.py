@@ -1,6 +1,10 @@
 """Infinite-width rules for Haiku modules, registered on import.
 
 The engine (:mod:`ntk_adapters.infinite.engine`) imports this module when it meets a Haiku model.
+Each rule is a :class:`~ntk_adapters.infinite.rules.ModuleRule`, ``rule(kernel, call) -> kernel``
+with ``call`` a :class:`~ntk_adapters.infinite.rules.ModuleCall`; the kernel maps are those of
+:mod:`ntk_adapters.infinite.layers`.
+
 Haiku creates a layer's default initializer inside ``__call__`` (``w_init=None`` means
 ``TruncatedNormal(1/sqrt(fan_in))``, truncated at two standard deviations without correcting the
 variance, so ``σw² ≈ 0.7737``); the rules reproduce those defaults exactly.
@@ -18,8 +22,8 @@ import numpy as np
 from ntk_adapters.haiku import ntk_param as _ntk_param
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import rules as _rules
-from ntk_adapters.infinite import initializers as _inits
-from ntk_adapters.infinite.engine import channel_affine, dense_kernel, reduces_over_batch
+from ntk_adapters.infinite.kernel import Kernel
+from ntk_adapters.infinite.rules import ModuleCall
 
 
 @contextlib.contextmanager
@@ -46,21 +50,21 @@ def _default_w_init(fan_in_shape):
     return hk.initializers.TruncatedNormal(stddev=1.0 / np.sqrt(np.prod(fan_in_shape)))
 
 
-def _linear(k, call):
+def _linear(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     w = call.params["w"]
     fan_in = w.shape[0]
     w_init = m.w_init if m.w_init is not None else _default_w_init(w.shape[:-1])
-    s_w2 = call.weight_sigma2(w_init, w.shape, fan_in)
+    s_w2 = call.weight_variance(w_init, w.shape, fan_in)
     has_bias = "b" in call.params
-    s_b2 = call.bias_sigma2(m.b_init if m.b_init is not None else jnp.zeros, call.params["b"].shape) if has_bias else 0.0
-    return dense_kernel(k, fan_in, s_w2, s_b2, bias_trainable=has_bias)
+    s_b2 = call.bias_variance(m.b_init if m.b_init is not None else jnp.zeros, call.params["b"].shape) if has_bias else 0.0
+    return _layers.dense(k, fan_in=fan_in, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias)
 
 
 _rules.register_rule(hk.Linear, _linear, linear=True, flat="average")
 
 
-def _conv(k, call):
+def _conv(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     w = call.params["w"]
     window = tuple(w.shape[:-2])
@@ -74,9 +78,9 @@ def _conv(k, call):
         raise call.error("a convolution needs spatial axes in its input")
     fan_in = int(np.prod(w.shape[:-1]))
     w_init = m.w_init if m.w_init is not None else _default_w_init(w.shape[:-1])
-    s_w2 = call.weight_sigma2(w_init, w.shape, fan_in)
+    s_w2 = call.weight_variance(w_init, w.shape, fan_in)
     has_bias = "b" in call.params
-    s_b2 = call.bias_sigma2(m.b_init if m.b_init is not None else jnp.zeros, call.params["b"].shape) if has_bias else 0.0
+    s_b2 = call.bias_variance(m.b_init if m.b_init is not None else jnp.zeros, call.params["b"].shape) if has_bias else 0.0
     padding = m.padding
     if callable(padding) or (isinstance(padding, (list, tuple)) and any(callable(p) for p in padding)):
         raise call.error("padding functions have no rule; use 'SAME', 'VALID' or explicit pads")
@@ -90,19 +94,12 @@ def _conv(k, call):
 _rules.register_rule(hk.ConvND, _conv, linear=True)
 
 
-def _const_init(call, init, default, shape, what):
-    if init is None:
-        return default
-    try:
-        mean, var = _inits.moments(init, shape)
-    except _inits.UnknownInitializerError as e:
-        raise call.error(f"{what}: {e}") from None
-    if var != 0.0:
-        raise call.error(f"{what} is initialized at random; the rule needs a constant initial value")
-    return mean
+def _const_init(call: ModuleCall, init, default: float, shape, what: str) -> float:
+    # Haiku's None means the layer's own constant default
+    return default if init is None else call.initial_value(init, shape, what)
 
 
-def _layer_norm(k, call):
+def _layer_norm(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     nd = len(call.in_shape)
     axis = m.axis
@@ -127,23 +124,25 @@ def _layer_norm(k, call):
 _rules.register_rule(hk.LayerNorm, _layer_norm)
 
 
-def _batch_norm(k, call):
-    if reduces_over_batch(call):
+def _batch_norm(k: Kernel, call: ModuleCall) -> Kernel:
+    if call.reduces_over_batch():
         raise call.error("BatchNorm in training mode normalizes with batch statistics, which couple the "
                          "examples; call it with is_training=False (inference mode)")
-    return channel_affine(k, call, scale_param="scale", bias_param="offset")
+    a, b = call.per_channel_affine()
+    return _layers.channel_affine(k, a, b, scale=call.params.get("scale"), offset=call.params.get("offset"))
 
 
 _rules.register_rule(hk.BatchNorm, _batch_norm)
 
 
-def _ntk_linear(k, call):
+def _ntk_linear(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2
-    return dense_kernel(k, call.params["w"].shape[0], float(m.w_std) ** 2, b2, parameterization="ntk")
+    return _layers.dense(k, fan_in=call.params["w"].shape[0], weight_var=float(m.w_std) ** 2, bias_var=b2,
+                         has_bias=m.b_std is not None, parameterization="ntk")
 
 
-def _ntk_conv(k, call):
+def _ntk_conv(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     w = call.params["w"]
     b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2

@@ -2,38 +2,48 @@
 
 ``infinite_kernel_fn(model)`` returns ``kernel_fn(x1, x2=None, get=('nngp', 'ntk'))`` giving
 ``(N1, N2)`` kernels per output unit (the kernel over O outputs is ``K ⊗ I_O``; see
-``expand_outputs``). New layers are taught with ``register_rule``; see ``rules``.
+``expand_outputs``). New layers are taught with ``register_rule`` and new primitives with
+``register_primitive_rule``; a module rule is a :class:`ModuleRule` receiving a
+:class:`ModuleCall`, a primitive rule a :class:`PrimitiveRule` receiving a
+:class:`PrimitiveContext` (see ``rules``). The kernel maps rules build on are in ``layers`` and
+``elementwise``.
 """
 
 from ntk_adapters.infinite.kernel import Kernel
-from ntk_adapters.infinite.engine import (
+from ntk_adapters.infinite.layers import input_kernel
+from ntk_adapters.infinite.rules import (
+    ELEMENTWISE,
+    EngineOptions,
     InfiniteWidthError,
     ModuleCall,
-    average_positions,
-    dense_kernel,
-    expand_outputs,
-    infinite_kernel_fn,
-    input_kernel,
-)
-from ntk_adapters.infinite.rules import (
+    ModuleRule,
+    PrimitiveContext,
+    PrimitiveRule,
     register_elementwise_primitive,
     register_primitive_rule,
     register_rule,
 )
+from ntk_adapters.infinite.values import Concrete, Value
+from ntk_adapters.infinite.engine import expand_outputs, infinite_kernel_fn
 from ntk_adapters.infinite.initializers import UnknownInitializerError, register_initializer
 
 __all__ = [
     "Kernel",
     "InfiniteWidthError",
-    "ModuleCall",
     "infinite_kernel_fn",
     "expand_outputs",
     "input_kernel",
-    "dense_kernel",
-    "average_positions",
     "register_rule",
     "register_primitive_rule",
     "register_elementwise_primitive",
     "register_initializer",
     "UnknownInitializerError",
+    "ModuleRule",
+    "ModuleCall",
+    "PrimitiveRule",
+    "PrimitiveContext",
+    "EngineOptions",
+    "ELEMENTWISE",
+    "Value",
+    "Concrete",
 ]

@@ -563,29 +563,20 @@ def _compiled_apply(phi, params_items, n_points, method):
 def _apply_impl(kernel: Kernel, *, phi, params, n_points, method) -> Kernel:
     linear = isinstance(phi, str) and _spec(phi).linear and params.get("b", 0.0) == 0.0
     want_ntk = kernel.ntk is not None
-
-    # Every (covariance, variance, variance) triple to transform; evaluated in one call so that
-    # a layer costs one compilation and one pass, whatever the layout.
+    # One expectation per array: the derivative is computed for the NTK's entries only, and no
+    # array is copied into a concatenation (the whole map is one jitted function anyway).
+    expect = functools.partial(gaussian_expectations, phi, n_points=n_points, method=method, **params)
     if kernel.layout == "full":
         d1 = _full_diagonal(kernel.cov1)
         d2 = d1 if kernel.same_inputs else _full_diagonal(kernel.cov2)
-        triples = [
-            (kernel.nngp, _interleave(d1, True)[:, None], _interleave(d2, False)[None]),
-            (kernel.cov1, _interleave(d1, True), _interleave(d1, False)),
-        ]
-        if not kernel.same_inputs:
-            triples.append((kernel.cov2, _interleave(d2, True), _interleave(d2, False)))
+        var1, var2 = _interleave(d1, True)[:, None], _interleave(d2, False)[None]
+        cov1 = expect(kernel.cov1, _interleave(d1, True), _interleave(d1, False), derivative=False)[0]
+        cov2 = cov1 if kernel.same_inputs else expect(kernel.cov2, _interleave(d2, True), _interleave(d2, False),
+                                                      derivative=False)[0]
     else:
-        triples = [(kernel.nngp, kernel.cov1[:, None], kernel.cov2[None]), (kernel.cov1, kernel.cov1, kernel.cov1)]
-        if not kernel.same_inputs:
-            triples.append((kernel.cov2, kernel.cov2, kernel.cov2))
-    shapes = [jnp.shape(t[0]) for t in triples]
-    flat = [jnp.concatenate([jnp.broadcast_to(t[i], s).ravel() for t, s in zip(triples, shapes)]) for i in range(3)]
-    out, dd = gaussian_expectations(phi, *flat, derivative=want_ntk, n_points=n_points, method=method, **params)
-    sizes = [math.prod(s) for s in shapes]
-    splits = np.cumsum(sizes)[:-1].tolist()
-    parts = [p.reshape(s) for p, s in zip(jnp.split(out, splits), shapes)]
-    nngp, cov1 = parts[0], parts[1]
-    cov2 = cov1 if kernel.same_inputs else parts[2]
-    ntk = dd[: sizes[0]].reshape(shapes[0]) * kernel.ntk if want_ntk else None
+        var1, var2 = kernel.cov1[:, None], kernel.cov2[None]
+        cov1 = expect(kernel.cov1, kernel.cov1, kernel.cov1, derivative=False)[0]
+        cov2 = cov1 if kernel.same_inputs else expect(kernel.cov2, kernel.cov2, kernel.cov2, derivative=False)[0]
+    nngp, dd = expect(kernel.nngp, var1, var2, derivative=want_ntk)
+    ntk = dd * kernel.ntk if want_ntk else None
     return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=bool(linear))

@@ -16,6 +16,9 @@ Conventions shared by all maps:
 * The NTK of the layers before a parameter-free linear map (pooling, reshape, mean, scaling)
   transforms exactly like the NNGP.
 * ``ntk=None`` (not tracked) stays ``None``.
+
+The parameter-free spatial maps (pooling, spatial means and sums, flatten, ...) are implemented in
+:mod:`ntk_adapters.infinite.spatial` and are part of this namespace.
 """
 
 from __future__ import annotations
@@ -30,13 +33,31 @@ import numpy as np
 from jax import lax
 
 from ntk_adapters.infinite.kernel import Kernel
+from ntk_adapters.infinite.spatial import (  # the parameter-free spatial maps are part of this library
+    Padding,
+    _axes_per_dim,
+    _canonical_tuple,
+    _map_all,
+    _output_size,
+    _spatial_or_raise,
+    _window_sum,
+    avg_pool,
+    flatten,
+    resolve_padding,
+    scale_positions,
+    spatial_mean,
+    spatial_sum,
+    sum_pool,
+    to_diagonal,
+    unflatten,
+)
 
 Array = jax.Array
-Padding = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
 
 __all__ = [
     "add",
     "avg_pool",
+    "channel_affine",
     "concatenate",
     "conv",
     "dense",
@@ -47,10 +68,12 @@ __all__ = [
     "resolve_padding",
     "rms_norm",
     "scale",
+    "scale_positions",
     "spatial_mean",
     "spatial_sum",
     "sum_pool",
     "to_diagonal",
+    "unflatten",
 ]
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -66,7 +89,8 @@ def input_kernel(x1: Array, x2: Optional[Array] = None, *, layout: str = "none",
     Args:
       x1: ``(N1, C)`` for layout ``'none'``, ``(N1, *spatial, C)`` for ``'diagonal'`` / ``'full'``.
       x2: ``(N2, ...)`` like ``x1``, or ``None`` for ``x2 = x1`` (``same_inputs=True``).
-      layout: ``'none'``, ``'diagonal'`` (covariances between equal positions) or ``'full'``.
+      layout: ``'none'``, ``'diagonal'`` (covariances between equal positions) or ``'full'``. An
+        input ``(N, C)`` has no positions, so it gets layout ``'none'`` whichever is asked.
       ntk: track the NTK (zeros: the input has no parameters) or leave it ``None``.
 
     Returns:
@@ -83,6 +107,8 @@ def input_kernel(x1: Array, x2: Optional[Array] = None, *, layout: str = "none",
     if x1.shape[1:] != x2.shape[1:]:
         raise ValueError(f"x1 {x1.shape} and x2 {x2.shape} must agree in every axis but the first")
     d = x1.ndim - 2
+    if d == 0 and layout in ("diagonal", "full"):
+        layout = "none"
     if layout == "none" and d != 0:
         raise ValueError(
             f"layout 'none' needs inputs of shape (N, C); got {x1.shape}. Use layout 'diagonal' or "
@@ -183,126 +209,6 @@ def _dense_jit(kernel, fan_in, weight_var, bias_var, *, has_bias, parameterizati
 
 
 # ----------------------------------------------------------------------------------------------
-# Window machinery shared by convolution and pooling.
-
-
-def _canonical_tuple(value, d: int, name: str, default: int = 1) -> tuple[int, ...]:
-    if value is None:
-        return (default,) * d
-    if isinstance(value, (int, np.integer)):
-        return (int(value),) * d
-    value = tuple(int(v) for v in value)
-    if len(value) != d:
-        raise ValueError(f"{name} must have one entry per spatial dimension ({d}); got {value}")
-    return value
-
-
-def resolve_padding(
-    padding: Padding,
-    in_sizes: Sequence[int],
-    window: Sequence[int],
-    strides: Sequence[int],
-    dilation: Sequence[int],
-) -> tuple[list[tuple[int, int]], str]:
-    """Explicit ``(low, high)`` pads per spatial dimension and the ``jnp.pad`` mode.
-
-    Follows Flax ``nn.Conv`` / ``nn.avg_pool`` and Haiku: ``'SAME'`` / ``'VALID'`` as ``lax``
-    computes them, ``'CIRCULAR'`` (wrap) and ``'REFLECT'`` with pads
-    ``((k_d − 1)//2, k_d//2)`` of the dilated window ``k_d``, ``'CAUSAL'`` ``(k_d − 1, 0)`` (1-D), an
-    int or a sequence of ints / pairs.
-
-    Returns:
-      ``(pads, mode)`` with ``mode`` in ``'constant'`` (zeros), ``'wrap'``, ``'reflect'``.
-    """
-    d = len(in_sizes)
-    dilated = [(k - 1) * r + 1 for k, r in zip(window, dilation)]
-    if isinstance(padding, str):
-        name = padding.upper()
-        if name in ("SAME", "VALID", "SAME_LOWER"):
-            return [tuple(p) for p in lax.padtype_to_pads(tuple(in_sizes), dilated, tuple(strides), name)], "constant"
-        if name in ("CIRCULAR", "REFLECT"):
-            return [((k - 1) // 2, k // 2) for k in dilated], {"CIRCULAR": "wrap", "REFLECT": "reflect"}[name]
-        if name == "CAUSAL":
-            if d != 1:
-                raise ValueError(f"'CAUSAL' padding is only defined for 1-D windows; got window {tuple(window)}")
-            return [(dilated[0] - 1, 0)], "constant"
-        raise ValueError(
-            f"padding {padding!r} is not supported; use 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL', an "
-            "int or a sequence of (low, high) pairs"
-        )
-    if isinstance(padding, (int, np.integer)):
-        pads = [(int(padding), int(padding))] * d
-    else:
-        pads = []
-        for p in padding:
-            if isinstance(p, (int, np.integer)):
-                pads.append((int(p), int(p)))
-            else:
-                lo, hi = p
-                pads.append((int(lo), int(hi)))
-        if len(pads) != d:
-            raise ValueError(f"padding {padding!r} must have one entry per spatial dimension ({d})")
-    if any(lo < 0 or hi < 0 for lo, hi in pads):
-        raise ValueError(f"negative padding {pads} is not supported")
-    return pads, "constant"
-
-
-def _output_size(padded: int, k: int, stride: int, dilation: int) -> int:
-    out = (padded - ((k - 1) * dilation + 1)) // stride + 1
-    if out <= 0:
-        raise ValueError(
-            f"window of size {k} (dilation {dilation}) does not fit a spatial axis of padded size {padded}"
-        )
-    return out
-
-
-def _window_sum(x: Array, axes: Sequence[int], k: int, stride: int, dilation: int, pad: tuple[int, int],
-                mode: str) -> Array:
-    """``out[i] = Σ_t xpad[i·stride + t·dilation]`` along all ``axes`` *simultaneously* (diagonal shift).
-
-    With one axis this is an ordinary window sum; with two axes (a position pair of a 'full'
-    covariance) it sums ``K[i+t, j+t]``, the diagonal window of a convolution.
-    """
-    widths = [(0, 0)] * x.ndim
-    for a in axes:
-        widths[a] = pad
-    if any(pad):
-        x = jnp.pad(x, widths, mode=mode)
-    n = x.shape[axes[0]]
-    out = _output_size(n, k, stride, dilation)
-    acc = None
-    for t in range(k):  # loops over window offsets only; positions are vectorised
-        idx = [slice(None)] * x.ndim
-        for a in axes:
-            idx[a] = slice(t * dilation, t * dilation + (out - 1) * stride + 1, stride)
-        term = x[tuple(idx)]
-        acc = term if acc is None else acc + term
-    return acc
-
-
-def _axes_per_dim(layout: str, d: int, batch_axes: int) -> list[tuple[int, ...]]:
-    """For each spatial dimension, the array axes that hold it (2 in 'full' layout, 1 in 'diagonal')."""
-    if layout == "full":
-        return [(batch_axes + 2 * i, batch_axes + 2 * i + 1) for i in range(d)]
-    return [(batch_axes + i,) for i in range(d)]
-
-
-def _map_all(kernel: Kernel, fn) -> tuple[Array, Optional[Array], Array, Array]:
-    """Apply ``fn(array, batch_axes)`` to nngp, ntk (2 batch axes) and cov1, cov2 (1 batch axis)."""
-    nngp = fn(kernel.nngp, 2)
-    ntk = None if kernel.ntk is None else fn(kernel.ntk, 2)
-    cov1 = fn(kernel.cov1, 1)
-    cov2 = cov1 if kernel.same_inputs else fn(kernel.cov2, 1)
-    return nngp, ntk, cov1, cov2
-
-
-def _spatial_or_raise(kernel: Kernel, what: str) -> tuple[int, ...]:
-    if kernel.layout == "none":
-        raise ValueError(f"{what} needs spatial axes; got a kernel with layout 'none'")
-    return kernel.spatial
-
-
-# ----------------------------------------------------------------------------------------------
 # Convolution.
 
 
@@ -377,203 +283,6 @@ def _conv_jit(kernel, fan_in, weight_var, bias_var, *, window, strides, dilation
 
     nngp, ntk, cov1, cov2 = _map_all(kernel, a_map)
     return _linear_layer(kernel, nngp, ntk, cov1, cov2, fan_in, weight_var, bias_var, has_bias, parameterization)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pooling and spatial reductions (parameter-free linear maps).
-
-
-def _pool(kernel, window_shape, strides, padding, count_include_pad, average, name):
-    spatial = _spatial_or_raise(kernel, name)
-    d = len(spatial)
-    window = _canonical_tuple(window_shape, d, "window_shape")
-    strides = _canonical_tuple(strides, d, "strides")
-    if kernel.layout != "full" and math.prod(window) > 1:
-        raise ValueError(
-            f"{name} with window {window} mixes different positions: it needs the kernel in layout 'full' "
-            f"(got {kernel.layout!r}); compute the input kernel with layout='full'"
-        )
-    dilation = (1,) * d
-    pads, mode = resolve_padding(padding, spatial, window, strides, dilation)
-    for i in range(d):
-        _output_size(spatial[i] + sum(pads[i]), window[i], strides[i], 1)
-    return _pool_jit(kernel, window=window, strides=strides, pads=tuple(tuple(p) for p in pads), mode=mode,
-                     count_include_pad=bool(count_include_pad), average=bool(average))
-
-
-@functools.partial(jax.jit, static_argnames=("window", "strides", "pads", "mode", "count_include_pad", "average"))
-def _pool_jit(kernel, *, window, strides, pads, mode, count_include_pad, average):
-    spatial = kernel.spatial
-    d = len(spatial)
-    counts = []
-    for i in range(d):
-        if not average:
-            counts.append(None)
-        elif count_include_pad:
-            counts.append(float(window[i]))
-        else:
-            ones = jnp.ones((spatial[i],), dtype=kernel.nngp.dtype)
-            counts.append(_window_sum(ones, (0,), window[i], strides[i], 1, pads[i], "constant"))
-
-    def pool_map(x, batch_axes):
-        for i, axes in enumerate(_axes_per_dim(kernel.layout, d, batch_axes)):
-            for a in axes:  # independent windows for the two positions of a pair
-                x = _window_sum(x, (a,), window[i], strides[i], 1, pads[i], mode)
-                if counts[i] is not None:
-                    c = counts[i]
-                    if not isinstance(c, float):
-                        c = c.reshape((-1,) + (1,) * (x.ndim - a - 1))
-                    x = x / c
-        return x
-
-    nngp, ntk, cov1, cov2 = _map_all(kernel, pool_map)
-    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
-
-
-def avg_pool(
-    kernel: Kernel,
-    window_shape: Sequence[int],
-    strides: Union[int, Sequence[int], None] = None,
-    padding: Padding = "VALID",
-    count_include_pad: bool = True,
-) -> Kernel:
-    """Average pooling (Flax ``nn.avg_pool`` semantics), layout 'full'.
-
-    ``K'[p, p'] = (1/(n_p n_p')) Σ_{δ, δ'} K[p+δ, p'+δ']`` with ``n_p = |window|``
-    (``count_include_pad=True``, Flax's default) or the number of in-bounds window elements at
-    ``p`` (``count_include_pad=False``, which is what Haiku's ``hk.avg_pool`` does for 'SAME'
-    padding). Strides default to 1 (Flax); pass ``strides=window_shape`` for Haiku-style
-    non-overlapping pooling if that is what the model does. The NTK transforms the same way.
-
-    Example::
-
-        k = avg_pool(k, (2, 2), strides=(2, 2))    # nngp (N1, N2, 8, 8, 8, 8) -> (N1, N2, 4, 4, 4, 4)
-    """
-    return _pool(kernel, window_shape, strides, padding, count_include_pad, True, "avg_pool")
-
-
-def sum_pool(
-    kernel: Kernel,
-    window_shape: Sequence[int],
-    strides: Union[int, Sequence[int], None] = None,
-    padding: Padding = "VALID",
-) -> Kernel:
-    """Sum pooling (``lax.reduce_window`` with ``lax.add``): :func:`avg_pool` without the division."""
-    return _pool(kernel, window_shape, strides, padding, True, False, "sum_pool")
-
-
-def _spatial_reduce(kernel: Kernel, axes, mean: bool, name: str) -> Kernel:
-    spatial = _spatial_or_raise(kernel, name)
-    d = len(spatial)
-    if axes is None:
-        dims = tuple(range(d))
-    else:
-        axes = (axes,) if isinstance(axes, int) else tuple(axes)
-        dims = []
-        for a in axes:
-            a = a + d + 2 if a < 0 else a
-            if not 1 <= a <= d:
-                raise ValueError(
-                    f"{name}: axis {a} of an activation (N, *spatial, C) with {d} spatial axes is not a spatial "
-                    f"axis; only axes 1..{d} can be reduced by this map"
-                )
-            dims.append(a - 1)
-        dims = tuple(sorted(set(dims)))
-    if kernel.layout == "diagonal" and any(spatial[i] > 1 for i in dims):
-        raise ValueError(
-            f"{name} over spatial axes of sizes {[spatial[i] for i in dims]} needs the covariance between "
-            "different positions: layout 'full' (got 'diagonal'); compute the input kernel with layout='full'"
-        )
-
-    return _reduce_jit(kernel, dims=dims, mean=bool(mean))
-
-
-@functools.partial(jax.jit, static_argnames=("dims", "mean"))
-def _reduce_jit(kernel, *, dims, mean):
-    d = len(kernel.spatial)
-
-    def reduce(x, batch_axes):
-        per_dim = _axes_per_dim(kernel.layout, d, batch_axes)
-        red = tuple(a for i in dims for a in per_dim[i])
-        return jnp.mean(x, axis=red) if mean else jnp.sum(x, axis=red)
-
-    nngp, ntk, cov1, cov2 = _map_all(kernel, reduce)
-    layout = "none" if len(dims) == d else kernel.layout
-    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, layout=layout)
-
-
-def spatial_mean(kernel: Kernel, axes: Union[int, Sequence[int], None] = None) -> Kernel:
-    """Mean over spatial axes of the activation (e.g. ``jnp.mean(x, axis=(1, 2))``), layout 'full'.
-
-    ``K'[...] = mean_{p, p'} K[p, p']`` over the reduced axes. Reducing every spatial axis (global
-    average pooling) gives layout ``'none'``.
-
-    Args:
-      kernel: layout 'full' (or 'diagonal' when the reduced axes have size 1).
-      axes: axes of the activation ``(N, *spatial, C)`` (``1..D``, negative counted from the
-        channel axis ``-1``); ``None`` for all spatial axes.
-
-    Example::
-
-        k = spatial_mean(k)     # (N1, N2, H, H, W, W) -> (N1, N2), cov1 -> (N1,)
-    """
-    return _spatial_reduce(kernel, axes, True, "spatial_mean")
-
-
-def spatial_sum(kernel: Kernel, axes: Union[int, Sequence[int], None] = None) -> Kernel:
-    """Sum over spatial axes: :func:`spatial_mean` times ``(Π sizes)²``."""
-    return _spatial_reduce(kernel, axes, False, "spatial_sum")
-
-
-def to_diagonal(kernel: Kernel) -> Kernel:
-    """Layout 'full' → 'diagonal': keep the covariances between equal positions only."""
-    if kernel.layout == "diagonal":
-        return kernel
-    if kernel.layout != "full":
-        raise ValueError(f"to_diagonal needs layout 'full' or 'diagonal'; got {kernel.layout!r}")
-    return _to_diagonal_jit(kernel)
-
-
-@jax.jit
-def _to_diagonal_jit(kernel):
-    d = len(kernel.spatial)
-
-    def diag(x, batch_axes):
-        for _ in range(d):
-            x = jnp.diagonal(x, axis1=batch_axes, axis2=batch_axes + 1)
-        return x
-
-    nngp, ntk, cov1, cov2 = _map_all(kernel, diag)
-    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, layout="diagonal")
-
-
-def flatten(kernel: Kernel) -> Kernel:
-    """Reshape ``(N, *spatial, C) → (N, Π spatial · C)``: layout 'none', for a following dense layer.
-
-    A dense layer sums over all flattened features, so it only needs their average covariance
-    ``mean_p K[p, p]`` (the spatial diagonal; works from 'diagonal' and 'full'). The flattened
-    features are not identically distributed, so the result is marked ``is_gaussian=False``: a
-    nonlinearity must come before the flatten, not between it and the dense layer.
-
-    Example::
-
-        k = flatten(k)        # (N1, N2, H, W) -> (N1, N2); the next dense has fan_in = H·W·C
-    """
-    if kernel.layout == "none":
-        return kernel
-    return _flatten_jit(kernel)
-
-
-@jax.jit
-def _flatten_jit(kernel):
-    k = to_diagonal(kernel)
-    d = len(k.spatial)
-
-    def mean(x, batch_axes):
-        return jnp.mean(x, axis=tuple(range(batch_axes, batch_axes + d)))
-
-    nngp, ntk, cov1, cov2 = _map_all(k, mean)
-    return k.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, layout="none", is_gaussian=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -701,6 +410,52 @@ def rms_norm(
     """
     return _normalize(kernel, epsilon=float(epsilon), use_scale=bool(use_scale), use_bias=False,
                       scale_init=float(scale_init), bias_init=0.0, over_spatial=bool(over_spatial))
+
+
+def channel_affine(
+    kernel: Kernel,
+    a,
+    b,
+    *,
+    scale=None,
+    offset=None,
+) -> Kernel:
+    """A module mapping each channel affinely, ``y_c = a_c x_c + b_c`` (BatchNorm in inference mode).
+
+    The next random linear layer averages over channels, so with a zero-mean input
+    ``nngp ← mean_c(a_c²)·nngp + mean_c(b_c²)`` (cross terms ``a_c b_c E[x_c]`` vanish) and
+    ``ntk ← mean_c(a_c²)·ntk``, plus, for a trainable per-channel scale ``γ_c`` (``y = γ_c x̂_c + β_c``
+    with ``x̂_c = (x_c − μ_c)/s_c``), ``mean_c((nngp + μ_c²)/s_c²)`` and ``+1`` for a trainable
+    offset. The output is Gaussian only when every ``b_c`` is zero and every ``a_c`` equal.
+
+    Args:
+      kernel: the input kernel, any layout.
+      a, b: concrete arrays ``(C,)``: the map's per-channel slope and offset.
+      scale: the concrete values ``(C,)`` of a trainable per-channel scale ``γ``, or ``None``.
+      offset: the concrete values ``(C,)`` of a trainable per-channel offset ``β``, or ``None``.
+
+    Example::
+
+        k = channel_affine(k, a, b, scale=params["scale"], offset=params["bias"])
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    a2, b2 = float(np.mean(a * a)), float(np.mean(b * b))
+    nngp = a2 * kernel.nngp + b2
+    cov1, cov2 = a2 * kernel.cov1 + b2, a2 * kernel.cov2 + b2
+    ntk = None
+    if kernel.ntk is not None:
+        ntk = a2 * kernel.ntk
+        if scale is not None:
+            gamma = np.reshape(np.asarray(scale), (-1,))
+            # a_c = γ_c/s_c and b_c = β_c − a_c μ_c give 1/s_c and μ_c
+            inv_s2 = (a / np.where(gamma == 0, 1.0, gamma)) ** 2
+            beta = np.reshape(np.asarray(offset), (-1,)) if offset is not None else 0.0
+            mu = (beta - b) / np.where(a == 0, 1.0, a)
+            ntk = ntk + float(np.mean(inv_s2)) * kernel.nngp + float(np.mean(inv_s2 * mu * mu))
+        if offset is not None:
+            ntk = ntk + 1.0
+    uniform = bool(np.all(b == 0)) and bool(np.all(a == a[0]))
+    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=kernel.is_gaussian and uniform)
 
 
 # ----------------------------------------------------------------------------------------------

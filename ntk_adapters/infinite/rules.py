@@ -1,25 +1,31 @@
-"""The registry of infinite-width rules: how the engine learns layers, primitives and frameworks.
+"""The registry of infinite-width rules and the contract a rule is written against.
 
 Three kinds of entries, all used by the built-in layers too (``ntk_adapters.flax.rules`` and
 ``ntk_adapters.haiku.rules`` register theirs when imported; the engine imports them only for a
-model of that framework):
+model of that framework; the primitive rules live in :mod:`ntk_adapters.infinite.primitives`):
 
 * **Module rules** (:func:`register_rule`): for a module type (a Flax linen class, a Haiku
-  module class, your own), a function replacing everything the module computes::
+  module class, your own), a function replacing everything the module computes, of the
+  :class:`ModuleRule` signature::
 
       rule(kernel: Kernel, call: ModuleCall) -> Kernel
 
   ``kernel`` is the :class:`~ntk_adapters.infinite.kernel.Kernel` of the module's input (one
-  channel at infinite width; shapes in its docstring). ``call`` is a
-  :class:`~ntk_adapters.infinite.engine.ModuleCall`: ``call.module`` the module object (its
-  configuration: ``features``, ``kernel_init``, ``use_bias``, ...), ``call.path`` its path in the
-  model (``'Dense_0'``, ``'mlp/~/linear_0'``), ``call.params`` its parameters (a dict of arrays, so
-  ``call.params['kernel'].shape`` gives the weight shape), ``call.in_shape`` / ``call.out_shape``
-  the per-example shapes, ``call.variance(init, shape, what)`` the exact variance of an
-  initializer (honouring the user's ``weight_variance=`` / ``bias_variance=`` overrides) and
-  ``call.apply(x)`` the module evaluated on a concrete input. The rule returns the Kernel of the
-  module's output; it sets ``is_gaussian=True`` when the output is a zero-mean Gaussian process
-  (a random linear layer).
+  channel at infinite width; shapes in its docstring). ``call`` is a frozen :class:`ModuleCall`:
+  ``call.module`` the module object (its configuration: ``features``, ``kernel_init``,
+  ``use_bias``, ...), ``call.path`` its path in the model (``'Dense_0'``, ``'mlp/~/linear_0'``),
+  ``call.params`` its parameters (a dict of arrays, so ``call.params['kernel'].shape`` gives the
+  weight shape), ``call.in_shape`` / ``call.out_shape`` the per-example shapes, ``call.options``
+  the engine's options, and the questions a rule may ask:
+  ``call.weight_variance(init, shape, fan_in)`` / ``call.bias_variance(init, shape)`` the exact
+  ``σw²`` / ``σb²`` of an initializer (honouring the user's ``weight_variance=`` /
+  ``bias_variance=`` overrides), ``call.initial_value(init, shape, what)`` the value of a
+  constant initializer, ``call.apply(x)`` the module evaluated on a concrete input,
+  ``call.per_channel_affine()``, ``call.reduces_over_batch()`` and ``call.error(message)`` (an
+  :class:`InfiniteWidthError` naming the layer). The rule returns the Kernel of the module's
+  output; it sets ``is_gaussian=True`` when the output is a zero-mean Gaussian process (a random
+  linear layer). The maps of :mod:`ntk_adapters.infinite.layers` and
+  :mod:`ntk_adapters.infinite.elementwise` compute most outputs.
 
   Options: ``linear=True`` declares that the output is a fresh random linear map of the input
   (zero mean, independent of everything computed before), which lets residual sums ``x + f(x)``
@@ -28,21 +34,27 @@ model of that framework):
   refuses it.
 
 * **Primitive rules** (:func:`register_primitive_rule`): for a JAX primitive met between modules,
-  ``rule(eqn, invals, ctx) -> list of outvals``, where each value is either a concrete array or an
-  engine :class:`~ntk_adapters.infinite.engine.Value`; see the engine for the built-in ones
-  (reshape, reduce_sum, reduce_window_sum, add, concatenate, ...).
+  of the :class:`PrimitiveRule` signature::
+
+      rule(eqn, invals, ctx: PrimitiveContext) -> list of outvals
+
+  ``eqn`` is the jaxpr equation, each value in ``invals`` / outvals a
+  :class:`~ntk_adapters.infinite.values.Value` (input-dependent, with a kernel) or a
+  :class:`~ntk_adapters.infinite.values.Concrete` array. :class:`PrimitiveContext` gives the
+  batch size, the options, ``ctx.materialize(value, eqn)``, ``ctx.call_program(eqn, invals)``
+  and ``ctx.error(eqn, message)``.
 
 * **Elementwise primitives** (:func:`register_elementwise_primitive`): primitives that act entry by
   entry (``tanh``, ``max``, ``logistic``, ...). A chain of them on one Gaussian value becomes one
-  function phi whose kernel is computed by :mod:`ntk_adapters.infinite.elementwise`.
+  function phi whose kernel is computed by :mod:`ntk_adapters.infinite.elementwise`; the rule doing
+  so is registered under :data:`ELEMENTWISE`.
 
 Example (a custom layer ``Scale`` computing ``x * self.alpha``)::
 
-    from ntk_adapters.infinite import register_rule
+    from ntk_adapters.infinite import layers, register_rule
 
-    def scale_rule(k, call):
-        a2 = call.module.alpha ** 2
-        return k.replace(nngp=a2 * k.nngp, ntk=a2 * k.ntk, cov1=a2 * k.cov1, cov2=a2 * k.cov2)
+    def scale_rule(kernel, call):
+        return layers.scale(kernel, call.module.alpha)
 
     register_rule(Scale, scale_rule)
 """
@@ -51,33 +63,266 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_adapters.infinite import initializers as _inits
+from ntk_adapters.infinite import programs as _programs
+from ntk_adapters.infinite import values as _values
+from ntk_adapters.infinite.kernel import Kernel
 
 __all__ = [
+    "ELEMENTWISE",
+    "ELEMENTWISE_PRIMITIVES",
+    "EngineOptions",
+    "InfiniteWidthError",
+    "ModuleCall",
     "ModuleRule",
-    "register_rule",
+    "PrimitiveContext",
+    "PrimitiveRule",
+    "RegisteredModuleRule",
+    "layer_error",
+    "load_framework",
+    "lookup_primitive_rule",
     "lookup_rule",
-    "register_primitive_rule",
+    "module_type_name",
     "register_elementwise_primitive",
     "register_framework",
-    "ELEMENTWISE_PRIMITIVES",
+    "register_primitive_rule",
+    "register_rule",
 ]
 
 
+class InfiniteWidthError(NotImplementedError):
+    """The engine has no exact infinite-width rule for part of the model."""
+
+
 @dataclasses.dataclass(frozen=True)
-class ModuleRule:
+class EngineOptions:
+    """The options of one :func:`~ntk_adapters.infinite.infinite_kernel_fn`, as rules see them.
+
+    Attributes:
+      weight_variance: the user's ``σw²`` override: ``None``, one float, or a dict from layer path
+        (or its last component) to ``σw²``.
+      bias_variance: the same for ``σb²``.
+      layout: the spatial layout of this evaluation, ``'diagonal'`` or ``'full'``.
+      n_points: Gauss–Hermite nodes per dimension for elementwise functions without a closed form.
+    """
+
+    weight_variance: Union[None, float, Mapping[str, float]]
+    bias_variance: Union[None, float, Mapping[str, float]]
+    layout: str
+    n_points: int
+
+
+def module_type_name(module: Any) -> str:
+    """``'package.module.QualName'`` of a module object's class, for messages."""
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def layer_error(path: str, module: Any, message: str) -> InfiniteWidthError:
+    """An :class:`InfiniteWidthError` naming the layer at ``path`` and its class, to raise."""
+    return InfiniteWidthError(f"layer `{path}` ({module_type_name(module)}): {message}; {_programs.SUGGEST}")
+
+
+# ----------------------------------------------------------------------------------------------
+# What a module rule receives.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModuleCall:
+    """One call of a framework module, as its rule sees it (built by the interpreter, frozen).
+
+    Attributes:
+      module: the module object (its configuration).
+      path: the module's path in the model, ``'Dense_0'`` (Flax), ``'mlp/~/linear_0'`` (Haiku).
+      params: the module's parameters, a dict of arrays (empty for a module without any).
+      in_shape, out_shape: per-example shapes of the module's input and output.
+      in_dtype: the dtype of the module's input.
+      batch: the batch size of the traced program: :attr:`apply` takes ``(batch, *in_shape)``.
+      options: the engine's :class:`EngineOptions`.
+      eqns: the module's traced equations (batch axis first).
+      apply: ``apply(x) -> y``: the module's traced equations evaluated on a concrete input of shape
+        ``(batch, *in_shape)`` (for probing, e.g., the affine map of a BatchNorm in inference mode).
+    """
+
+    module: Any
+    path: str
+    params: Mapping[str, Any]
+    in_shape: tuple
+    out_shape: tuple
+    in_dtype: Any
+    batch: int
+    options: EngineOptions
+    eqns: tuple = dataclasses.field(default=(), repr=False)
+    apply: Optional[Callable[[jax.Array], jax.Array]] = dataclasses.field(default=None, repr=False)
+
+    @property
+    def type_name(self) -> str:
+        """The module's class, ``'flax.linen.linear.Dense'``."""
+        return module_type_name(self.module)
+
+    def _override(self, table) -> Optional[float]:
+        if table is None:
+            return None
+        if isinstance(table, (int, float)):
+            return float(table)
+        for key in (self.path, self.path.split("/")[-1]):
+            if key in table:
+                return float(table[key])
+        return None
+
+    def weight_variance(self, init: Any, shape: Sequence[int], fan_in: int) -> float:
+        """``σw² = fan_in · Var(W)`` of the initializer ``init`` of a weight of ``shape``, or the user's
+        ``weight_variance`` for this layer. Raises :class:`InfiniteWidthError` for an initializer
+        that cannot be read exactly."""
+        o = self._override(self.options.weight_variance)
+        if o is not None:
+            return o
+        try:
+            return fan_in * _inits.variance(init, shape, what=f"weight of {self.path}")
+        except _inits.UnknownInitializerError as e:
+            raise InfiniteWidthError(f"layer `{self.path}` ({self.type_name}): {e}") from None
+
+    def bias_variance(self, init: Any, shape: Sequence[int]) -> float:
+        """``σb² = Var(b)`` of the initializer ``init`` of a bias of ``shape``, or the user's
+        ``bias_variance`` for this layer."""
+        o = self._override(self.options.bias_variance)
+        if o is not None:
+            return o
+        try:
+            return _inits.variance(init, shape, what=f"bias of {self.path}")
+        except _inits.UnknownInitializerError as e:
+            raise InfiniteWidthError(f"layer `{self.path}` ({self.type_name}): {e}") from None
+
+    def initial_value(self, init: Any, shape: Sequence[int], what: str) -> float:
+        """The value every entry of a constant-initialized parameter starts at (a LayerNorm scale);
+        an error naming ``what`` when ``init`` is random or unknown."""
+        try:
+            mean, var = _inits.moments(init, shape)
+        except _inits.UnknownInitializerError as e:
+            raise self.error(f"{what}: {e}") from None
+        if var != 0.0:
+            raise self.error(f"{what} is initialized at random; the rule needs a constant initial value")
+        return mean
+
+    def per_channel_affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(a, b)``, ``(C,)`` each, of a module that maps each channel affinely, ``y_c = a_c x_c + b_c``
+        (BatchNorm in inference mode), read by evaluating it on zeros and on ones."""
+        c = self.in_shape[-1]
+        with jax.ensure_compile_time_eval():
+            x0 = jnp.zeros((self.batch, *self.in_shape), self.in_dtype)
+            b = self.apply(x0).reshape(-1, c)[0]
+            a = self.apply(jnp.ones_like(x0)).reshape(-1, c)[0] - b
+            return np.asarray(a), np.asarray(b)
+
+    def reduces_over_batch(self) -> bool:
+        """Whether the module's traced equations reduce over the batch axis (batch statistics)."""
+        def walk(eqns):
+            for e in eqns:
+                axes = e.params.get("axes")
+                if e.primitive.name.startswith("reduce_") and axes is not None and 0 in tuple(axes):
+                    return True
+                sub = _programs.sub_jaxpr(e)
+                if sub is not None and walk(sub[0].eqns):
+                    return True
+            return False
+        return walk(self.eqns)
+
+    def error(self, message: str) -> InfiniteWidthError:
+        """An :class:`InfiniteWidthError` naming this layer, to raise."""
+        return layer_error(self.path, self.module, message)
+
+
+class ModuleRule(Protocol):
+    """The signature of a module rule: the Kernel of the module's output from that of its input."""
+
+    def __call__(self, kernel: Kernel, call: ModuleCall, /) -> Kernel:
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# What a primitive rule receives.
+
+_NON_GAUSSIAN = ("an elementwise nonlinearity is applied to a value that is not a zero-mean Gaussian process "
+                 "(two nonlinearities in a row, a nonlinearity of the raw input, or after a residual sum, "
+                 "concatenation or normalization); its kernel does not determine the result")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PrimitiveContext:
+    """What a primitive rule may ask the interpreter (built by it, frozen).
+
+    Attributes:
+      batch: the batch size of the traced program (axis 0 of every traced array).
+      options: the engine's :class:`EngineOptions`.
+      outer: the call equations (``jit``, ``custom_jvp``, ...) whose programs are being
+        interpreted, outermost first: the equations inside carry name stacks relative to them.
+    """
+
+    batch: int
+    options: EngineOptions
+    outer: tuple = ()
+    _enter: Optional[Callable[[Any, list], list]] = dataclasses.field(default=None, repr=False)
+
+    def where(self, eqn) -> str:
+        """The user's module path of ``eqn``, ``'<top level>'`` outside every module."""
+        return _programs.where(self.outer, eqn)
+
+    def error(self, eqn, message: str) -> InfiniteWidthError:
+        """An :class:`InfiniteWidthError` naming ``eqn``'s module path and primitive, to raise."""
+        return InfiniteWidthError(
+            f"at `{self.where(eqn)}` (primitive {_programs.describe_primitive(self.outer, eqn)}): {message}; "
+            f"{_programs.SUGGEST}"
+        )
+
+    def materialize(self, value: _values.Value, eqn=None) -> _values.Value:
+        """``value`` with its pending elementwise function (if any) applied to its kernel."""
+        if value.phi is None:
+            return value
+        if not value.kernel.is_gaussian:
+            if eqn is not None:
+                raise self.error(eqn, _NON_GAUSSIAN)
+            raise InfiniteWidthError(_NON_GAUSSIAN + "; " + _programs.SUGGEST)
+        return _values.apply_phi(value, self.options.n_points)
+
+    def call_program(self, eqn, invals: Sequence[_values.Interpreted]) -> list:
+        """Interpret the program of a call equation (``jit``, ``custom_jvp``, ...) on ``invals``."""
+        return self._enter(eqn, list(invals))
+
+
+class PrimitiveRule(Protocol):
+    """The signature of a primitive rule: one interpreted value per output variable of ``eqn``."""
+
+    def __call__(self, eqn: Any, invals: Sequence[_values.Interpreted], ctx: PrimitiveContext, /
+                 ) -> Sequence[_values.Interpreted]:
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry.
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredModuleRule:
     """A registered module rule and its options (see the module docstring)."""
 
-    fn: Callable
+    fn: ModuleRule
     linear: bool = False
     flat: str = "error"
 
 
-_MODULE_RULES: dict[Any, ModuleRule] = {}
-PRIMITIVE_RULES: dict[str, Callable] = {}
+_MODULE_RULES: dict[Any, RegisteredModuleRule] = {}
+_PRIMITIVE_RULES: dict[str, PrimitiveRule] = {}
 FRAMEWORKS: dict[str, Callable] = {}
 _FRAMEWORK_PACKAGES = {"flax.linen": "ntk_adapters.flax.rules", "flax.nnx": "ntk_adapters.flax.nnx_rules",
                        "haiku": "ntk_adapters.haiku.rules"}
+
+#: The key of the primitive rule used for every elementwise primitive without a rule of its own.
+ELEMENTWISE = "<elementwise>"
 
 ELEMENTWISE_PRIMITIVES: set[str] = {
     "neg", "sin", "cos", "tan", "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "abs",
@@ -91,7 +336,7 @@ ELEMENTWISE_PRIMITIVES: set[str] = {
 
 def register_rule(
     module_type: Union[type, str],
-    rule: Callable,
+    rule: ModuleRule,
     *,
     linear: bool = False,
     flat: str = "error",
@@ -100,7 +345,7 @@ def register_rule(
 
     Args:
       module_type: the class (matched for subclasses too), or ``'module.QualName'``.
-      rule: ``rule(kernel, call) -> kernel``.
+      rule: ``rule(kernel, call) -> kernel`` (:class:`ModuleRule`).
       linear: the output is a fresh zero-mean random linear map of the input (Dense, Conv).
       flat: ``'average'`` to accept a flattened spatial input as its position average,
         ``'error'`` (default) to refuse it.
@@ -111,10 +356,10 @@ def register_rule(
     """
     if flat not in ("average", "error"):
         raise ValueError(f"flat must be 'average' or 'error'; got {flat!r}")
-    _MODULE_RULES[module_type] = ModuleRule(rule, linear=linear, flat=flat)
+    _MODULE_RULES[module_type] = RegisteredModuleRule(rule, linear=linear, flat=flat)
 
 
-def lookup_rule(module: Any) -> Optional[ModuleRule]:
+def lookup_rule(module: Any) -> Optional[RegisteredModuleRule]:
     """The rule registered for ``type(module)`` or its closest base class, else ``None``."""
     for cls in type(module).__mro__:
         if cls in _MODULE_RULES:
@@ -125,14 +370,25 @@ def lookup_rule(module: Any) -> Optional[ModuleRule]:
     return None
 
 
-def register_primitive_rule(primitive: Any, rule: Callable) -> None:
-    """Register ``rule(eqn, invals, ctx) -> outvals`` for a JAX primitive (object or name).
+def register_primitive_rule(primitive: Any, rule: PrimitiveRule) -> None:
+    """Register ``rule(eqn, invals, ctx) -> outvals`` (:class:`PrimitiveRule`) for a JAX primitive
+    (object or name), or for every elementwise primitive without its own rule (:data:`ELEMENTWISE`).
 
     The rule is used for equations outside recognized modules whose inputs include an
-    input-dependent value (an engine ``Value``); concrete-only equations are simply evaluated.
+    input-dependent value (a :class:`~ntk_adapters.infinite.values.Value`); concrete-only
+    equations are simply evaluated.
     """
     name = primitive if isinstance(primitive, str) else primitive.name
-    PRIMITIVE_RULES[name] = rule
+    _PRIMITIVE_RULES[name] = rule
+
+
+def lookup_primitive_rule(name: str) -> Optional[PrimitiveRule]:
+    """The rule of primitive ``name``: its own, else the :data:`ELEMENTWISE` rule for an elementwise
+    primitive, else ``None``."""
+    rule = _PRIMITIVE_RULES.get(name)
+    if rule is None and name in ELEMENTWISE_PRIMITIVES:
+        rule = _PRIMITIVE_RULES.get(ELEMENTWISE)
+    return rule
 
 
 def register_elementwise_primitive(primitive: Any) -> None:

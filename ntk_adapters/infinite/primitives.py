@@ -1,0 +1,416 @@
+"""The built-in primitive rules: how the operations written between modules act on kernels.
+
+Each rule has the :class:`~ntk_adapters.infinite.rules.PrimitiveRule` signature
+``rule(eqn, invals, ctx) -> outvals`` and is registered beside its definition with
+:func:`~ntk_adapters.infinite.rules.register_primitive_rule`, the way user rules are. The kernel
+mathematics is in :mod:`ntk_adapters.infinite.layers` and :mod:`ntk_adapters.infinite.elementwise`;
+the rules decide which map applies and refuse what no kernel can express:
+
+* ``reshape``: a flatten (the kernel keeps its positions; the Dense that follows averages over
+  them), its inverse, or the units of a dense layer split into positions × channels;
+* ``reduce_sum`` over spatial axes and ``reduce_window_sum``: spatial sums and sum pooling;
+* ``concatenate`` on the channel axis: the channel-weighted mix of the branches;
+* elementwise primitives (:data:`~ntk_adapters.infinite.rules.ELEMENTWISE`): a chain on one
+  Gaussian value becomes one lazy function phi (closed form where recognised, quadrature
+  otherwise); ``add``/``sub`` of two independent branches sums their kernels; multiplication by a
+  constant (per position or overall) scales them;
+* call primitives (``jit``, ``custom_jvp``, ...): an elementwise program is one more link of a
+  chain, any other program is interpreted equation by equation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_adapters.infinite import layers as _layers
+from ntk_adapters.infinite import programs as _programs
+from ntk_adapters.infinite import rules as _rules
+from ntk_adapters.infinite.rules import PrimitiveContext, register_primitive_rule
+from ntk_adapters.infinite.values import Concrete, Phi, Value, is_value, new_id
+
+__all__ = ["elementwise_program"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes.
+
+
+def _reshape_rule(eqn, invals, ctx: PrimitiveContext):
+    v = invals[0]
+    if not is_value(v):
+        raise ctx.error(eqn, "reshape of a value with a dynamic shape")
+    new = tuple(eqn.params["new_sizes"])
+    if new[0] != ctx.batch:
+        raise ctx.error(eqn, f"reshape to {new} mixes the batch axis with the features")
+    new = new[1:]
+    if new == v.shape:
+        return [v]
+    spatial = v.kernel.spatial
+    if len(new) == 1 and math.prod(v.shape) == new[0]:
+        # flatten: positions stay in the kernel, the Dense that follows averages over them
+        return [dataclasses.replace(v, shape=new, flat=v.kernel.layout != "none")]
+    if v.flat and math.prod(new) == math.prod(v.shape) and tuple(new[:-1]) == tuple(spatial):
+        return [dataclasses.replace(v, shape=new, flat=False)]
+    if v.kernel.layout == "none" and not v.flat and len(new) >= 2:
+        v = ctx.materialize(v, eqn)
+        k = _layers.unflatten(v.kernel, new[:-1], layout=ctx.options.layout)
+        return [dataclasses.replace(v, kernel=k, shape=new, flat=False)]
+    raise ctx.error(eqn, f"reshape of per-example shape {v.shape} to {new} is neither a flatten nor its inverse")
+
+
+def _broadcast_rule(eqn, invals, ctx: PrimitiveContext):
+    v = invals[0]
+    new = tuple(eqn.params["shape"][1:])
+    if new == v.shape:
+        return [v]
+    if v.shape == () and new == (1,) and v.kernel.layout == "none":
+        # x[:, None] of a leaf (N,): one number per example is one channel
+        return [dataclasses.replace(v, shape=new)]
+    raise ctx.error(eqn, f"broadcast of an input-dependent value of per-example shape {v.shape}")
+
+
+register_primitive_rule("reshape", _reshape_rule)
+register_primitive_rule("broadcast_in_dim", _broadcast_rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spatial sums and pooling.
+
+
+def _reduce_sum_rule(eqn, invals, ctx: PrimitiveContext):
+    v = invals[0]
+    axes = tuple(a - 1 for a in eqn.params["axes"])  # per-example axes
+    nsp = len(v.shape) - 1
+    if v.flat or -1 in axes or (len(v.shape) - 1) in axes or nsp == 0:
+        raise ctx.error(eqn, "a sum over the channel axis or the batch axis (e.g. a normalization or "
+                             "softmax written inline) has no infinite-width rule outside a recognised module")
+    v = ctx.materialize(v, eqn)
+    if v.kernel.layout != "full":
+        raise ctx.error(eqn, "pooling over spatial axes needs the covariance between positions; pass "
+                             "spatial_layout='full' (or 'auto')")
+    k = _layers.spatial_sum(v.kernel, axes=tuple(a + 1 for a in axes))
+    new_shape = tuple(s for d, s in enumerate(v.shape[:-1]) if d not in axes) + (v.shape[-1],)
+    return [Value(kernel=k, shape=new_shape, base=new_id(), fresh=v.fresh, deps=v.deps)]
+
+
+def _reduce_window_sum_rule(eqn, invals, ctx: PrimitiveContext):
+    v = invals[0]
+    if v.flat or len(v.shape) < 2:
+        raise ctx.error(eqn, "a window sum over a value without spatial axes")
+    p = eqn.params
+    dims, strides, pads = p["window_dimensions"], p["window_strides"], p["padding"]
+    if dims[0] != 1 or dims[-1] != 1 or strides[0] != 1 or strides[-1] != 1:
+        raise ctx.error(eqn, "a window sum over the batch or channel axis")
+    if any(d != 1 for d in p.get("base_dilation", ())) or any(d != 1 for d in p.get("window_dilation", ())):
+        raise ctx.error(eqn, "dilated window sums have no rule")
+    v = ctx.materialize(v, eqn)
+    window = tuple(dims[1:-1])
+    if v.kernel.layout != "full" and math.prod(window) > 1:
+        raise ctx.error(eqn, "pooling needs the covariance between positions; pass spatial_layout='full' "
+                             "(or 'auto')")
+    try:
+        k = _layers.sum_pool(v.kernel, window, strides=tuple(strides[1:-1]), padding=[tuple(x) for x in pads[1:-1]])
+    except ValueError as e:
+        raise ctx.error(eqn, str(e)) from None
+    shape = tuple(eqn.outvars[0].aval.shape[1:])
+    return [Value(kernel=k, shape=shape, base=new_id(), fresh=v.fresh, deps=v.deps)]
+
+
+register_primitive_rule("reduce_sum", _reduce_sum_rule)
+register_primitive_rule("reduce_window_sum", _reduce_window_sum_rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# Concatenation.
+
+
+def _concatenate_rule(eqn, invals, ctx: PrimitiveContext):
+    dim = eqn.params["dimension"]
+    if not all(is_value(v) for v in invals):
+        raise ctx.error(eqn, "concatenates input-dependent values with constants")
+    vals = [ctx.materialize(v, eqn) for v in invals]
+    nd = len(vals[0].shape)
+    if dim - 1 != nd - 1 or any(v.flat for v in vals):
+        raise ctx.error(eqn, "concatenation along a non-channel axis")
+    if len({v.kernel.layout for v in vals}) != 1:
+        raise ctx.error(eqn, "concatenates values of different spatial layouts")
+    sizes = [v.shape[-1] for v in vals]
+    try:
+        k = _layers.concatenate([v.kernel for v in vals], channels=sizes)
+    except ValueError as e:
+        raise ctx.error(eqn, str(e)) from None
+    deps = frozenset().union(*(v.deps for v in vals))
+    return [Value(kernel=k, shape=vals[0].shape[:-1] + (sum(sizes),), base=new_id(), deps=deps)]
+
+
+register_primitive_rule("concatenate", _concatenate_rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise primitives.
+
+
+def _to_dtype(a, dtype):
+    a = jnp.asarray(a)
+    if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype:
+        return a.astype(dtype)
+    return a
+
+
+def _bind_elementwise(eqn, args, dtype):
+    """Bind an elementwise equation on arrays of any (broadcast-compatible) shape.
+
+    phi is evaluated on quadrature nodes and kernel entries, not on the traced shapes, so shape
+    parameters (broadcasts, conversions to the traced dtype) are dropped.
+    """
+    name = eqn.primitive.name
+    if name == "convert_element_type":
+        a = args[0]
+        new = eqn.params["new_dtype"]
+        return a if jnp.issubdtype(new, jnp.floating) else a.astype(new)
+    if name in ("broadcast_in_dim", "copy", "copy_p", "stop_gradient", "reduce_precision"):
+        return args[0]
+    if name in _programs.CALL_PRIMITIVES:
+        jaxpr, consts = _programs.sub_jaxpr(eqn)
+        outs = _eval_elementwise(jaxpr, consts, args, dtype)
+        return outs if eqn.primitive.multiple_results else outs[0]
+    args = [_to_dtype(a, dtype) for a in args]
+    if name == "select_n":
+        pred, *cases = args
+        if len(cases) == 2:
+            return jnp.where(pred, cases[1], cases[0])
+        return jnp.choose(pred.astype(jnp.int32), jnp.broadcast_arrays(*cases))
+    if len(args) > 1:
+        args = jnp.broadcast_arrays(*args)
+    return _programs.bind(eqn, args)
+
+
+def _eval_elementwise(jaxpr, consts, args, dtype):
+    env = {}
+    for v, a in zip(jaxpr.constvars, consts):
+        env[v] = jnp.asarray(a).reshape(()) if np.size(a) == 1 else a
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+
+    def read(v):
+        if hasattr(v, "val"):
+            return v.val
+        return env[v]
+
+    for e in jaxpr.eqns:
+        outs = _bind_elementwise(e, [read(v) for v in e.invars], dtype)
+        if not e.primitive.multiple_results:
+            outs = [outs]
+        for v, o in zip(e.outvars, outs):
+            env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+
+def elementwise_program(jaxpr) -> bool:
+    """Whether every equation of ``jaxpr`` acts entry by entry (so the program is one phi)."""
+    for e in jaxpr.eqns:
+        name = e.primitive.name
+        if name in _rules.ELEMENTWISE_PRIMITIVES:
+            continue
+        if name == "broadcast_in_dim" and all(len(getattr(getattr(v, "aval", None), "shape", ())) == 0
+                                              for v in e.invars):
+            continue
+        if name in _programs.CALL_PRIMITIVES:
+            sub = _programs.sub_jaxpr(e)
+            if sub is not None and elementwise_program(sub[0]):
+                continue
+        return False
+    return True
+
+
+_SIMPLE_CLOSED_FORMS = {"tanh": "tanh", "abs": "abs", "sign": "sign", "erf": "erf", "sin": "sin", "cos": "cos",
+                        "exp": "exp", "logistic": "sigmoid"}
+
+
+def _recognise(eqn, invals) -> Optional[tuple[str, tuple]]:
+    """A closed-form name for a one-equation phi applied to an identity value, if recognised."""
+    name = eqn.primitive.name
+    if name in ("custom_jvp_call", "pjit", "jit", "custom_vjp_call"):
+        fname = eqn.params.get("name")
+        inner = eqn
+        while fname is None:
+            sub = _programs.sub_jaxpr(inner)
+            if sub is None or len(sub[0].eqns) != 1 or sub[0].eqns[0].primitive.name not in _programs.CALL_PRIMITIVES:
+                break
+            inner = sub[0].eqns[0]
+            fname = inner.params.get("name")
+        if fname == "relu":
+            return "relu", ()
+        if fname == "leaky_relu":
+            sub = _programs.sub_jaxpr(inner)
+            slopes = [v.val for e in sub[0].eqns if e.primitive.name == "mul" for v in e.invars
+                      if hasattr(v, "val")]
+            if len(slopes) == 1:
+                return "leaky_relu", (("negative_slope", float(slopes[0])),)
+        return None
+    if name in _SIMPLE_CLOSED_FORMS and len(invals) == 1:
+        return _SIMPLE_CLOSED_FORMS[name], ()
+    if name == "max" and len(invals) == 2:
+        consts = [c for c in invals if isinstance(c, Concrete)]
+        if len(consts) == 1 and consts[0].scalar is not None and float(consts[0].scalar) == 0.0:
+            return "relu", ()
+    return None
+
+
+def _sources(values) -> str:
+    names = [v.source for v in values if v.source]
+    return f" ({' and '.join(names)})" if len(names) == len(values) and len(set(names)) > 1 else ""
+
+
+def _linear_scale(name, invals, scalars) -> Optional[float]:
+    """The factor of a linear map by a constant (``x * c``, ``x / c``, ``-x``, a copy), else ``None``."""
+    if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+        return 1.0
+    if name == "neg":
+        return -1.0
+    vals = [s for s in scalars if s is not None]
+    try:
+        if name == "mul" and len(vals) == 1:
+            return float(vals[0])
+        if name == "div" and len(vals) == 1 and is_value(invals[0]):
+            return 1.0 / float(vals[0])
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+    return None
+
+
+def _positional_scale(eqn, invals, v0: Value) -> Optional[Value]:
+    """``x * s`` or ``x / s`` with ``s`` constant over channels but varying over positions (average
+    pooling with 'SAME' padding divides each position by its own window count), else ``None``."""
+    name = eqn.primitive.name
+    if name not in ("mul", "div") or len(invals) != 2 or v0.phi is not None or v0.flat:
+        return None
+    const = [c for c in invals if isinstance(c, Concrete)]
+    if len(const) != 1 or const[0].scalar is not None or np.size(const[0].value) == 1:
+        return None
+    if name == "div" and not is_value(invals[0]):
+        return None
+    spatial = v0.shape[:-1]
+    try:
+        s = np.broadcast_to(np.asarray(const[0].value), (1,) + tuple(v0.shape))[0]
+    except (ValueError, TypeError, jax.errors.ConcretizationTypeError):
+        return None
+    if v0.kernel.layout == "none" or not spatial or not np.all(s == s[..., :1]):
+        return None
+    s = s[..., 0].astype(np.float64)
+    k = _layers.scale_positions(v0.kernel, 1.0 / s if name == "div" else s)
+    return dataclasses.replace(v0, kernel=k, base=new_id())
+
+
+def _residual(eqn, invals, ctx: PrimitiveContext) -> Value:
+    """``a + b`` (or ``a − b``) of two independent zero-mean branches: their kernels add."""
+    if not all(is_value(v) for v in invals):
+        raise ctx.error(eqn, "adds a constant to a sum of branches")
+    a, b = invals
+    independent = (a.fresh is not None and a.fresh not in b.deps) or (
+        b.fresh is not None and b.fresh not in a.deps)
+    if not independent and a.source and b.source and a.source != b.source:
+        raise ctx.error(eqn, f"adds input leaves {a.source} and {b.source} (or functions of them) entry "
+                             "by entry: the kernel of the sum needs the products between the two leaves, "
+                             "which the engine does not track. Concatenate the leaves on the channel axis, "
+                             "or give each its own Dense layer and add their outputs")
+    if not independent:
+        raise ctx.error(eqn, "adds two branches that are not independent Gaussian processes (neither ends "
+                             "in a fresh random linear layer that the other does not use), so their "
+                             "cross-covariance is unknown")
+    a, b = ctx.materialize(a, eqn), ctx.materialize(b, eqn)
+    if a.shape != b.shape or a.flat != b.flat:
+        raise ctx.error(eqn, f"adds values of per-example shapes {a.shape} and {b.shape}")
+    if a.kernel.layout != b.kernel.layout:
+        raise ctx.error(eqn, f"adds kernels of layouts {a.kernel.layout} and {b.kernel.layout}")
+    try:
+        # a - b has the same kernel as a + b for independent zero-mean branches
+        k = _layers.add(a.kernel, b.kernel)
+    except ValueError as e:
+        raise ctx.error(eqn, str(e)) from None
+    return Value(kernel=k, shape=a.shape, flat=a.flat, base=new_id(), fresh=None, deps=a.deps | b.deps)
+
+
+def _elementwise(eqn, invals, ctx: PrimitiveContext) -> Value:
+    values = [v for v in invals if is_value(v)]
+    name = eqn.primitive.name
+    if len({v.base for v in values}) > 1:
+        if name in ("add", "sub", "add_any"):
+            return _residual(eqn, invals, ctx)
+        raise ctx.error(eqn, "combines two different input-dependent values"
+                             f"{_sources(values)} entry by entry (only sums of independent "
+                             "branches are supported)")
+    v0 = values[0]
+    positional = _positional_scale(eqn, invals, v0)
+    if positional is not None:
+        return positional
+    for c in invals:
+        if isinstance(c, Concrete) and c.scalar is None and np.size(c.value) != 1:
+            raise ctx.error(eqn, f"an elementwise operation with a non-scalar constant of shape "
+                                 f"{np.shape(c.value)} (per-unit constants make channels non-identical)")
+    scalars = [None if is_value(c) else (c.scalar if c.scalar is not None else jnp.reshape(c.value, ()))
+               for c in invals]
+    # Linear maps of an already materialized value act on its kernel directly, which also works
+    # for non-Gaussian values (e.g. mean pooling divides a sum of ReLU features).
+    if v0.phi is None and (len(values) == len(invals) - 1 or len(invals) == 1):
+        factor = _linear_scale(name, invals, scalars)
+        if factor is not None:
+            if factor == 1.0:
+                return v0
+            return dataclasses.replace(v0, kernel=_layers.scale(v0.kernel, factor), base=new_id())
+    if not v0.kernel.is_gaussian:
+        raise ctx.error(eqn, "an elementwise nonlinearity applied to a value that is not a zero-mean "
+                             "Gaussian process (two nonlinearities in a row, a nonlinearity of the raw "
+                             "input, or after a residual sum / concatenation); its kernel does not "
+                             "determine the result")
+    recognised = None
+    if all(v.phi is None for v in values) and len(values) == 1:
+        recognised = _recognise(eqn, invals)
+
+    fns = [None if not is_value(c) else (c.phi.fn if c.phi is not None else None) for c in invals]
+
+    def fn(u, fns=tuple(fns), scalars=tuple(scalars), eqn=eqn):
+        args = []
+        for f, s in zip(fns, scalars):
+            if s is not None:
+                args.append(s)
+            else:
+                args.append(u if f is None else f(u))
+        out = _bind_elementwise(eqn, args, u.dtype)
+        return out[0] if eqn.primitive.multiple_results else out
+
+    if recognised is not None:
+        phi = Phi(fn=fn, name=recognised[0], params=recognised[1])
+    else:
+        phi = Phi(fn=fn)
+    return dataclasses.replace(v0, phi=phi, fresh=None)
+
+
+def _elementwise_rule(eqn, invals, ctx: PrimitiveContext):
+    return [_elementwise(eqn, invals, ctx)]
+
+
+register_primitive_rule(_rules.ELEMENTWISE, _elementwise_rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calls.
+
+
+def _call_rule(eqn, invals, ctx: PrimitiveContext):
+    sub = _programs.sub_jaxpr(eqn)
+    if sub is None:
+        raise ctx.error(eqn, "cannot read the called program")
+    if elementwise_program(sub[0]) and len(eqn.outvars) == 1:
+        return [_elementwise(eqn, invals, ctx)]
+    return ctx.call_program(eqn, invals)
+
+
+for _name in sorted(_programs.CALL_PRIMITIVES):
+    register_primitive_rule(_name, _call_rule)

@@ -1,0 +1,146 @@
+"""What the interpreter's environment holds for each variable of a traced program.
+
+* :class:`Value`: an input-dependent array, described by the :class:`Kernel` of one of its
+  channels and its per-example shape, plus what the rules need to combine values correctly
+  (a pending elementwise function, which random layers it depends on, the input leaf it comes
+  from).
+* :class:`Concrete`: an array that does not depend on the input (parameters, constants).
+* :class:`IntegerInput`: an integer or bool input leaf, which has no kernel.
+
+Primitive rules receive a list of :class:`Value` and :class:`Concrete` objects (``invals``; the
+interpreter handles integer leaves itself) and return one per output variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Callable, Optional, Union
+
+import jax
+
+from ntk_adapters.infinite import elementwise as _ew
+from ntk_adapters.infinite import layers as _layers
+from ntk_adapters.infinite.kernel import Kernel
+
+__all__ = [
+    "Concrete",
+    "IntegerInput",
+    "Interpreted",
+    "Phi",
+    "Value",
+    "apply_phi",
+    "depends_on_input",
+    "input_value",
+    "is_value",
+    "new_id",
+]
+
+_ids = itertools.count(1)
+
+
+def new_id() -> int:
+    """A fresh identity for a Gaussian base or a random linear layer (never reused in a process)."""
+    return next(_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phi:
+    """A pending elementwise function of a Gaussian value: ``fn`` and, when recognised, its closed-form
+    ``name`` (see :mod:`ntk_adapters.infinite.elementwise`) with its ``params`` as ``(key, value)`` pairs."""
+
+    fn: Callable[[jax.Array], jax.Array]
+    name: Optional[str] = None
+    params: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+    """An input-dependent value during interpretation.
+
+    Attributes:
+      kernel: the Kernel of the value, or of its Gaussian base when ``phi`` is set.
+      shape: the per-example shape of the traced array (without the batch axis).
+      flat: the spatial value ``(*spatial, C)`` was flattened to ``(prod(spatial)·C,)``; the
+        kernel keeps the spatial structure.
+      phi: a pending elementwise function of the Gaussian ``kernel`` (applied lazily, so that a
+        chain of elementwise primitives is one function).
+      base: identity of the Gaussian base, shared by values that are functions of it.
+      fresh: id of the random linear layer whose output this is (through linear maps only):
+        independent of, and zero-mean given, everything computed before that layer.
+      deps: ids of every random linear layer this value depends on.
+      source: for a value computed from one input leaf alone, that leaf's name (``x``,
+        ``x['a']``, ``x[0]``), for messages.
+    """
+
+    kernel: Kernel
+    shape: tuple
+    flat: bool = False
+    phi: Optional[Phi] = None
+    base: int = 0
+    fresh: Optional[int] = None
+    deps: frozenset = frozenset()
+    source: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Concrete:
+    """An array that does not depend on the input; ``scalar`` is set when every entry equals one scalar."""
+
+    value: Any
+    scalar: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerInput:
+    """An integer or bool input leaf (token ids, masks) during interpretation.
+
+    It depends on the input but has no kernel: only a conversion to floats (which makes it an
+    ordinary input feature) consumes it; every other equation receiving it is refused, naming
+    ``name``. ``x1`` / ``x2`` are the leaf's arrays (``x2`` ``None`` when ``x2 = x1``).
+    """
+
+    name: str
+    x1: Any
+    x2: Any
+    shape: tuple
+
+    @property
+    def dtype(self):
+        return self.x1.dtype
+
+
+#: What a variable of the traced program holds during interpretation.
+Interpreted = Union[Value, Concrete, IntegerInput]
+
+
+def is_value(v: Any) -> bool:
+    """Whether ``v`` is a :class:`Value` (has a kernel)."""
+    return isinstance(v, Value)
+
+
+def depends_on_input(v: Any) -> bool:
+    """Whether an interpreted value depends on the input (a :class:`Value` or an :class:`IntegerInput`)."""
+    return isinstance(v, (Value, IntegerInput))
+
+
+def input_value(a1: jax.Array, a2: Optional[jax.Array], layout: str, name: str) -> Value:
+    """A float input leaf as a deterministic input feature with its own kernel and base.
+
+    A leaf ``(N,)`` (one number per example) is one channel: per-example shape ``()``.
+    """
+    shape = tuple(a1.shape[1:])
+    if a1.ndim == 1:
+        a1 = a1[:, None]
+        a2 = None if a2 is None else a2[:, None]
+    return Value(kernel=_layers.input_kernel(a1, a2, layout=layout), shape=shape, base=new_id(), source=name)
+
+
+def apply_phi(v: Value, n_points: int) -> Value:
+    """``v`` with its pending elementwise function applied to its (Gaussian) kernel.
+
+    The result is a new base, and no longer the fresh output of a linear layer.
+    """
+    phi = v.phi.name if v.phi.name is not None else v.phi.fn
+    k = _ew.apply_elementwise(v.kernel, phi, n_points=n_points, **dict(v.phi.params))
+    return Value(kernel=k, shape=v.shape, flat=v.flat, base=new_id(), fresh=None, deps=v.deps)
