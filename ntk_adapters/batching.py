@@ -81,7 +81,7 @@ def _refuse_coupled(kernel_fn: Callable, x: Any, params: Any) -> None:
     coupling = None if probe is None else probe(x, params)
     if coupling is not None and coupling.certain:
         raise ValueError(
-            f"batch cannot tile this kernel: {coupling.message().rstrip('.')}. The kernel of such a "
+            f"this kernel cannot be tiled: {coupling.message().rstrip('.')}. The kernel of such a "
             "model depends on the whole batch, so its tiles are not blocks of it. Evaluate it untiled, "
             "or adapt the model in a mode where examples are independent (e.g. BatchNorm with running "
             "averages)"
@@ -519,6 +519,7 @@ def kernel_regression_cg(
     if not devs:
         raise ValueError("devices is empty; pass None (all local devices) or a non-empty sequence")
     mesh = Mesh(np.array(devs), (_AXIS,))
+    _refuse_coupled(kernel_fn, x_train, kernel_kwargs.get("params"))
     n = _num_rows(x_train, "x_train")
     y_train = jnp.asarray(y_train)
     if y_train.ndim == 0 or y_train.shape[0] != n:

@@ -163,6 +163,18 @@ def test_monte_carlo_with_tuple_inputs_agrees_across_implementations(masked):
     np.testing.assert_allclose(want.ntk, by_hand, rtol=1e-10)
 
 
+def test_kernel_regression_cg_with_tuple_inputs_solves_the_concatenated_system(masked):
+    p, x1, x2 = masked
+    y = jnp.arange(8.0).reshape(4, 2) / 8
+    res = ntk_adapters.kernel_regression_cg(ntk_adapters.empirical_kernel_fn(masked_mlp), x1, y, x2,
+                                            diag_reg=0.1, batch_size=2, tol=1e-12, params=p)
+    k = np.asarray(empirical_ntk_fn(concatenated_mlp)(as_one_array(x1), None, p))
+    k_test = np.asarray(empirical_ntk_fn(concatenated_mlp)(as_one_array(x2), as_one_array(x1), p))
+    alpha = np.linalg.solve(k + 0.1 * np.eye(4), np.asarray(y))
+    np.testing.assert_allclose(res.alpha, alpha, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(res.test, k_test @ alpha, rtol=1e-8, atol=1e-10)
+
+
 def test_linearize_and_taylor_take_tuple_inputs(masked):
     p, x1, _ = masked
     delta = jax.tree_util.tree_map(lambda a: 1e-3 * jnp.ones_like(a), p)

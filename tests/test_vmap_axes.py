@@ -10,7 +10,8 @@ from flax import linen as nn
 
 import ntk_adapters
 import ntk_adapters.flax as ntk_flax
-from ntk_adapters import batch, compare_training, empirical_ntk_fn, monte_carlo_kernel_fn
+from ntk_adapters import (batch, compare_training, empirical_kernel_fn, empirical_ntk_fn, kernel_regression_cg,
+                          monte_carlo_kernel_fn)
 from ntk_adapters.axes import OutputAxes
 from ntk_adapters.inputs import BatchAxes, resolve_vmap_axes
 from ntk_adapters.structured import structured_contributions
@@ -67,8 +68,10 @@ def test_declared_vmap_axes_on_a_mixing_model_is_refused_with_the_operation(data
 
 def test_batch_refuses_to_tile_a_mixing_model_and_tiles_an_independent_one(data):
     p, x1, x2 = data
-    with pytest.raises(ValueError, match="batch cannot tile.*reduce_sum"):
+    with pytest.raises(ValueError, match="cannot be tiled.*reduce_sum"):
         batch(empirical_ntk_fn(centred), 2)(x1, None, params=p)
+    with pytest.raises(ValueError, match="cannot be tiled.*reduce_sum"):
+        kernel_regression_cg(empirical_kernel_fn(centred), x1, jnp.ones((5, 3)), batch_size=2, params=p)
     tiled = batch(empirical_ntk_fn(mlp), 2)(x1, x2, params=p)
     np.testing.assert_allclose(tiled, empirical_ntk_fn(mlp, vmap_axes=None)(x1, x2, p), rtol=1e-10)
 
