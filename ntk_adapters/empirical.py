@@ -220,7 +220,8 @@ def empirical_ntk_fn(
         impl = choose(impl_name, model.apply_fn, params, x1, x2, axes, batch, selected, memory_budget)
         if by_layer and impl == "ntvp":
             impl = "jacobian"  # NTK-vector products do not separate the layers
-        compute = _ntk_jit(model.apply_fn, axes, impl, batch, ntvp_chunk, selected, groups if by_layer else None)
+        compute = _ntk_jit(model.apply_fn, axes, impl, batch, ntvp_chunk, selected, groups if by_layer else None,
+                           memory_budget)
         return compute(params, x1, x2)
 
     ntk.batch_coupling = functools.partial(batch_coupling, model)
@@ -243,10 +244,11 @@ def output_axes(apply_fn, params, x1, x2, trace_axes, diagonal_axes) -> OutputAx
 
 
 @functools.lru_cache(maxsize=256)
-def _ntk_jit(apply_fn, axes: OutputAxes, impl: str, batch: Optional[BatchAxes], chunk: int, selected, groups):
+def _ntk_jit(apply_fn, axes: OutputAxes, impl: str, batch: Optional[BatchAxes], chunk: int, selected, groups,
+             memory_budget: float):
     def compute(params, x1, x2):
         g, sub = _restricted(apply_fn, params, selected)
-        return _ntk_value(g, sub, x1, x2, axes, impl, batch, chunk, groups)
+        return _ntk_value(g, sub, x1, x2, axes, impl, batch, chunk, groups, memory_budget)
 
     return jax.jit(compute)
 

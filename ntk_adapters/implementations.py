@@ -78,7 +78,7 @@ def choose(
     choice = "jacobian" if n * n_out * n_params * itemsize <= memory_budget else "ntvp"
     if batch is not None:
         try:
-            cost = structured_cost(apply_fn, params, x1, x2, axes, batch, selected)
+            cost = structured_cost(apply_fn, params, x1, x2, axes, batch, selected, memory_budget)
         except Exception:  # a model that cannot be traced on abstract shapes keeps the simpler choice
             cost = None
         if cost and cost["structured_flops"] < cost["jacobian_flops"] and cost["structured_bytes"] <= memory_budget:
@@ -87,18 +87,19 @@ def choose(
 
 
 def ntk(apply_fn, params, x1, x2, axes: OutputAxes, implementation: str, batch: Optional[BatchAxes],
-        ntvp_chunk: int, groups: Optional[Sequence[str]] = None):
+        ntvp_chunk: int, groups: Optional[Sequence[str]] = None, memory_budget: Optional[float] = None):
     """The empirical NTK with a resolved implementation; pure and ``jit``-friendly.
 
     With ``groups`` (one name per parameter leaf) the result is ``{name: contribution}``, the
     contributions of the leaves sharing a name summed; the values add up to the NTK.
+    ``memory_budget`` bounds the intermediates of each structured layer (as in :func:`choose`).
     """
     if implementation == "ntvp":
         if groups is not None:
             raise ValueError("NTK-vector products do not separate the layers; use 'jacobian' or 'structured'")
         return _ntvp_kernel(apply_fn, params, x1, x2, axes, ntvp_chunk)
     if implementation == "structured":
-        parts = structured_contributions(apply_fn, params, x1, x2, axes, batch)
+        parts = structured_contributions(apply_fn, params, x1, x2, axes, batch, memory_budget=memory_budget)
     else:
         parts = jacobian_contributions(apply_fn, params, x1, x2, axes, batch)
     scale = axes.trace_size(jax.eval_shape(apply_fn, params, x1).shape)

@@ -480,8 +480,11 @@ class _Form:
     elements: int
 
 
-def _choose_form(site: _Site, axes: OutputAxes, row_axis, out1, out2, prefer: str = "auto") -> _Form:
-    """The Gram form or the per-example Jacobian form of a site, whichever needs fewer multiply-adds.
+def _choose_form(site: _Site, axes: OutputAxes, row_axis, out1, out2, prefer: str = "auto",
+                 max_elements: Optional[float] = None) -> _Form:
+    """The Gram form or the per-example Jacobian form of a site, whichever needs fewer multiply-adds
+    among those whose intermediates fit in ``max_elements`` (the one needing less memory when
+    neither fits).
 
     Gram: ``Σ_i a1 a2`` over the contracted activation axes, ``Σ_j g1 g2`` over the weight's output
     channels, then the product summed over position pairs. Jacobian: ``Σ_p a g`` per output entry,
@@ -512,7 +515,12 @@ def _choose_form(site: _Site, axes: OutputAxes, row_axis, out1, out2, prefer: st
     gram = _Form("gram", layout, subs, flops, elements)
     if prefer != "auto":
         return gram if prefer == "gram" else jac
-    return gram if gram.flops < jac.flops else jac
+    fitting = [f for f in (gram, jac) if max_elements is None or f.elements <= max_elements]
+    if not fitting:
+        # The cotangent Gram of a full (O, O) kernel over many positions can outgrow the per-example
+        # Jacobian by orders of magnitude: memory decides first.
+        return min((gram, jac), key=lambda f: f.elements)
+    return min(fitting, key=lambda f: f.flops)
 
 
 def _site_jacobian(site: _Site, leaf_value, a, g, out_shape, row_axis):
@@ -552,7 +560,7 @@ def _gram_contribution(site, layout, subs, a1, a2, g1, g2, row_axis, same):
 
 def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.Array],
                              axes: OutputAxes, vmap_axes: Optional[int] = None,
-                             form: str = "auto") -> list[jax.Array]:
+                             form: str = "auto", memory_budget: Optional[float] = None) -> list[jax.Array]:
     """Per-leaf NTK contributions (untraced sums) by layer factorization, in ``tree_leaves`` order.
 
     The same values as the Jacobian contraction ``Σ_p J1[..., p] J2[..., p]`` per parameter leaf,
@@ -569,6 +577,9 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
         :class:`ntk_adapters.inputs.BatchAxes`.
       form: ``'auto'`` takes, per leaf, the cheaper of the Gram form and the Jacobian form;
         ``'gram'`` or ``'jacobian'`` force one wherever the Gram form applies (for checking).
+      memory_budget: bytes one leaf's intermediates may take; ``'auto'`` forms that exceed it are
+        passed over (``None``: no limit). :func:`structured_cost` takes the same budget, so the
+        estimate describes the computation that runs.
 
     Returns:
       A list with one array per parameter leaf, each of the kernel's shape (e.g. ``(N1, N2, O, O)``
@@ -604,7 +615,7 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
     for s1, s2 in zip(plan1.sites, plan2.sites):
         a1 = c1[s1.path][1 - s1.operand]
         a2 = c2[s2.path][1 - s2.operand]
-        chosen = _choose_form(s1, axes, row_axis, out1, out2, form)
+        chosen = _choose_form(s1, axes, row_axis, out1, out2, form, _elements(memory_budget, leaves))
         if chosen.kind == "gram":
             parts[s1.leaf] = _gram_contribution(s1, chosen.layout, chosen.subs, a1, a2, g1[s1.path], g2[s2.path],
                                                 row_axis, same)
@@ -667,8 +678,15 @@ def _forward_flops(jaxpr) -> int:
     return total
 
 
+def _elements(memory_budget: Optional[float], leaves) -> Optional[float]:
+    if memory_budget is None:
+        return None
+    return memory_budget / jnp.result_type(*leaves).itemsize
+
+
 def structured_cost(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.Array], axes: OutputAxes,
-                    vmap_axes: Optional[int], selected: Optional[Sequence[int]] = None) -> dict:
+                    vmap_axes: Optional[int], selected: Optional[Sequence[int]] = None,
+                    memory_budget: Optional[float] = None) -> dict:
     """Rough multiply-add and memory estimates of ``'structured'`` against ``'jacobian'``, from shapes.
 
     Both methods pull each output entry back through the network (one backward pass per output
@@ -689,7 +707,7 @@ def structured_cost(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.
     leaf_spec = lambda a: (tuple(np.shape(a)), str(jnp.result_type(a)))
     return dict(_cost(apply_fn, treedef, tuple(leaf_spec(l) for l in leaves), hashable_spec(x1),
                       None if x2 is None else hashable_spec(x2), axes, _batch_axes(vmap_axes),
-                      None if selected is None else tuple(selected)))
+                      None if selected is None else tuple(selected), memory_budget))
 
 
 def _from_hashable(key):
@@ -698,7 +716,8 @@ def _from_hashable(key):
 
 
 @functools.lru_cache(maxsize=256)
-def _cost(apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, batch: Optional[BatchAxes], selected) -> tuple:
+def _cost(apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, batch: Optional[BatchAxes], selected,
+          memory_budget) -> tuple:
     leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaf_specs]
     params = jax.tree_util.tree_unflatten(treedef, leaves)
     x1 = _from_hashable(x1_spec)
@@ -723,7 +742,7 @@ def _cost(apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, batch: Optional
     s_bytes = entries * sum(sizes[i] for i in plan.fallback) * itemsize
     s_bytes += entries * sum(math.prod(s.out_shape) for s in plan.sites) * itemsize
     for s in plan.sites:
-        form = _choose_form(s, axes, _out_axis(batch), out1, out2)
+        form = _choose_form(s, axes, _out_axis(batch), out1, out2, max_elements=_elements(memory_budget, leaves))
         s_flops += form.flops
         s_bytes += form.elements * itemsize
     return tuple(dict(structured_flops=int(s_flops), jacobian_flops=int(jac_flops),

@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import ntk_adapters.flax
 import ntk_adapters.haiku
-from ntk_adapters import implementations
+from ntk_adapters import implementations, structured
 from ntk_adapters.axes import OutputAxes
 from ntk_adapters.empirical import empirical_ntk_fn
 from ntk_adapters.structured import factorized_leaves, structured_contributions, structured_cost
@@ -157,6 +157,28 @@ def test_cnn_gram_and_jacobian_forms_match_the_jacobian_contraction(case, stride
         got = contributions(f, p, x1, x2, axes, vmap_axes, form)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, **TOL, err_msg=f"{form} {vmap_axes}")
+
+
+def test_a_memory_budget_passes_over_forms_that_do_not_fit():
+    """With the full (O, O) kernel a convolution's cotangent Gram grows with positions² · O²; under a
+    small budget each leaf takes the form that fits, and the kernel is the same."""
+    p = init_conv(jax.random.PRNGKey(0), (1, 1), "SAME")
+    f = conv_net((1, 1), "SAME")
+    x1 = jax.random.normal(jax.random.PRNGKey(3), (3, 7, 7, 3))
+    axes = OutputAxes.make(2, (), ())
+    leaves, treedef = jax.tree_util.tree_flatten(p)
+    _, plan = structured._trace(f, leaves, treedef, x1, structured._batch_axes(0))
+    out = jax.eval_shape(f, p, x1).shape
+    site = next(s for s in plan.sites if s.name == "conv_general_dilated" and structured._gram_layout(s))
+    gram = structured._choose_form(site, axes, 0, out, out, "gram")
+    jac = structured._choose_form(site, axes, 0, out, out, "jacobian")
+    small = min(gram.elements, jac.elements)
+    assert structured._choose_form(site, axes, 0, out, out, max_elements=small).elements == small
+    tight = 8 * small  # bytes in float64: only the smaller form of that leaf fits
+    want = reference(f, p, x1, None, axes)
+    got = structured_contributions(f, p, x1, None, axes, 0, memory_budget=tight)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, **TOL)
 
 
 def test_strided_dilated_convolution_in_nchw_layout():
