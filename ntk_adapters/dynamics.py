@@ -24,9 +24,10 @@ Loss and time axis (the same everywhere in the library)
 -------------------------------------------------------
 The loss is ``L(θ) = ½ · mean over all N·O entries of (f(x) − y)²`` (``N`` examples, ``O``
 outputs per example; a minibatch of ``B`` examples averages over its ``B·O`` entries). Gradient
-flow then moves the training outputs as ``df/dt = −(η / (N·O)) Θ (f − y)`` and optax
-``sgd(η)`` step ``k`` corresponds to time ``t = k·η``. Test losses use the same normalization over
-the ``M·O`` test entries.
+flow in physical time ``τ`` moves the training outputs as ``df/dτ = −Θ (f − y) / (N·O)``, and
+optax ``sgd(η)`` step ``k`` is at ``τ = k·η``: the predictors are asked for ``t = k`` steps of
+``learning_rate = η`` (neural-tangents' convention) and :attr:`TrainingComparison.time` reports
+``τ``. Test losses use the same normalization over the ``M·O`` test entries.
 
 What is compared to what
 ------------------------
@@ -128,8 +129,9 @@ class TrainingComparison:
 
     Attributes:
       step: ``(E,)`` int, the optimizer steps at which everything was evaluated.
-      time: ``(E,)`` float, ``t = step · learning_rate`` (the step itself when no learning rate
-        is known, i.e. a user-supplied optimizer).
+      time: ``(E,)`` float, the physical time ``τ = step · learning_rate`` of gradient flow (the
+        step itself when no learning rate is known, i.e. a user-supplied optimizer); the
+        predictors themselves are asked for ``step`` steps of ``learning_rate``.
       loss_train: name → ``(E,)`` training loss (½·mean squared error over all N·O entries).
       loss_test: name → ``(E,)`` test loss; empty without ``y_test``.
       discrepancy_train: pair → ``(E,)`` RMS over all N·O entries of ``f_a − f_b`` on the
@@ -188,9 +190,9 @@ class TrainingComparison:
         """The comparison as fixed-width text: one block for train, one for test.
 
         Each block has a row per evaluation (at most ``max_rows``, evenly spaced, always with the
-        first and last; ``None`` for all) with the step, ``t = k·η``, the loss of each trajectory
-        and the RMS output discrepancies (``|net−lin|`` is the RMS of ``f_network − f_linearized``
-        over all entries).
+        first and last; ``None`` for all) with the step, the physical time ``τ = k·η``, the loss
+        of each trajectory and the RMS output discrepancies (``|net−lin|`` is the RMS of
+        ``f_network − f_linearized`` over all entries).
         """
         rows = _row_indices(len(self.step), max_rows)
         blocks = [self._header()]
@@ -206,7 +208,7 @@ class TrainingComparison:
                 for a, b in PAIRS
                 if pair_name(a, b) in gaps
             ]
-            head = f"{'step':>7} {'t':>9}" + "".join(f" {name:>10}" for name, _ in cols)
+            head = f"{'step':>7} {'τ':>9}" + "".join(f" {name:>10}" for name, _ in cols)
             lines = [f"[{split}]  loss = ½·mean (f − y)²;  |a−b| = RMS of f_a − f_b", head, "-" * len(head)]
             for i in rows:
                 line = f"{int(self.step[i]):>7} {_fmt(self.time[i]):>9}"
@@ -245,8 +247,8 @@ class TrainingComparison:
 
         Top row: training (and test) loss of every trajectory on a log scale; bottom row: RMS
         output discrepancies between them (exact zeros, e.g. at step 0, are not drawn). The x
-        axis is ``t = k·η``; on a linear x axis and a log y axis exponential decay is a straight
-        line.
+        axis is the physical time ``τ = k·η``; on a linear x axis and a log y axis exponential
+        decay is a straight line.
 
         Args:
           path: where to save the figure (its directory is created); ``None`` only returns it.
@@ -277,7 +279,7 @@ class TrainingComparison:
             "network-infinite": dict(color="C2", ls="-."),
         }
         x = np.asarray(self.time, dtype=float)
-        xlabel = "t = step · η" if self.learning_rate is not None else "step"
+        xlabel = "τ = step · η" if self.learning_rate is not None else "step"
         splits = [("train", self.loss_train, self.discrepancy_train, self.outputs_train)]
         if has_test:
             splits.append(("test", self.loss_test, self.discrepancy_test, self.outputs_test))
@@ -438,13 +440,14 @@ def _prediction(
     y_train: jax.Array,
     f0_train: jax.Array,
     f0_test: Optional[jax.Array],
-    times: np.ndarray,
+    steps: np.ndarray,
     learning_rate: float,
     momentum: Optional[float],
     diag_reg: float = 0.0,
 ) -> tuple[np.ndarray, Optional[np.ndarray], list[str]]:
-    """Outputs at ``times`` of gradient flow (heavy-ball ODE with momentum) from ``f0``."""
-    t = jnp.asarray(times, dtype=k_tt.dtype)
+    """Outputs after ``steps`` steps of ``learning_rate`` of gradient flow (heavy-ball ODE with
+    momentum) from ``f0``."""
+    t = jnp.asarray(steps, dtype=k_tt.dtype)
     with warnings.catch_warnings(record=True) as caught:
         # Stability and conditioning warnings become notes of the report, stated once.
         warnings.simplefilter("always")
@@ -513,7 +516,7 @@ def compare_training(
     """Train a model and its linearization with optax; compare with the NTK predictions.
 
     See the module docstring for the four trajectories, the loss normalization
-    (``½·mean over all N·O entries``) and the time axis (optax step ``k`` ↔ ``t = k·η``).
+    (``½·mean over all N·O entries``) and the time axis (optax step ``k`` ↔ ``τ = k·η``).
 
     Args:
       model: a :class:`~ntk_adapters.Model` (from ``ntk_adapters.flax.adapt``,
@@ -598,7 +601,7 @@ def compare_training(
     else:
         if learning_rate is None:
             raise ValueError(
-                "learning_rate is required (the predictions and the time axis t = step·η need it); "
+                "learning_rate is required (the predictions and the time axis τ = step·η need it); "
                 "or pass optimizer=... to train with any optax optimizer without predictions"
             )
         if not learning_rate > 0:
@@ -699,7 +702,7 @@ def compare_training(
                 "while gradient flow does not"
             )
         pred_train, pred_test, messages = _prediction(
-            k_tt, k_st, y_train, f0_train, f0_test, times, learning_rate, momentum, diag_reg
+            k_tt, k_st, y_train, f0_train, f0_test, steps_at, learning_rate, momentum, diag_reg
         )
         notes.extend(f"empirical NTK: {m}" for m in messages)
         outputs_train["ntk"] = pred_train
@@ -710,7 +713,7 @@ def compare_training(
             try:
                 i_tt, i_st = _infinite_kernels(model, x_train, x_test)
                 i_train, i_test, messages = _prediction(
-                    i_tt, i_st, y_train, f0_train, f0_test, times, learning_rate, momentum, diag_reg
+                    i_tt, i_st, y_train, f0_train, f0_test, steps_at, learning_rate, momentum, diag_reg
                 )
             except Exception as err:  # noqa: BLE001 - 'auto' reports any failure instead of raising
                 if infinite is True:

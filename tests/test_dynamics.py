@@ -195,7 +195,7 @@ def test_momentum_matches_heavy_ball_prediction(data):
     assert np.all(gap <= tol), gap
     # ... while plain gradient flow at the same η is far off (the test can tell them apart).
     plain = predict.gradient_descent_mse(theta.reshape(N, O, N, O).transpose(0, 2, 1, 3), y, lr)(
-        jnp.asarray(result.time), f0.reshape(N, O)
+        jnp.asarray(result.step), f0.reshape(N, O)
     )
     assert _rms(np.asarray(plain)[-1] - disc[-1]) > 10 * tol
 

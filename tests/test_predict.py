@@ -59,7 +59,7 @@ def _rk4(rhs, state, t_end, steps):
 def test_mse_matches_rk4_integration_of_the_ode(problem):
     k, kt, y, f0, f0t = problem["k"], problem["kt"], problem["y"], problem["f0"], problem["f0t"]
     lr = 0.7
-    rate = 1.0 / y.size  # loss ½·mean over N·O entries, time t = k·η
+    rate = 1.0 / y.size  # loss ½·mean over N·O entries, time = k·η after k steps
     # Stack train and test outputs: df/dt = −η' Θ(·, X) (f(X) − y).
     kk = np.concatenate([k, kt], 0)
 
@@ -69,7 +69,8 @@ def test_mse_matches_rk4_integration_of_the_ode(problem):
     lam_max = np.linalg.eigvalsh(k).max()
     times = [0.0, 0.3 / (rate * lam_max), 4.0 / (rate * lam_max), 40.0 / (rate * lam_max)]
     predict_fn = predict.gradient_descent_mse(k, y, learning_rate=lr)
-    train, test = predict_fn(jnp.asarray(times), f0, f0t, kt)
+    steps = np.asarray(times) / lr  # t counts steps of the learning rate: time = lr · t
+    train, test = predict_fn(jnp.asarray(steps), f0, f0t, kt)
     assert train.shape == (4, N, 2) and test.shape == (4, M, 2)
     state = np.concatenate([f0, f0t], 0)
     for i, t in enumerate(times):
@@ -78,7 +79,7 @@ def test_mse_matches_rk4_integration_of_the_ode(problem):
         np.testing.assert_allclose(train[i], state[:N], atol=1e-8)
         np.testing.assert_allclose(test[i], state[N:], atol=1e-8)
     # A scalar time gives no time axis and the same numbers.
-    train_s, test_s = predict_fn(times[2], f0, f0t, kt)
+    train_s, test_s = predict_fn(steps[2], f0, f0t, kt)
     np.testing.assert_allclose(train_s, train[2], atol=1e-12)
     np.testing.assert_allclose(test_s, test[2], atol=1e-12)
 
@@ -89,8 +90,8 @@ def test_t_none_is_the_kernel_regression_solve(problem):
     train, test = predict_fn(None, f0, f0t, kt)
     np.testing.assert_allclose(train, y, atol=1e-12)
     np.testing.assert_allclose(test, f0t + kt @ np.linalg.solve(k, y - f0), atol=1e-10)
-    # Zero initial outputs (defaults): plain kernel regression K(x, X) K⁻¹ y.
-    _, test0 = predict_fn(None, k_test_train=kt)
+    # Zero initial test outputs, training outputs skipped (fx_train_0=None): K(x, X) K⁻¹ y.
+    test0 = predict_fn(None, None, 0.0, kt)
     np.testing.assert_allclose(test0, kt @ np.linalg.solve(k, y), atol=1e-10)
 
 
@@ -98,11 +99,11 @@ def test_diag_reg_is_ridge_scaled_by_mean_diagonal(problem):
     k, kt, y = problem["k"], problem["kt"], problem["y"]
     reg = 0.3
     ridge = k + reg * np.trace(k) / N * np.eye(N)
-    _, test = predict.gradient_descent_mse(k, y, diag_reg=reg)(None, k_test_train=kt)
+    test = predict.gradient_descent_mse(k, y, diag_reg=reg)(None, None, 0.0, kt)
     np.testing.assert_allclose(test, kt @ np.linalg.solve(ridge, y), atol=1e-10)
     absolute = k + reg * np.eye(N)
-    _, test = predict.gradient_descent_mse(k, y, diag_reg=reg, diag_reg_absolute_scale=True)(
-        None, k_test_train=kt
+    test = predict.gradient_descent_mse(k, y, diag_reg=reg, diag_reg_absolute_scale=True)(
+        None, None, 0.0, kt
     )
     np.testing.assert_allclose(test, kt @ np.linalg.solve(absolute, y), atol=1e-10)
 
@@ -125,8 +126,8 @@ def test_trailing_output_axes_equal_flattened_outputs(problem):
     k, kt = problem["k"], problem["kt"]
     rng = np.random.default_rng(1)
     y = rng.standard_normal((N, 2, 3))
-    a_train, a_test = predict.gradient_descent_mse(k, y)(2.0, 0.0, None, kt)
-    b_train, b_test = predict.gradient_descent_mse(k, y.reshape(N, 6))(2.0, 0.0, None, kt)
+    a_train, a_test = predict.gradient_descent_mse(k, y)(2.0, 0.0, 0.0, kt)
+    b_train, b_test = predict.gradient_descent_mse(k, y.reshape(N, 6))(2.0, 0.0, 0.0, kt)
     assert a_train.shape == (N, 2, 3) and a_test.shape == (M, 2, 3)
     np.testing.assert_allclose(a_train.reshape(N, 6), b_train, atol=1e-12)
     np.testing.assert_allclose(a_test.reshape(M, 6), b_test, atol=1e-12)
@@ -139,10 +140,14 @@ def test_trailing_output_axes_equal_flattened_outputs(problem):
 def test_learning_rate_only_sets_the_time_unit_and_warns_past_the_edge(problem):
     k, kt, y = problem["k"], problem["kt"], problem["y"]
     edge = 2 * y.size / np.linalg.eigvalsh(k).max()
-    a = predict.gradient_descent_mse(k, y, 0.01 * edge)(3.0, 0.0, None, kt)
-    b = predict.gradient_descent_mse(k, y, 0.5 * edge)(3.0, 0.0, None, kt)
+    # 300 steps of 0.01·edge and 6 steps of 0.5·edge are the same time 3·edge.
+    a = predict.gradient_descent_mse(k, y, 0.01 * edge)(300.0, 0.0, 0.0, kt)
+    b = predict.gradient_descent_mse(k, y, 0.5 * edge)(6.0, 0.0, 0.0, kt)
     for u, v in zip(a, b):
-        np.testing.assert_allclose(u, v, atol=1e-14)
+        np.testing.assert_allclose(u, v, atol=1e-13)
+    # ... and the same number of steps at another learning rate is another time.
+    c = predict.gradient_descent_mse(k, y, 0.5 * edge)(300.0, 0.0, 0.0, kt)
+    assert np.max(np.abs(np.asarray(c[0]) - np.asarray(a[0]))) > 0.1
     with pytest.warns(UserWarning, match="stability edge"):
         predict.gradient_descent_mse(k, y, 1.01 * edge)
 
@@ -150,10 +155,10 @@ def test_learning_rate_only_sets_the_time_unit_and_warns_past_the_edge(problem):
 def test_float32_inputs_stay_float32_and_agree_with_float64(problem):
     k, kt, y = problem["k"], problem["kt"], problem["y"]
     a_train, a_test = predict.gradient_descent_mse(k.astype(np.float32), y.astype(np.float32))(
-        jnp.array([1.0, 5.0], jnp.float32), 0.0, None, kt.astype(np.float32)
+        jnp.array([1.0, 5.0], jnp.float32), 0.0, 0.0, kt.astype(np.float32)
     )
     assert a_train.dtype == jnp.float32 and a_test.dtype == jnp.float32
-    b_train, b_test = predict.gradient_descent_mse(k, y)(jnp.array([1.0, 5.0]), 0.0, None, kt)
+    b_train, b_test = predict.gradient_descent_mse(k, y)(jnp.array([1.0, 5.0]), 0.0, 0.0, kt)
     assert b_train.dtype == jnp.float64
     np.testing.assert_allclose(a_train, b_train, atol=1e-4)
     np.testing.assert_allclose(a_test, b_test, atol=1e-4)
@@ -176,8 +181,8 @@ def test_singular_kernel_warns_and_infinite_time_is_the_limit():
     y = rng.standard_normal((N, 1))
     with pytest.warns(UserWarning, match="singular"):
         predict_fn = predict.gradient_descent_mse(k, y)
-    inf_train, inf_test = predict_fn(None, 0.0, None, kt)
-    late_train, late_test = predict_fn(1e9, 0.0, None, kt)
+    inf_train, inf_test = predict_fn(None, 0.0, 0.0, kt)
+    late_train, late_test = predict_fn(1e9, 0.0, 0.0, kt)
     assert np.all(np.isfinite(inf_test)) and np.all(np.isfinite(late_test))
     np.testing.assert_allclose(inf_train, late_train, atol=1e-8)
     np.testing.assert_allclose(inf_test, late_test, atol=1e-8)
@@ -262,7 +267,7 @@ def linearized_run():
 def test_full_kernel_matches_gradient_descent_on_linearized_network(linearized_run):
     r = linearized_run
     predict_fn = predict.gradient_descent_mse(r["k_full"], r["y"], learning_rate=r["lr"])
-    t = r["steps"] * r["lr"]  # step k ↔ t = k·η
+    t = r["steps"]  # t counts steps of the learning rate
     train, test = predict_fn(t, r["f0"], r["f0t"], r["kt_full"])
     moved = float(jnp.max(jnp.abs(r["f_train"] - r["f0"])))
     assert moved > 0.3  # the comparison is about real training, not about staying put
@@ -284,7 +289,7 @@ def test_per_output_kernel_matches_single_output_linearized_network():
     lr, steps = 0.005 * N / float(np.linalg.eigvalsh(np.asarray(k)).max()), 600
     p = _gd_on_linearized(params0, x, y, lr, steps)
     f0, f0t = _linear(params0, params0, x), _linear(params0, params0, xt)
-    train, test = predict.gradient_descent_mse(k, y, lr)(steps * lr, f0, f0t, kt)
+    train, test = predict.gradient_descent_mse(k, y, lr)(steps, f0, f0t, kt)
     f_train, f_test = _linear(p, params0, x), _linear(p, params0, xt)
     moved = float(jnp.max(jnp.abs(f_train - f0)))
     assert moved > 0.3
@@ -378,7 +383,7 @@ def test_ensemble_matches_monte_carlo_over_wide_relu_networks(relu_setup):
     n = x.shape[0]
     kernel_fn = _kernel_fn_for(width)
     k_nngp, k_ntk = kernel_fn(x)
-    rate = 1.0 / y.size  # time t = k·η: the flow does not depend on η
+    rate = 1.0 / y.size  # learning_rate 1: t steps are time t
     t = 1.5 / (rate * np.linalg.eigvalsh(k_ntk).max())
 
     def net(params, inputs):
@@ -492,40 +497,50 @@ def _condition(joint, y, n_obs, noise):
 
 
 @pytest.mark.parametrize("diag_reg", [0.0, 0.1])
-def test_gp_inference_is_gaussian_conditioning_and_the_nngp_ensemble_limit(relu_setup, diag_reg):
+def test_gp_inference_is_gaussian_conditioning_and_the_ensemble_limit(relu_setup, diag_reg):
     x, xt, y = relu_setup
     kernel_fn = _kernel_fn_for(64)
     k_train, k_test_train, k_test = kernel_fn(x), kernel_fn(xt, x), kernel_fn(xt)
     posterior = predict.gp_inference(k_train, y, diag_reg=diag_reg)(
-        ("nngp", "ntk"), k_test_train, k_test
+        ("nngp", "ntk", "ntkgp"), k_test_train, k_test
     )
-    for name in ("nngp", "ntk"):
-        kk = getattr(k_train, name)
+    # 'nngp' and 'ntkgp' are GP posteriors with the NNGP / the NTK as prior covariance.
+    for name, kernel in (("nngp", "nngp"), ("ntkgp", "ntk")):
+        kk = getattr(k_train, kernel)
         joint = np.block(
-            [[getattr(k_test, name), getattr(k_test_train, name)], [getattr(k_test_train, name).T, kk]]
+            [[getattr(k_test, kernel), getattr(k_test_train, kernel)], [getattr(k_test_train, kernel).T, kk]]
         )
         noise = diag_reg * np.trace(kk) / kk.shape[0]
         mean, cov = _condition(joint, y, x.shape[0], noise)
         np.testing.assert_allclose(getattr(posterior, name).mean, mean, atol=1e-8)
         np.testing.assert_allclose(getattr(posterior, name).covariance, cov, atol=1e-8)
+    # 'ntk' is the trained ensemble at t → ∞ (eq. 16): diag_reg on the NTK, the prior unregularized.
+    theta = k_train.ntk + diag_reg * np.trace(k_train.ntk) / x.shape[0] * np.eye(x.shape[0])
+    a = np.linalg.solve(theta, k_test_train.ntk.T).T
+    cov = k_test.nngp - a @ k_test_train.nngp.T - k_test_train.nngp @ a.T + a @ k_train.nngp @ a.T
+    np.testing.assert_allclose(posterior.ntk.mean, a @ y, atol=1e-8)
+    np.testing.assert_allclose(posterior.ntk.covariance, cov, atol=1e-8)
     ensemble = predict.gradient_descent_mse_ensemble(kernel_fn, x, y, diag_reg=diag_reg)
     inf = ensemble(None, xt, ("nngp", "ntk"), compute_cov=True)
-    np.testing.assert_allclose(inf.nngp.mean, posterior.nngp.mean, atol=1e-9)
-    np.testing.assert_allclose(inf.nngp.covariance, posterior.nngp.covariance, atol=1e-9)
-    np.testing.assert_allclose(inf.ntk.mean, posterior.ntk.mean, atol=1e-9)
-    # Late finite time approaches infinity.
-    late = ensemble(1e9, xt, "nngp", compute_cov=True)
-    np.testing.assert_allclose(late.mean, inf.nngp.mean, atol=1e-7)
-    np.testing.assert_allclose(late.covariance, inf.nngp.covariance, atol=1e-7)
+    for name in ("nngp", "ntk"):
+        np.testing.assert_allclose(getattr(inf, name).mean, getattr(posterior, name).mean, atol=1e-9)
+        np.testing.assert_allclose(getattr(inf, name).covariance, getattr(posterior, name).covariance, atol=1e-9)
+        # Late finite time (the eigenbasis) approaches infinity (the Cholesky solves).
+        late = ensemble(1e9, xt, name, compute_cov=True)
+        np.testing.assert_allclose(late.mean, getattr(inf, name).mean, atol=1e-7)
+        np.testing.assert_allclose(late.covariance, getattr(inf, name).covariance, atol=1e-7)
 
 
 def test_gp_inference_bare_array_and_train_points(problem):
     k, y = problem["k"], problem["y"]
-    post = predict.gp_inference(k, y)("nngp")
-    np.testing.assert_allclose(post.mean, y, atol=1e-10)  # noiseless: interpolates
-    np.testing.assert_allclose(post.covariance, np.zeros((N, N)), atol=1e-9)
+    # The training points: N(y_train, 0); any non-None k_test_test asks for the covariance.
+    post = predict.gp_inference(k, y, diag_reg=0.1)("nngp", None, True)
+    np.testing.assert_allclose(post.mean, y, atol=1e-12)
+    np.testing.assert_allclose(post.covariance, np.zeros((N, N)), atol=1e-12)
+    # Without k_test_test the mean itself is returned.
     mean_only = predict.gp_inference(k, y)("ntk", problem["kt"])
-    assert mean_only.covariance is None and mean_only.mean.shape == (M, 2)
+    assert mean_only.shape == (M, 2)
+    np.testing.assert_allclose(mean_only, problem["kt"] @ np.linalg.solve(k, y), atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,16 +575,16 @@ def test_ode_cross_entropy_decreases_the_loss(problem):
     def xent(fx, y):
         return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(fx, -1), -1))
 
-    ts = jnp.linspace(0.0, 30.0, 7)
+    ts = jnp.linspace(0.0, 15.0, 7)  # steps of 2.0: time up to 30
     fx = predict.gradient_descent(xent, k, labels, learning_rate=2.0)(ts)
     losses = np.array([float(xent(f, labels)) for f in fx])
     assert losses[0] == pytest.approx(math.log(3))
     assert np.all(np.diff(losses) < 0)
     assert losses[-1] < 0.5 * losses[0]
-    # The ODE agrees with many small explicit Euler steps of df/dt = −η Θ ∇f loss.
+    # The ODE agrees with many small explicit Euler steps of df/dτ = −Θ ∇f loss to τ = 2.0 · 2.5.
     grad = jax.jit(jax.grad(xent))
     f, h = jnp.zeros((N, 3)), 0.01
-    for _ in range(int(round(5.0 / h))):
+    for _ in range(int(round(2.0 * float(ts[1]) / h))):
         f = f - h * jnp.asarray(k) @ grad(f, labels)
     np.testing.assert_allclose(fx[1], f, atol=5e-3 * float(jnp.abs(f).max()))
 
@@ -588,7 +603,7 @@ def test_momentum_ode_matches_discrete_heavy_ball(problem):
             g = (f - y) / y.size
             u, ut = mu * u + k @ g, mu * ut + kt @ g
             f, ft = f - lr * u, ft - lr * ut
-        train, test = predict.gradient_descent(_mse, k, y, lr, momentum=mu)(steps * lr, 0.0, None, kt)
+        train, test = predict.gradient_descent(_mse, k, y, lr, momentum=mu)(steps, 0.0, 0.0, kt)
         moved = np.abs(f).max()
         errors.append(max(np.abs(train - f).max(), np.abs(test - ft).max()))
     assert moved > 0.3
@@ -597,13 +612,26 @@ def test_momentum_ode_matches_discrete_heavy_ball(problem):
     # from η'λ_max = 0.02 to 0.01, tending to 2× as η → 0).
     assert errors[0] / errors[1] > 1.8
     # Momentum matters: plain flow to the same time moves clearly less.
-    plain = predict.gradient_descent_mse(k, y, lr)(steps * lr)
+    plain = predict.gradient_descent_mse(k, y, lr)(steps)
     assert np.abs(plain - train).max() > 10 * errors[1]
 
 
-def test_ode_refuses_infinite_time(problem):
-    with pytest.raises(ValueError, match="finite times"):
-        predict.gradient_descent(_mse, problem["k"], problem["y"], 1.0)(None)
+@pytest.mark.parametrize("momentum", [None, 0.5])
+def test_ode_t_none_integrates_to_convergence(problem, momentum):
+    k, kt, y, f0, f0t = problem["k"], problem["kt"], problem["y"], problem["f0"], problem["f0t"]
+    train, test = predict.gradient_descent(_mse, k, y, 0.7, momentum=momentum)(None, f0, f0t, kt)
+    np.testing.assert_allclose(train, y, atol=1e-6)
+    np.testing.assert_allclose(test, f0t + kt @ np.linalg.solve(k, y - f0), atol=1e-6)
+
+
+def test_ode_t_none_refuses_a_loss_without_minimizer(problem):
+    labels = np.eye(2)[np.arange(N) % 2]
+
+    def xent(fx, y):
+        return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(fx, -1), -1))
+
+    with pytest.raises(ValueError, match="does not converge"):
+        predict.gradient_descent(xent, problem["k"], labels)(None)
 
 
 # ---------------------------------------------------------------------------------------------
