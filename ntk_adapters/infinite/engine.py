@@ -17,15 +17,24 @@ and everything else is concrete:
   ``reduce_sum`` over spatial axes and ``reduce_window_sum`` pool, ``add`` of independent
   branches sums kernels, ``concatenate`` on channels mixes them, multiplication by a constant
   scales them;
-* anything else raises :class:`InfiniteWidthError` naming the module path and the primitive.
+* anything else raises :class:`InfiniteWidthError` naming the innermost module (with or without
+  a rule), the operation and, where known, the nearest supported variant (average pooling for
+  max pooling, the pre-activation ordering for a post-activation residual).
+
+Only what the model's output depends on is interpreted: the traced program is analysed backwards
+from its output (:func:`~ntk_adapters.infinite.programs.liveness`), so a model adapted with
+``output=`` to return one of several heads has the kernel of that head alone.
 
 Inputs may be pytrees of arrays sharing the batch axis. Each float leaf starts as its own input
 Value (a deterministic feature: ``nngp = x·x'/C``, zero NTK) with its own base, so the rules above
 decide how leaves may meet: through independent random layers (``Dense(a) + Dense(b)`` sums their
 kernels) or a concatenation on channels (``Dense(concatenate([a, b]))``), never entry by entry
-(``a + b``, ``a * mask`` need cross products between leaves, which no kernel tracks). Integer and
-bool leaves reach the traced program unchanged: a conversion to floats makes one an input feature,
-any other use (an embedding's gather) is refused naming the leaf, and unused leaves cost nothing.
+(``a + b``, ``a * b`` need cross products between leaves, which no kernel tracks). Integer and
+bool leaves reach the traced program unchanged and are constants of the input
+(:mod:`~ntk_adapters.infinite.masks`): what is computed from them alone (a padding mask
+``tokens > 0``, lengths) is a fixed array per example, which may multiply a value position by
+position (masked pooling); as floats reaching a layer they are input features; any other use (an
+embedding's gather) is refused naming the leaf, and unused leaves cost nothing.
 
 Normalization: kernels are per output unit, ``(N1, N2)``; the kernel of all O outputs is
 ``K ⊗ I_O`` (:func:`expand_outputs`). The NTK is the one of the loss
@@ -45,12 +54,14 @@ import numpy as np
 from ntk_adapters.empirical import check_finite
 from ntk_adapters.infinite import elementwise as _ew
 from ntk_adapters.infinite import layers as _layers
+from ntk_adapters.infinite import masks as _masks
 from ntk_adapters.infinite import primitives as _primitives  # noqa: F401  (registers the primitive rules)
 from ntk_adapters.infinite import programs as _programs
 from ntk_adapters.infinite import rules as _rules
-from ntk_adapters.infinite.interpreter import Interpreter, RecordedCall
+from ntk_adapters.infinite.interpreter import Interpreter, RecordedCall, parameter
+from ntk_adapters.infinite.masks import InputConstant
 from ntk_adapters.infinite.rules import EngineOptions, InfiniteWidthError
-from ntk_adapters.infinite.values import Concrete, IntegerInput, Value, input_value, is_value
+from ntk_adapters.infinite.values import Value, input_value, is_value
 from ntk_adapters.inputs import check_pair, hashable_spec, leaves_with_names, spec
 from ntk_adapters.model import Model, as_model
 from ntk_adapters.outputs import pack
@@ -99,13 +110,13 @@ def _trace(model: Model, x_struct):
     return closed, calls
 
 
-def _input_leaf(a1: jax.Array, a2: Optional[jax.Array], layout: str, name: str) -> Union[Value, IntegerInput]:
+def _input_leaf(a1: jax.Array, a2: Optional[jax.Array], layout: str, name: str) -> Union[Value, InputConstant]:
     """What the interpreter starts from for one input leaf (``name`` as in ``x['ids']``)."""
     dtype = a1.dtype
     if jnp.issubdtype(dtype, jnp.floating):
         return input_value(a1, a2, layout, name)
     if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
-        return IntegerInput(name=name, x1=a1, x2=a2, shape=tuple(a1.shape[1:]))
+        return _masks.input_leaf(name, a1, a2)
     raise InfiniteWidthError(f"input leaf {name} has dtype {dtype}; the infinite-width engine takes float, "
                              "integer and bool inputs")
 
@@ -114,8 +125,11 @@ def _input_leaf(a1: jax.Array, a2: Optional[jax.Array], layout: str, name: str) 
 # Layout choice.
 
 
-def _needs_full(jaxpr) -> bool:
-    for e in jaxpr.eqns:
+def _needs_full(jaxpr, used_outputs=None, cache=None) -> bool:
+    """Whether an equation the outputs depend on pools over positions (needs the covariance between
+    positions)."""
+    cache = {} if cache is None else cache
+    for e, used in _programs.liveness(jaxpr, used_outputs, cache).eqns:
         name = e.primitive.name
         if name in ("reduce_window_sum", "avg_pool"):
             return True
@@ -125,8 +139,10 @@ def _needs_full(jaxpr) -> bool:
             if nd >= 3 and axes and 0 not in axes and (nd - 1) not in axes:
                 return True
         sub = _programs.sub_jaxpr(e)
-        if sub is not None and _needs_full(sub[0]):
-            return True
+        if sub is not None:
+            call = name in _programs.CALL_PRIMITIVES and len(used) == len(sub[0].outvars)
+            if _needs_full(sub[0], used if call else None, cache):
+                return True
     return False
 
 
@@ -150,10 +166,13 @@ def infinite_kernel_fn(
     deterministic input feature with its own kernel (``x·x'/C`` over its last axis), so branches
     that meet only through independent random layers (``Dense(a) + Dense(b)``) or a concatenation
     on the channel axis (``Dense(concatenate([a, b], -1))``) have exact kernels; combining two
-    leaves entry by entry (``a + b``, ``a * mask``) is refused. Integer and bool leaves are passed
-    to the model unchanged; their conversion to floats is an input feature like a float leaf,
-    every other use (embeddings of token ids) raises :class:`InfiniteWidthError` naming the leaf,
-    and leaves the model does not use are ignored.
+    float leaves entry by entry (``a + b``, ``a * b``) is refused. Integer and bool leaves are
+    passed to the model unchanged: masks computed from them (``tokens != 0``) may multiply values
+    position by position (``h * mask[..., None]``, masked sums and means over positions), their
+    conversion to floats reaching a layer is an input feature like a float leaf, every other use
+    (embeddings of token ids) raises :class:`InfiniteWidthError` naming the leaf, and leaves the
+    model does not use are ignored. Only the operations the output depends on are interpreted
+    (the heads an ``output=`` selection drops never are).
 
     Args:
       model: a :class:`~ntk_adapters.Model` from ``ntk_adapters.flax.adapt`` /
@@ -182,9 +201,10 @@ def infinite_kernel_fn(
 
     Raises:
       InfiniteWidthError: a layer or operation without exact rule (max pooling, attention,
-        softmax, BatchNorm in training mode, embeddings, ...), naming the layer and the primitive
-        (and the input leaf for integer inputs). Raised when the kernel function is built if the
-        model records its input specs, else at the first call.
+        softmax, BatchNorm in training mode, embeddings, a nonlinearity after a post-activation
+        residual, ...), naming the innermost layer and the operation (and the input leaf for
+        integer inputs). Raised when the kernel function is built if the model records its input
+        specs, else at the first call.
       ValueError: (from ``kernel_fn``) inputs without a shared batch axis, ``x1`` and ``x2`` of
         different structures or per-example shapes, or NaN/Inf with ``check_finite_values``.
 
@@ -221,13 +241,14 @@ def infinite_kernel_fn(
         options = EngineOptions(weight_variance, bias_variance, layout, n_points)
         interp = Interpreter(calls, model.params, options, batch=leaves1[0].shape[0])
         inputs = [_input_leaf(a1, a2, layout, name) for a1, a2, name in zip(leaves1, leaves2, names)]
-        args = [Concrete(p) for p in jax.tree_util.tree_leaves(model.params)] + inputs
+        args = [parameter(p) for p in jax.tree_util.tree_leaves(model.params)] + inputs
         if len(closed.jaxpr.invars) != len(args):
             raise InfiniteWidthError("the traced model has an unexpected signature")
         consts = [c for c in closed.consts]
         (out,) = interp.run(closed.jaxpr, consts, args)
-        if isinstance(out, IntegerInput):
-            raise InfiniteWidthError(f"the model returns its integer input leaf {out.name}, which has no kernel")
+        if isinstance(out, InputConstant):
+            raise InfiniteWidthError(f"the model returns {out.describe()}, a function of its integer inputs "
+                                     "alone, which has no kernel")
         if not is_value(out):
             raise InfiniteWidthError("the model's output does not depend on its input")
         out = interp.context().materialize(out)

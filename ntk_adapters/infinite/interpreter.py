@@ -2,19 +2,27 @@
 
 The interpreter runs a traced program equation by equation. Its environment maps each variable
 to a :class:`~ntk_adapters.infinite.values.Value` (input-dependent: a kernel),
-a :class:`~ntk_adapters.infinite.values.Concrete` array or an
-:class:`~ntk_adapters.infinite.values.IntegerInput` leaf. For each equation:
+a :class:`~ntk_adapters.infinite.values.Concrete` array (parameters are marked as such) or an
+:class:`~ntk_adapters.infinite.masks.InputConstant` (integer input leaves and what is computed
+from them alone, such as padding masks). Only the equations the used outputs depend on are
+interpreted (:func:`~ntk_adapters.infinite.programs.liveness`). For each of them:
 
 * the equations traced inside a recorded module call with a registered rule are one group,
   replaced by the module rule when the group receives an input-dependent value;
 * an equation on concrete values only is evaluated;
+* an equation on input constants and constants of the model computes another input constant
+  when it acts on each example separately (:func:`~ntk_adapters.infinite.masks.evaluate`); an
+  input constant multiplying a value is a mask (:func:`~ntk_adapters.infinite.masks.mask_rule`);
+  float input constants meeting anything else are input features, integer ones are refused;
 * any other equation goes to the rule registered for its primitive
   (:func:`~ntk_adapters.infinite.rules.lookup_primitive_rule`), which receives a
-  :class:`~ntk_adapters.infinite.rules.PrimitiveContext`; without one it is refused, naming the
-  module path and the primitive.
+  :class:`~ntk_adapters.infinite.rules.PrimitiveContext`; without one it is refused.
+
+Every refusal names the innermost recorded module call (with or without a rule) and the operation.
 
 The interpreter holds no kernel mathematics: that is in the rules and in
-:mod:`ntk_adapters.infinite.layers` / :mod:`ntk_adapters.infinite.elementwise`.
+:mod:`ntk_adapters.infinite.layers` / :mod:`ntk_adapters.infinite.elementwise` /
+:mod:`ntk_adapters.infinite.masks`.
 """
 
 from __future__ import annotations
@@ -27,21 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_adapters.infinite import layers as _layers
+from ntk_adapters.infinite import masks as _masks
+from ntk_adapters.infinite import primitives as _primitives
 from ntk_adapters.infinite import programs as _programs
 from ntk_adapters.infinite import rules as _rules
 from ntk_adapters.infinite.kernel import Kernel
+from ntk_adapters.infinite.masks import InputConstant
 from ntk_adapters.infinite.rules import EngineOptions, InfiniteWidthError, ModuleCall, PrimitiveContext
-from ntk_adapters.infinite.values import (
-    Concrete,
-    IntegerInput,
-    Value,
-    depends_on_input,
-    input_value,
-    is_value,
-    new_id,
-)
+from ntk_adapters.infinite.values import Concrete, Value, input_value, is_value, new_id
 
-__all__ = ["Interpreter", "RecordedCall"]
+__all__ = ["Interpreter", "RecordedCall", "parameter"]
 
 # Contractions that take integer operands as numbers, promoted to their float output dtype.
 _PROMOTING_CONTRACTIONS = {"dot_general", "conv_general_dilated"}
@@ -84,6 +87,36 @@ def _concrete(value) -> Concrete:
     return Concrete(value, value if np.ndim(value) == 0 else None)
 
 
+def parameter(value) -> Concrete:
+    """A parameter of the model, as the interpreter starts from it."""
+    return _Parameter(value, value if np.ndim(value) == 0 else None)
+
+
+class _Parameter(Concrete):
+    """A concrete value computed from the model's parameters.
+
+    At infinite width the parameters of the layers are random, so a parameter is not a constant
+    of the input: an input constant that meets one (an embedding table indexed by token ids) is
+    no longer a constant of the input."""
+
+
+#: Why an operation met outside every layer with a rule has no rule, where that is known.
+_NO_RULE = {
+    "reduce_window_max": "max pooling has no exact infinite-width kernel (the expectation of a maximum of more "
+                         "than two correlated Gaussian values has no closed form); average pooling "
+                         "(`nn.avg_pool` / `hk.avg_pool`) has one",
+    "reduce_window_min": "min pooling has no exact infinite-width kernel; average pooling "
+                         "(`nn.avg_pool` / `hk.avg_pool`) has one",
+    "reduce_max": "a maximum over the entries of a value (max pooling written inline, a max over channels) "
+                  "has no exact infinite-width kernel",
+    "argmax": "an argmax has no infinite-width kernel",
+}
+
+_RESIDUAL = ("a nonlinearity of a sum of a non-Gaussian value and a Gaussian branch has no exact kernel (the "
+             "sum is not a zero-mean Gaussian process, so its kernel does not determine the result); the pre-activation "
+             "residual `x + f(relu(x))` (ResNet v2 ordering) has one")
+
+
 class Interpreter:
     """Interprets traced programs of one model evaluation over kernel values.
 
@@ -102,16 +135,27 @@ class Interpreter:
         # Call equations (jit, custom_jvp, ...) whose programs are being interpreted, outermost
         # first: the equations inside carry name stacks relative to them.
         self.outer: list = []
+        self._liveness: dict = {}
+        # Which outputs of the equation being interpreted are used, by equation identity: a call
+        # equation's program is analysed for those when it is entered.
+        self._used: dict = {}
+        # One input feature per input constant that reaches a rule as floats, so that two uses of
+        # it are one value (one base), as two uses of a float input leaf are.
+        self._features: dict = {}
+        # Where a non-Gaussian value came from (a residual sum, a module's output), by identity,
+        # for the message when a nonlinearity of it is refused.
+        self._origins: dict = {}
 
     # -- what rules and messages see -----------------------------------------------------------
 
     def context(self) -> PrimitiveContext:
         """The context given to primitive rules at the current nesting."""
         return PrimitiveContext(batch=self.batch, options=self.options, outer=tuple(self.outer),
-                                _enter=self.call_program)
+                                _enter=self.call_program, _locate=self.layer)
 
     def layer(self, eqn) -> str:
-        """The innermost module call ``eqn`` belongs to, for messages."""
+        """The innermost module call ``eqn`` belongs to, for messages: ``layer `path` (Type)``,
+        with or without a rule (a hand-written ``nn.Module`` / ``nnx.Module`` / ``hk.Module``)."""
         tags = [t for e in [*self.outer, eqn] for t in _programs.tags(e) if t < len(self.calls)]
         if not tags:
             where = _programs.where(self.outer, eqn)
@@ -119,19 +163,33 @@ class Interpreter:
         call = self.calls[tags[-1]]
         return f"layer `{call.path}` ({_rules.module_type_name(call.module)})"
 
-    def integer_error(self, eqn, v: IntegerInput) -> InfiniteWidthError:
+    def integer_error(self, eqn, v: InputConstant, invals=None) -> InfiniteWidthError:
+        """The refusal of an equation that uses integer inputs other than as a constant of the input."""
+        at = f"{v.describe()} reaches {self.layer(eqn)} at {_programs.operation(self.outer, eqn)}"
+        if eqn.primitive.name == "gather" and invals and isinstance(invals[0], _Parameter):
+            why = ("an embedding lookup (a parameter table indexed by integer ids): embeddings have no "
+                   "infinite-width rule yet")
+        elif eqn.primitive.name == "gather" and invals and is_value(invals[0]):
+            why = "indexing an input-dependent value by integer inputs has no infinite-width rule"
+        else:
+            why = "this use of integer or bool inputs has no infinite-width rule"
         return InfiniteWidthError(
-            f"input leaf {v.name} ({v.dtype}, per-example shape {v.shape}) reaches {self.layer(eqn)} at "
-            f"primitive {_programs.describe_primitive(self.outer, eqn)}: embeddings and other uses of integer "
-            "or bool inputs (token ids, masks) have no infinite-width rule yet; only their conversion to floats "
-            "is understood (an input feature like any float leaf). Use ntk_adapters.monte_carlo_kernel_fn or the "
-            "empirical kernels for this model"
+            f"{at}: {why}. Of integer inputs the engine understands functions of them alone (masks such as "
+            "`tokens > 0`, lengths), kept as constants of the input that may scale values position by position, "
+            "and conversions to floats (input features like any float leaf). Use "
+            "ntk_adapters.monte_carlo_kernel_fn or the empirical kernels for this model"
         )
 
     # -- the walk ------------------------------------------------------------------------------
 
-    def run(self, jaxpr, consts, args) -> list:
-        """Interpret ``jaxpr`` on interpreted ``args``; returns the interpreted outputs."""
+    def run(self, jaxpr, consts, args, used_outputs=None) -> list:
+        """Interpret ``jaxpr`` on interpreted ``args``; returns the interpreted outputs (``None`` for
+        outputs not in ``used_outputs``).
+
+        Only the equations the used outputs depend on are interpreted: a model adapted to return one
+        of several heads never meets the others, and a module whose equations are all unused is not
+        handed to its rule.
+        """
         env: dict = {}
 
         def read(v):
@@ -144,7 +202,11 @@ class Interpreter:
         for v, a in zip(jaxpr.invars, args):
             env[v] = a
 
-        eqns = jaxpr.eqns
+        live = _programs.liveness(jaxpr, used_outputs, self._liveness)
+        eqns = [e for e, _ in live.eqns]
+        for e, mask in live.eqns:
+            self._used[id(e)] = mask
+        outvars = [v for v, u in zip(jaxpr.outvars, live_outputs(jaxpr, used_outputs)) if u]
         i = 0
         while i < len(eqns):
             eqn = eqns[i]
@@ -161,41 +223,138 @@ class Interpreter:
             while j < len(eqns) and call.index in _programs.tags(eqns[j]):
                 j += 1
             group = eqns[i:j]
-            if any(depends_on_input(read(v)) for e in group for v in e.invars if not hasattr(v, "val") if v in env):
-                group = self.convert_module_inputs(group, env, read)
-                self.run_module(call, group, eqns[j:], jaxpr.outvars, env)
+            if any(_input_dependent(env[v]) for e in group for v in e.invars
+                   if not _programs.is_literal(v) and v in env):
+                replaced: dict = {}
+                group = self.convert_module_inputs(group, env, replaced)
+                self.run_module(call, group, eqns[j:], outvars, env)
+                # The module saw its input constants as features; everything after it still sees
+                # them as constants of the input (a mask may also scale a value later).
+                env.update(replaced)
             else:
                 for e in group:
                     self.run_eqn(e, env, read)
             i = j
-        return [read(v) for v in jaxpr.outvars]
+        return [read(v) if u else None for v, u in zip(jaxpr.outvars, live_outputs(jaxpr, used_outputs))]
 
     def call_program(self, eqn, invals) -> list:
-        """Interpret the program of a call equation (jit, custom_jvp, ...) on ``invals``."""
+        """Interpret the program of a call equation (jit, custom_jvp, ...) on ``invals``, for the
+        outputs of ``eqn`` that are used."""
         sub = _programs.sub_jaxpr(eqn)
         if sub is None:
             raise self.context().error(eqn, "cannot read the called program")
+        used = self._used.get(id(eqn))
+        if used is not None and len(used) != len(sub[0].outvars):
+            used = None
         self.outer.append(eqn)
         try:
-            return self.run(sub[0], sub[1], invals)
+            return self.run(sub[0], sub[1], invals, used)
         finally:
             self.outer.pop()
 
     def run_eqn(self, eqn, env, read) -> None:
+        missing = [not _programs.is_literal(v) and v not in env for v in eqn.invars]
+        if any(missing):
+            # A call whose program does not use some of its inputs, which were therefore never
+            # computed: its program is interpreted, and skips them.
+            invals = [None if m else read(v) for v, m in zip(eqn.invars, missing)]
+            outs = self.call_program(eqn, invals)
+            for var, o in zip(eqn.outvars, outs):
+                env[var] = o
+            return
         invals = [read(v) for v in eqn.invars]
-        ints = [v for v in invals if isinstance(v, IntegerInput)]
-        if ints:
-            outs = self.integer_input(eqn, invals, ints[0])
-        elif not any(is_value(v) for v in invals):
+        constants = any(isinstance(v, InputConstant) for v in invals)
+        values = any(is_value(v) for v in invals)
+        if constants and not values:
+            outs = self.input_constants(eqn, invals)
+        elif constants:
+            outs = self.mixed(eqn, invals)
+        elif not values:
             outs = self.evaluate(eqn, invals)
         else:
-            rule = _rules.lookup_primitive_rule(eqn.primitive.name)
-            ctx = self.context()
-            if rule is None:
-                raise ctx.error(eqn, "this operation has no infinite-width rule")
-            outs = rule(eqn, invals, ctx)
+            outs = self.dispatch(eqn, invals)
         for var, o in zip(eqn.outvars, outs):
             env[var] = o
+
+    def dispatch(self, eqn, invals) -> list:
+        """``eqn`` on values (and concrete arrays) by the rule of its primitive."""
+        rule = _rules.lookup_primitive_rule(eqn.primitive.name)
+        ctx = self.context()
+        if rule is None:
+            raise ctx.error(eqn, self.no_rule_reason(eqn, invals))
+        try:
+            outs = rule(eqn, invals, ctx)
+        except InfiniteWidthError as e:
+            better = self.explain_refusal(eqn, invals, e)
+            if better is not None:
+                raise better from e
+            raise
+        self.note_origins(eqn, invals, outs)
+        return outs
+
+    def no_rule_reason(self, eqn, invals) -> str:
+        name = eqn.primitive.name
+        if name in _NO_RULE:
+            return _NO_RULE[name]
+        if name == "dot_general":
+            if sum(is_value(v) for v in invals) == 2:
+                return ("a product of two input-dependent values (attention scores, bilinear gating) has no "
+                        "infinite-width rule")
+            return ("a matrix product outside every layer with a rule (a hand-written linear layer) has no "
+                    "infinite-width rule: register a rule for its module")
+        return "this operation has no infinite-width rule"
+
+    # -- messages about non-Gaussian values ----------------------------------------------------
+
+    def note_origins(self, eqn, invals, outs) -> None:
+        """Remember where non-Gaussian values come from: a sum of a non-Gaussian value and a Gaussian
+        branch (a post-activation residual), carried through linear maps of one value."""
+        values = [v for v in invals if is_value(v)]
+        results = [o for o in outs if is_value(o)]
+        if len(results) != 1 or _gaussian(results[0]):
+            return
+        out = results[0]
+        name = eqn.primitive.name
+        if name in ("add", "sub", "add_any") and len(values) == 2:
+            gaussian = [_gaussian(v) for v in values]
+            if gaussian.count(True) == 1:
+                self._origins[id(out)] = (out, "residual", (self.layer(eqn), _programs.operation(self.outer, eqn)))
+            return
+        if len(values) == 1 and id(values[0]) in self._origins and out.phi is None:
+            _, kind, where = self._origins[id(values[0])]
+            self._origins[id(out)] = (out, kind, where)
+
+    def explain_refusal(self, eqn, invals, error: InfiniteWidthError) -> Optional[InfiniteWidthError]:
+        """A more precise refusal of a nonlinearity of a non-Gaussian value whose origin is known."""
+        values = [v for v in invals if is_value(v)]
+        if len(values) != 1 or _gaussian(values[0]) or values[0].phi is not None:
+            return None
+        if any(isinstance(c, Concrete) and c.scalar is None and np.size(c.value) != 1 for c in invals):
+            return None  # refused for its non-scalar constant, not for the value
+        if not self.is_elementwise(eqn):
+            return None
+        origin = self._origins.get(id(values[0]))
+        if origin is None:
+            return None
+        _, kind, where = origin
+        ctx = self.context()
+        if kind == "residual":
+            layer, op = where
+            at = f"at {op}" if layer == self.layer(eqn) else f"at {layer} at {op}"
+            return ctx.error(eqn, f"{_RESIDUAL}. Its input is the sum {at}, one of whose terms is already "
+                                  "non-Gaussian (e.g. the output of an earlier nonlinearity)")
+        message = str(error)
+        if message.endswith(_programs.SUGGEST):
+            message = message[: -len(_programs.SUGGEST)].rstrip("; ")
+        return InfiniteWidthError(f"{message}; its input is {where}, which is not a zero-mean Gaussian process "
+                                  f"with identically distributed channels; {_programs.SUGGEST}")
+
+    def is_elementwise(self, eqn) -> bool:
+        name = eqn.primitive.name
+        if name in _rules.ELEMENTWISE_PRIMITIVES:
+            return True
+        sub = _programs.sub_jaxpr(eqn) if name in _programs.CALL_PRIMITIVES else None
+        return sub is not None and _primitives.elementwise_program(sub[0])
 
     def evaluate(self, eqn, invals: list[Concrete]) -> list[Concrete]:
         """An equation on concrete values only, evaluated now."""
@@ -205,6 +364,7 @@ class Interpreter:
             outs = _programs.bind(eqn, [v.value for v in invals])
         if not eqn.primitive.multiple_results:
             outs = [outs]
+        kind = _Parameter if any(isinstance(v, _Parameter) for v in invals) else Concrete
         result = []
         for o in outs:
             scalar = None
@@ -215,35 +375,61 @@ class Interpreter:
                 scalar = invals[0].scalar
                 if eqn.primitive.name == "convert_element_type":
                     scalar = o.reshape(-1)[0] if np.size(o) else None
-            result.append(Concrete(o, scalar))
+            result.append(kind(o, scalar))
         return result
 
-    # -- integer input leaves ------------------------------------------------------------------
+    # -- constants of the input (integer leaves, masks) ----------------------------------------
 
-    def integer_input(self, eqn, invals, v: IntegerInput) -> list:
-        """Outputs of an equation receiving an integer input leaf: a conversion to floats makes it an
-        input feature, integer conversions keep it, call equations are entered; anything else is refused."""
-        name = eqn.primitive.name
-        if name == "convert_element_type" and len(invals) == 1:
-            new = eqn.params["new_dtype"]
-            a2 = None if v.x2 is None else v.x2.astype(new)
-            if jnp.issubdtype(new, jnp.floating):
-                return [input_value(v.x1.astype(new), a2, self.options.layout, v.name)]
-            if jnp.issubdtype(new, jnp.integer) or jnp.issubdtype(new, jnp.bool_):
-                return [dataclasses.replace(v, x1=v.x1.astype(new), x2=a2)]
-        if name in _programs.CALL_PRIMITIVES:
+    def feature(self, c: InputConstant) -> Value:
+        """A float input constant as an input feature (``nngp = x·x'/C``), one per constant."""
+        if id(c) not in self._features:
+            self._features[id(c)] = (c, input_value(c.x1, c.x2, self.options.layout, c.name))
+        return self._features[id(c)][1]
+
+    def as_features(self, eqn, invals) -> list:
+        """``invals`` with float input constants as input features; integer ones are refused."""
+        for v in invals:
+            if isinstance(v, InputConstant) and not v.is_float:
+                raise self.integer_error(eqn, v, invals)
+        return [self.feature(v) if isinstance(v, InputConstant) else v for v in invals]
+
+    def input_constants(self, eqn, invals) -> list:
+        """An equation on input constants (and concrete arrays): another input constant when it acts
+        on each example separately and reads no parameter; call equations are entered; float input
+        constants meeting anything else are input features; integers are refused."""
+        if eqn.primitive.name in _programs.CALL_PRIMITIVES:
             return self.call_program(eqn, invals)
-        raise self.integer_error(eqn, v)
+        if not any(isinstance(v, _Parameter) for v in invals):
+            outs = _masks.evaluate(eqn, invals, self.batch)
+            if outs is not None:
+                return outs
+        return self.dispatch(eqn, self.as_features(eqn, invals))
 
-    def convert_module_inputs(self, group, env, read) -> list:
-        """Integer input leaves that a module uses only as numbers become input features before its
-        rule runs: Flax's Dense converts them to floats first, Haiku's Linear contracts them with its
-        float weights directly (``jnp.dot`` promotes inside ``dot_general``). Returns the module's
-        equations without the conversions already run."""
+    def mixed(self, eqn, invals) -> list:
+        """An equation on values and input constants: a mask applied to a value, or, for a call,
+        its program; float input constants meeting anything else are input features."""
+        if eqn.primitive.name in _programs.CALL_PRIMITIVES:
+            return self.call_program(eqn, invals)
+        if not any(isinstance(v, _Parameter) for v in invals):
+            outs = _masks.mask_rule(eqn, invals, self.context())
+            if outs is not None:
+                return outs
+        return self.dispatch(eqn, self.as_features(eqn, invals))
+
+    def convert_module_inputs(self, group, env, replaced: dict) -> list:
+        """Input constants that a module with a rule uses only as numbers become input features
+        before its rule runs: floats as they are, integers where Flax's Dense converts them to floats
+        first or Haiku's Linear contracts them with its float weights directly (``jnp.dot`` promotes
+        inside ``dot_general``). Returns the module's equations without the conversions already run;
+        ``replaced`` receives the entries of ``env`` replaced by features, to restore afterwards."""
         done = set()
         for var in {v for e in group for v in e.invars if not _programs.is_literal(v)}:
             leaf = env.get(var)
-            if not isinstance(leaf, IntegerInput):
+            if not isinstance(leaf, InputConstant):
+                continue
+            if leaf.is_float:
+                replaced[var] = leaf
+                env[var] = self.feature(leaf)
                 continue
             uses = [e for e in group if var in e.invars]
             converts = [e for e in uses if e.primitive.name == "convert_element_type"
@@ -253,12 +439,12 @@ class Interpreter:
             if len(converts) + len(promoting) != len(uses):
                 continue  # another use: run_module names it
             for e in converts:
-                self.run_eqn(e, env, read)
+                new = e.params["new_dtype"]
+                env[e.outvars[0]] = self.feature(_as_dtype(leaf, new))
                 done.add(id(e))
             if promoting:
-                dtype = promoting[0].outvars[0].aval.dtype
-                env[var] = input_value(leaf.x1.astype(dtype), None if leaf.x2 is None else leaf.x2.astype(dtype),
-                                       self.options.layout, leaf.name)
+                replaced[var] = leaf
+                env[var] = self.feature(_as_dtype(leaf, promoting[0].outvars[0].aval.dtype))
         return [e for e in group if id(e) not in done]
 
     # -- modules -------------------------------------------------------------------------------
@@ -271,13 +457,13 @@ class Interpreter:
             for v in e.invars:
                 if _programs.is_literal(v) or v in defined or v not in env:
                     continue
-                if depends_on_input(env[v]) and v not in inputs:
+                if _input_dependent(env[v]) and v not in inputs:
                     inputs.append(v)
-        used_later = {v for e in rest for v in e.invars if not hasattr(v, "val")} | {
-            v for v in outvars if not hasattr(v, "val")}
+        used_later = {v for e in rest for v in e.invars if not _programs.is_literal(v)} | {
+            v for v in outvars if not _programs.is_literal(v)}
         outs = [v for e in group for v in e.outvars if v in used_later]
         for v in inputs:
-            if isinstance(env[v], IntegerInput):
+            if isinstance(env[v], InputConstant):
                 first = next(e for e in group if v in e.invars)
                 raise self.integer_error(first, env[v])
         if len(inputs) != 1 or len(outs) != 1:
@@ -315,8 +501,31 @@ class Interpreter:
             raise call.error(f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
                              f"per-example shape {out_shape}")
         lid = new_id()
-        env[out_var] = Value(kernel=new, shape=out_shape, base=lid, fresh=lid if rule.linear else None,
-                             deps=value.deps | ({lid} if rule.linear else frozenset()))
+        out = Value(kernel=new, shape=out_shape, base=lid, fresh=lid if rule.linear else None,
+                    deps=value.deps | ({lid} if rule.linear else frozenset()))
+        if not new.is_gaussian:
+            self._origins[id(out)] = (out, "module", f"the output of layer `{call.path}` "
+                                                     f"({_rules.module_type_name(call.module)})")
+        env[out_var] = out
+
+
+def live_outputs(jaxpr, used_outputs) -> list[bool]:
+    """``used_outputs`` over ``jaxpr.outvars`` (all when ``None``)."""
+    return [True] * len(jaxpr.outvars) if used_outputs is None else [bool(u) for u in used_outputs]
+
+
+def _input_dependent(v) -> bool:
+    return isinstance(v, (Value, InputConstant))
+
+
+def _gaussian(v: Value) -> bool:
+    """Whether a value is a zero-mean Gaussian process itself (not a pending function of one)."""
+    return v.phi is None and v.kernel.is_gaussian
+
+
+def _as_dtype(c: InputConstant, dtype) -> InputConstant:
+    return dataclasses.replace(c, x1=c.x1.astype(dtype), x2=None if c.x2 is None else c.x2.astype(dtype),
+                               leaf=False)
 
 
 def _module_function(group: tuple, inp_var, out_var, consts: dict):

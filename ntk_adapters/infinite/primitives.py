@@ -171,9 +171,13 @@ def _bind_elementwise(eqn, args, dtype):
     """
     name = eqn.primitive.name
     if name == "convert_element_type":
-        a = args[0]
+        a = jnp.asarray(args[0])
         new = eqn.params["new_dtype"]
-        return a if jnp.issubdtype(new, jnp.floating) else a.astype(new)
+        if jnp.issubdtype(new, jnp.floating):
+            # the working dtype, not the traced one: a bool comparison (a step of the value) becomes
+            # a number that the next multiplication accepts
+            return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(dtype)
+        return a.astype(new)
     if name in ("broadcast_in_dim", "copy", "copy_p", "stop_gradient", "reduce_precision"):
         return args[0]
     if name in _programs.CALL_PRIMITIVES:
@@ -229,37 +233,16 @@ def elementwise_program(jaxpr) -> bool:
     return True
 
 
-_SIMPLE_CLOSED_FORMS = {"tanh": "tanh", "abs": "abs", "sign": "sign", "erf": "erf", "sin": "sin", "cos": "cos",
-                        "exp": "exp", "logistic": "sigmoid"}
+# Functions outside the closed-form family of ntk_adapters.infinite.forms that have closed forms
+# of their own when applied alone to a Gaussian value.
+_SIMPLE_CLOSED_FORMS = {"sin": "sin", "cos": "cos", "exp": "exp"}
 
 
 def _recognise(eqn, invals) -> Optional[tuple[str, tuple]]:
-    """A closed-form name for a one-equation phi applied to an identity value, if recognised."""
+    """A closed-form name for a one-equation phi applied to a Gaussian value, if it has one."""
     name = eqn.primitive.name
-    if name in ("custom_jvp_call", "pjit", "jit", "custom_vjp_call"):
-        fname = eqn.params.get("name")
-        inner = eqn
-        while fname is None:
-            sub = _programs.sub_jaxpr(inner)
-            if sub is None or len(sub[0].eqns) != 1 or sub[0].eqns[0].primitive.name not in _programs.CALL_PRIMITIVES:
-                break
-            inner = sub[0].eqns[0]
-            fname = inner.params.get("name")
-        if fname == "relu":
-            return "relu", ()
-        if fname == "leaky_relu":
-            sub = _programs.sub_jaxpr(inner)
-            slopes = [v.val for e in sub[0].eqns if e.primitive.name == "mul" for v in e.invars
-                      if hasattr(v, "val")]
-            if len(slopes) == 1:
-                return "leaky_relu", (("negative_slope", float(slopes[0])),)
-        return None
     if name in _SIMPLE_CLOSED_FORMS and len(invals) == 1:
         return _SIMPLE_CLOSED_FORMS[name], ()
-    if name == "max" and len(invals) == 2:
-        consts = [c for c in invals if isinstance(c, Concrete)]
-        if len(consts) == 1 and consts[0].scalar is not None and float(consts[0].scalar) == 0.0:
-            return "relu", ()
     return None
 
 
@@ -268,9 +251,13 @@ def _sources(values) -> str:
     return f" ({' and '.join(names)})" if len(names) == len(values) and len(set(names)) > 1 else ""
 
 
-def _linear_scale(name, invals, scalars) -> Optional[float]:
+def _linear_scale(eqn, invals, scalars) -> Optional[float]:
     """The factor of a linear map by a constant (``x * c``, ``x / c``, ``-x``, a copy), else ``None``."""
-    if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+    name = eqn.primitive.name
+    if name == "convert_element_type":
+        # a conversion to integers truncates: a function of the value, not a copy
+        return 1.0 if jnp.issubdtype(eqn.params["new_dtype"], jnp.inexact) else None
+    if name in ("copy", "copy_p", "reduce_precision"):
         return 1.0
     if name == "neg":
         return -1.0
@@ -337,9 +324,15 @@ def _residual(eqn, invals, ctx: PrimitiveContext) -> Value:
     return Value(kernel=k, shape=a.shape, flat=a.flat, base=new_id(), fresh=None, deps=a.deps | b.deps)
 
 
+def _label(eqn, ctx: PrimitiveContext) -> str:
+    return f"`{ctx.where(eqn)}` (primitive {_programs.describe_primitive(ctx.outer, eqn)})"
+
+
 def _elementwise(eqn, invals, ctx: PrimitiveContext) -> Value:
     values = [v for v in invals if is_value(v)]
     name = eqn.primitive.name
+    # Values of one base are functions of the same Gaussian (its linear maps included, which stay
+    # pending for that reason): x·Φ(x), h·sigmoid(1.702 h), (h >= 0)·h² are each one phi.
     if len({v.base for v in values}) > 1:
         if name in ("add", "sub", "add_any"):
             return _residual(eqn, invals, ctx)
@@ -356,14 +349,20 @@ def _elementwise(eqn, invals, ctx: PrimitiveContext) -> Value:
                                  f"{np.shape(c.value)} (per-unit constants make channels non-identical)")
     scalars = [None if is_value(c) else (c.scalar if c.scalar is not None else jnp.reshape(c.value, ()))
                for c in invals]
-    # Linear maps of an already materialized value act on its kernel directly, which also works
-    # for non-Gaussian values (e.g. mean pooling divides a sum of ReLU features).
-    if v0.phi is None and (len(values) == len(invals) - 1 or len(invals) == 1):
-        factor = _linear_scale(name, invals, scalars)
-        if factor is not None:
-            if factor == 1.0:
-                return v0
-            return dataclasses.replace(v0, kernel=_layers.scale(v0.kernel, factor), base=new_id())
+    one_value = len(values) == len(invals) - 1 or len(invals) == 1
+    factor = _linear_scale(eqn, invals, scalars) if one_value else None
+    if factor is not None and factor == 1.0 and (v0.phi is None or v0.phi.linear is not None):
+        return v0
+    if factor is not None and v0.phi is None and not v0.kernel.is_gaussian:
+        # A linear map of a materialized non-Gaussian value acts on its kernel directly (mean
+        # pooling divides a sum of ReLU features).
+        return dataclasses.replace(v0, kernel=_layers.scale(v0.kernel, factor), base=new_id())
+    if factor is not None and (v0.phi is None or v0.phi.linear is not None):
+        # A multiple of a Gaussian value stays a pending function of it, so that it can meet the
+        # value itself again (0.5·x·erfc(−x/√2)); it is still a fresh layer output.
+        total = factor * (1.0 if v0.phi is None else v0.phi.linear)
+        phi = Phi(fn=lambda u, a=total: a * u, linear=total, where=_label(eqn, ctx))
+        return dataclasses.replace(v0, phi=phi)
     if not v0.kernel.is_gaussian:
         raise ctx.error(eqn, "an elementwise nonlinearity applied to a value that is not a zero-mean "
                              "Gaussian process (two nonlinearities in a row, a nonlinearity of the raw "
@@ -385,10 +384,18 @@ def _elementwise(eqn, invals, ctx: PrimitiveContext) -> Value:
         out = _bind_elementwise(eqn, args, u.dtype)
         return out[0] if eqn.primitive.multiple_results else out
 
+    try:
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct((), v0.kernel.nngp.dtype))
+    except Exception as e:  # noqa: BLE001  (any failure of the user's function is reported with its place)
+        raise ctx.error(eqn, f"the elementwise function of the Gaussian value built up to here cannot be "
+                             f"evaluated ({type(e).__name__}: {e})") from None
+    if not jnp.issubdtype(out.dtype, jnp.number) and not jnp.issubdtype(out.dtype, jnp.bool_):
+        raise ctx.error(eqn, f"the elementwise function returns {out.dtype}")
+    label = _label(eqn, ctx)
     if recognised is not None:
-        phi = Phi(fn=fn, name=recognised[0], params=recognised[1])
+        phi = Phi(fn=fn, name=recognised[0], params=recognised[1], where=label)
     else:
-        phi = Phi(fn=fn)
+        phi = Phi(fn=fn, where=label)
     return dataclasses.replace(v0, phi=phi, fresh=None)
 
 

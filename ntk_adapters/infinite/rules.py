@@ -42,7 +42,8 @@ model of that framework; the primitive rules live in :mod:`ntk_adapters.infinite
   :class:`~ntk_adapters.infinite.values.Value` (input-dependent, with a kernel) or a
   :class:`~ntk_adapters.infinite.values.Concrete` array. :class:`PrimitiveContext` gives the
   batch size, the options, ``ctx.materialize(value, eqn)``, ``ctx.call_program(eqn, invals)``
-  and ``ctx.error(eqn, message)``.
+  and ``ctx.error(eqn, message)`` (an error naming the innermost module ``eqn`` belongs to, with
+  or without a rule, and the operation).
 
 * **Elementwise primitives** (:func:`register_elementwise_primitive`): primitives that act entry by
   entry (``tanh``, ``max``, ``logistic``, ...). A chain of them on one Gaussian value becomes one
@@ -267,16 +268,25 @@ class PrimitiveContext:
     options: EngineOptions
     outer: tuple = ()
     _enter: Optional[Callable[[Any, list], list]] = dataclasses.field(default=None, repr=False)
+    _locate: Optional[Callable[[Any], str]] = dataclasses.field(default=None, repr=False)
 
     def where(self, eqn) -> str:
         """The user's module path of ``eqn``, ``'<top level>'`` outside every module."""
         return _programs.where(self.outer, eqn)
 
+    def location(self, eqn) -> str:
+        """The innermost module call ``eqn`` belongs to, as messages name it: ``layer `encoder/fc1`
+        (flax.linen.linear.Dense)``, or ``the model's top level`` outside every module."""
+        if self._locate is not None:
+            return self._locate(eqn)
+        where = self.where(eqn)
+        return "the model's top level" if where == "<top level>" else f"`{where}`"
+
     def error(self, eqn, message: str) -> InfiniteWidthError:
-        """An :class:`InfiniteWidthError` naming ``eqn``'s module path and primitive, to raise."""
+        """An :class:`InfiniteWidthError` naming ``eqn``'s innermost module and its operation, to raise:
+        ``layer `linear1` (my.Linear) at primitive dot_general: <message>; <what to do instead>``."""
         return InfiniteWidthError(
-            f"at `{self.where(eqn)}` (primitive {_programs.describe_primitive(self.outer, eqn)}): {message}; "
-            f"{_programs.SUGGEST}"
+            f"{self.location(eqn)} at {_programs.operation(self.outer, eqn)}: {message}; {_programs.SUGGEST}"
         )
 
     def materialize(self, value: _values.Value, eqn=None) -> _values.Value:

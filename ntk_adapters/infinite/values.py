@@ -46,12 +46,24 @@ def new_id() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Phi:
-    """A pending elementwise function of a Gaussian value: ``fn`` and, when recognised, its closed-form
-    ``name`` (see :mod:`ntk_adapters.infinite.elementwise`) with its ``params`` as ``(key, value)`` pairs."""
+    """A pending elementwise function of a Gaussian value.
+
+    Attributes:
+      fn: the function itself (jnp-traceable on arrays of any shape); its Gaussian expectations
+        are in closed form when :func:`ntk_adapters.infinite.elementwise.recognise` reads it as a
+        member of the family of :mod:`ntk_adapters.infinite.forms`, else by quadrature.
+      name: a closed-form name of :mod:`ntk_adapters.infinite.elementwise` (``'sin'``, ...) for a
+        function outside that family, with its ``params`` as ``(key, value)`` pairs.
+      linear: ``a`` when ``fn(x) = a·x`` by construction (multiplications by constants): a
+        zero-mean Gaussian stays one, and the fresh output of a random layer stays fresh.
+      where: the layer and primitive the function was built at, for messages.
+    """
 
     fn: Callable[[jax.Array], jax.Array]
     name: Optional[str] = None
     params: tuple = ()
+    linear: Optional[float] = None
+    where: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +151,29 @@ def input_value(a1: jax.Array, a2: Optional[jax.Array], layout: str, name: str) 
 def apply_phi(v: Value, n_points: int) -> Value:
     """``v`` with its pending elementwise function applied to its (Gaussian) kernel.
 
-    The result is a new base, and no longer the fresh output of a linear layer.
+    The result is a new base. A linear function ``a·x`` scales the kernel and keeps the value the
+    fresh output of its linear layer; any other function makes it a non-Gaussian value.
     """
-    phi = v.phi.name if v.phi.name is not None else v.phi.fn
-    k = _ew.apply_elementwise(v.kernel, phi, n_points=n_points, **dict(v.phi.params))
+    phi = v.phi
+    factor = phi.linear
+    form = None
+    if factor is None:
+        form = _ew.recognise(phi.fn, v.kernel.nngp.dtype)
+        factor = None if form is None else form.linear_factor
+    if factor is not None:
+        k = v.kernel if factor == 1.0 else _layers.scale(v.kernel, factor)
+        return Value(kernel=k, shape=v.shape, flat=v.flat, base=new_id(), fresh=v.fresh, deps=v.deps)
+    label = phi.where
+    try:
+        if form is not None:
+            k = _ew.apply_elementwise(v.kernel, form)
+        elif phi.name is not None:
+            k = _ew.apply_elementwise(v.kernel, phi.name, n_points=n_points, label=label, **dict(phi.params))
+        else:
+            k = _ew.apply_elementwise(v.kernel, phi.fn, n_points=n_points, label=label)
+    except (TypeError, ValueError) as e:
+        from ntk_adapters.infinite.rules import InfiniteWidthError  # rules imports this module
+
+        raise InfiniteWidthError(f"{label or 'an elementwise function'}: its Gaussian expectations cannot be "
+                                 f"computed ({type(e).__name__}: {e})") from None
     return Value(kernel=k, shape=v.shape, flat=v.flat, base=new_id(), fresh=None, deps=v.deps)

@@ -92,21 +92,26 @@ def test_quadrature_matches_smooth_closed_forms(name):
     q2 = jnp.array([0.5, 1.0, 1.0, 2.0])
     c = c * jnp.sqrt(q1 * q2)
     cf = E.gaussian_expectations(name, c, q1, q2, method="closed_form")
-    qd = E.gaussian_expectations(name, c, q1, q2, method="quadrature", n_points=64)
+    qd = E.gaussian_expectations(name, c, q1, q2, method="quadrature", n_points=64, rtol=None)
     np.testing.assert_allclose(qd[0], cf[0], atol=1e-9, rtol=1e-9)
     np.testing.assert_allclose(qd[1], cf[1], atol=1e-9, rtol=1e-9)
 
 
 def test_quadrature_relu_is_close():
+    """Plain 32-point Gauss–Hermite barely resolves the kink; the default (panels split at the
+    kink, chosen for rtol=1e-6) does."""
     c = jnp.array([0.3, -0.6, 0.9])
     cf = E.gaussian_expectations("relu", c, 1.0, 1.0, method="closed_form")
-    qd = E.gaussian_expectations("relu", c, 1.0, 1.0, method="quadrature")
+    qd = E.gaussian_expectations("relu", c, 1.0, 1.0, method="quadrature", rtol=None)
     np.testing.assert_allclose(qd[0], cf[0], atol=3e-3)
     np.testing.assert_allclose(qd[1], cf[1], atol=4e-2)
+    qd = E.gaussian_expectations("relu", c, 1.0, 1.0, method="quadrature")
+    np.testing.assert_allclose(qd[0], cf[0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(qd[1], cf[1], rtol=1e-6, atol=1e-9)
 
 
 def test_quadrature_accuracy_table():
-    """The figures quoted in the module docstring (n_points=32, q1 = q2 = 1)."""
+    """The figures quoted in the module docstring (plain Gauss–Hermite, n_points=32, q1 = q2 = 1)."""
     bounds = {  # (rho, name): (nngp error bound, derivative error bound)
         (0.3, "sin"): (1e-14, 1e-14), (0.99, "sin"): (1e-14, 1e-14), (-0.999, "sin"): (1e-14, 1e-14),
         (0.3, "erf"): (1e-10, 1e-9), (0.99, "erf"): (2e-7, 4e-6), (-0.999, "erf"): (2e-7, 4e-6),
@@ -114,7 +119,8 @@ def test_quadrature_accuracy_table():
     }
     for (rho, name), (b0, b1) in bounds.items():
         cf = E.gaussian_expectations(name, rho, 1.0, 1.0)
-        qd = E.gaussian_expectations(name, rho, 1.0, 1.0, method="quadrature", n_points=E.DEFAULT_QUADRATURE_POINTS)
+        qd = E.gaussian_expectations(name, rho, 1.0, 1.0, method="quadrature", n_points=E.DEFAULT_QUADRATURE_POINTS,
+                                     rtol=None)
         assert abs(float(qd[0] - cf[0])) < b0, (rho, name)
         assert abs(float(qd[1] - cf[1])) < b1, (rho, name)
 
