@@ -335,11 +335,13 @@ ENTRIES: tuple[ZooEntry, ...] = (
         make=_make_linen_lm1b,
         notes="Decoder-only LM; every param is an nn.Partitioned box (nn.with_logical_partitioning). "
               "Tokens are shifted right; 0 is padding and masked in the causal self-attention. "
-              "Infinite width: the first operations act on the integer tokens (the padding mask "
-              "inputs > 0, the embedding lookup), then attention (softmax); LayerNorm follows. "
+              "Infinite width: the nn.Embed lookup of the integer tokens has a rule; the fixed "
+              "sinusoidal position encodings added next are refused (a mean that differs between "
+              "channels), and the causal self-attention after them would be (standard "
+              "1/sqrt(head_dim) scaling with a fixed number of heads has no Gaussian limit). "
               "x: (3, 8) int32 tokens in [0, 16).",
         output_shape=(3, LM1B_CONFIG["max_len"], LM1B_CONFIG["output_vocab_size"]),
-        infinite_width="integer token inputs",
+        infinite_width="sinusoidal position encodings",
     ),
     ZooEntry(
         name="flax_linen_sst2_lstm",
@@ -349,10 +351,10 @@ ENTRIES: tuple[ZooEntry, ...] = (
         notes="Called as model(token_ids, lengths, deterministic=True): x = (tokens (4, 6) int32, "
               "lengths (4,) int32). Embedding, bidirectional LSTM (nn.scan over OptimizedLSTMCell), "
               "keys-only MLP attention with a softmax over valid positions, MLP head. Infinite width: "
-              "the embedding lookup of the integer tokens comes first, then the LSTM and the attention "
-              "softmax.",
+              "the lookup of the integer tokens in the custom Embedder (a parameter table, not "
+              "nn.Embed) comes first, then the LSTM and the attention softmax.",
         output_shape=(4, SST2_SIZES["output_size"]),
-        infinite_width="integer token inputs",
+        infinite_width="custom embedding lookup",
     ),
     ZooEntry(
         name="flax_linen_vae_reconstruction",
@@ -456,12 +458,13 @@ ENTRIES: tuple[ZooEntry, ...] = (
         make=_make_haiku_transformer,
         notes="hk.transform(forward_pass): hk.dropout draws from hk.next_rng_key(), so apply needs an "
               "rng even at dropout rate 0. Token 0 is padding (masked in the causal attention). "
-              "Learned positional embeddings of shape (T, D). Infinite width: the first operations "
-              "act on the integer tokens (the padding mask tokens != 0, hk.Embed), then "
-              "hk.MultiHeadAttention (softmax); LayerNorm follows. x: (3, 8) int32 "
-              "tokens in [0, 16).",
+              "Learned positional embeddings of shape (T, D). Infinite width: the hk.Embed lookup "
+              "of the integer tokens has a rule; the learned positional embeddings added next "
+              "(hk.get_parameter, whose initializer is not visible at the addition) are refused, and "
+              "hk.MultiHeadAttention after them would be (standard 1/sqrt(key_size) scaling with a "
+              "fixed number of heads has no Gaussian limit). x: (3, 8) int32 tokens in [0, 16).",
         output_shape=(3, HAIKU_LM_LENGTH, haiku_transformer_train.dataset.VOCAB_SIZE),
-        infinite_width="integer token inputs",
+        infinite_width="learned positional embeddings",
     ),
 )
 

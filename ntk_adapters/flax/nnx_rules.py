@@ -35,6 +35,7 @@ _INITIALIZER_ARGS = {
     nnx.Conv: ("kernel_init", "bias_init"),
     nnx.LayerNorm: ("scale_init", "bias_init"),
     nnx.BatchNorm: ("scale_init", "bias_init"),
+    nnx.Embed: ("embedding_init",),
 }
 
 
@@ -152,3 +153,5 @@ _rules.register_rule(nnx.Conv, _linen_rules._conv, linear=True)
 _rules.register_rule(nnx.LayerNorm, _linen_rules._layer_norm)
 _rules.register_rule(nnx.Dropout, _linen_rules._dropout)
 _rules.register_rule(nnx.BatchNorm, _linen_rules._batch_norm)
+_rules.register_rule(nnx.Embed, _linen_rules._embed, linear=True, integer_input=True)
+_rules.register_rule(nnx.MultiHeadAttention, _linen_rules._attention_rule, precheck=_linen_rules._attention_precheck)

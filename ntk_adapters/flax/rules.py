@@ -11,10 +11,14 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from ntk_adapters.flax import ntk_param as _ntk_param
+from ntk_adapters.infinite import attention as _attention
+from ntk_adapters.infinite import conv_calls as _conv_calls
+from ntk_adapters.infinite import embeddings as _embeddings
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import rules as _rules
 from ntk_adapters.infinite.kernel import Kernel
@@ -58,10 +62,7 @@ def _conv(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     w = call.params["kernel"]
     window = tuple(w.shape[:-2])
-    if getattr(m, "feature_group_count", 1) != 1:
-        raise call.error("grouped convolutions (feature_group_count != 1) have no rule")
-    if m.input_dilation not in (None, 1) and any(d != 1 for d in np.atleast_1d(m.input_dilation)):
-        raise call.error("input_dilation (transposed convolution) has no rule")
+    groups = getattr(m, "feature_group_count", 1)
     if k.layout == "none":
         raise call.error("a convolution needs spatial axes in its input")
     fan_in = int(np.prod(w.shape[:-1]))
@@ -73,12 +74,27 @@ def _conv(k: Kernel, call: ModuleCall) -> Kernel:
         padding = "CAUSAL"
     try:
         return _layers.conv(k, window_shape=window, fan_in=fan_in, strides=m.strides, padding=padding,
-                            dilation=m.kernel_dilation, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias)
+                            dilation=m.kernel_dilation, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias,
+                            input_dilation=m.input_dilation,
+                            # depthwise (one input channel per group): finite fan-in, not Gaussian
+                            gaussian=not (groups > 1 and groups == call.in_shape[-1]))
     except ValueError as e:
         raise call.error(str(e)) from None
 
 
 _rules.register_rule(nn.Conv, _conv, linear=True)
+
+
+def _conv_transpose(k: Kernel, call: ModuleCall) -> Kernel:
+    m = call.module
+    if isinstance(m.padding, str) and m.padding.upper() == "CIRCULAR":
+        raise call.error("circular padding of a transposed convolution has no rule; use 'SAME', 'VALID' or "
+                         "explicit pads")
+    return _conv_calls.traced_conv(k, call, weight=call.params["kernel"], weight_init=m.kernel_init,
+                                   bias_init=m.bias_init, has_bias="bias" in call.params)
+
+
+_rules.register_rule(nn.ConvTranspose, _conv_transpose, linear=True)
 
 
 def _layer_norm(k: Kernel, call: ModuleCall) -> Kernel:
@@ -165,3 +181,43 @@ def _dense_general(k: Kernel, call: ModuleCall) -> Kernel:
 
 
 _rules.register_rule(nn.DenseGeneral, _dense_general, linear=True, flat="average")
+
+
+def _embed(k, call: ModuleCall) -> Kernel:
+    """``nn.Embed`` / ``nnx.Embed``: rows of a table with i.i.d. entries (see
+    :mod:`ntk_adapters.infinite.embeddings`); ``weight_variance=`` overrides the variance of one entry."""
+    if call.ids is None:
+        raise call.error("an embedding takes integer token ids; it received an input-dependent float value")
+    table = call.params["embedding"]
+    m = call.module
+    var = call.weight_variance(m.embedding_init, table.shape, 1)
+    dtype = m.dtype if m.dtype is not None else table.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = table.dtype
+    ids1, ids2 = call.ids
+    return _embeddings.lookup(ids1, ids2, variance=var, layout=call.options.layout, dtype=dtype,
+                              vocab_size=table.shape[0])
+
+
+_rules.register_rule(nn.Embed, _embed, linear=True, integer_input=True)
+
+
+def _attention_head_dim(module, params) -> "int | None":
+    q = params.get("query", {}).get("kernel")
+    if q is not None and np.ndim(q) == 3:
+        return int(np.shape(q)[-1])  # DenseGeneral to (num_heads, head_dim)
+    head_dim = getattr(module, "head_dim", None)
+    if head_dim is None and getattr(module, "qkv_features", None):
+        head_dim = module.qkv_features // module.num_heads
+    return head_dim
+
+
+def _attention_precheck(module, params):
+    return _attention.no_limit_reason(int(module.num_heads), _attention_head_dim(module, params))
+
+
+def _attention_rule(k, call: ModuleCall) -> Kernel:
+    raise call.error(_attention_precheck(call.module, call.params))
+
+
+_rules.register_rule(nn.MultiHeadDotProductAttention, _attention_rule, precheck=_attention_precheck)

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_adapters.haiku import ntk_param as _ntk_param
+from ntk_adapters.infinite import attention as _attention
+from ntk_adapters.infinite import conv_calls as _conv_calls
+from ntk_adapters.infinite import embeddings as _embeddings
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import rules as _rules
 from ntk_adapters.infinite.kernel import Kernel
@@ -57,7 +60,8 @@ def _linear(k: Kernel, call: ModuleCall) -> Kernel:
     w_init = m.w_init if m.w_init is not None else _default_w_init(w.shape[:-1])
     s_w2 = call.weight_variance(w_init, w.shape, fan_in)
     has_bias = "b" in call.params
-    s_b2 = call.bias_variance(m.b_init if m.b_init is not None else jnp.zeros, call.params["b"].shape) if has_bias else 0.0
+    b_init = m.b_init if m.b_init is not None else jnp.zeros
+    s_b2 = call.bias_variance(b_init, call.params["b"].shape) if has_bias else 0.0
     return _layers.dense(k, fan_in=fan_in, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias)
 
 
@@ -68,8 +72,6 @@ def _conv(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     w = call.params["w"]
     window = tuple(w.shape[:-2])
-    if getattr(m, "feature_group_count", 1) != 1:
-        raise call.error("grouped convolutions have no rule")
     if getattr(m, "channel_index", -1) not in (-1, len(window) + 1):
         raise call.error("only channels-last data formats are supported")
     if getattr(m, "mask", None) is not None:
@@ -80,18 +82,42 @@ def _conv(k: Kernel, call: ModuleCall) -> Kernel:
     w_init = m.w_init if m.w_init is not None else _default_w_init(w.shape[:-1])
     s_w2 = call.weight_variance(w_init, w.shape, fan_in)
     has_bias = "b" in call.params
-    s_b2 = call.bias_variance(m.b_init if m.b_init is not None else jnp.zeros, call.params["b"].shape) if has_bias else 0.0
+    b_init = m.b_init if m.b_init is not None else jnp.zeros
+    s_b2 = call.bias_variance(b_init, call.params["b"].shape) if has_bias else 0.0
     padding = m.padding
     if callable(padding) or (isinstance(padding, (list, tuple)) and any(callable(p) for p in padding)):
         raise call.error("padding functions have no rule; use 'SAME', 'VALID' or explicit pads")
     try:
         return _layers.conv(k, window_shape=window, fan_in=fan_in, strides=m.stride, padding=padding,
-                            dilation=m.kernel_dilation, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias)
+                            dilation=m.kernel_dilation, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias,
+                            # depthwise (one input channel per group): finite fan-in, not Gaussian
+                            gaussian=not (1 < getattr(m, "feature_group_count", 1) == call.in_shape[-1]))
     except ValueError as e:
         raise call.error(str(e)) from None
 
 
 _rules.register_rule(hk.ConvND, _conv, linear=True)
+
+
+def _traced_conv(k: Kernel, call: ModuleCall) -> Kernel:
+    # Transposed and depthwise convolutions: pads, dilations and groups as lax computes them.
+    m = call.module
+    w = call.params["w"]
+    if getattr(m, "channel_index", -1) not in (-1, w.ndim - 1):
+        raise call.error("only channels-last data formats are supported")
+    if getattr(m, "mask", None) is not None:
+        raise call.error("masked convolutions have no rule")
+    if callable(getattr(m, "padding", None)):
+        raise call.error("padding functions have no rule; use 'SAME', 'VALID' or explicit pads")
+    fan_in_shape = w.shape[:-2] + (call.in_shape[-1] if isinstance(m, hk.ConvNDTranspose) else w.shape[-2],)
+    w_init = m.w_init if m.w_init is not None else _default_w_init(fan_in_shape)
+    b_init = m.b_init if m.b_init is not None else jnp.zeros
+    return _conv_calls.traced_conv(k, call, weight=w, weight_init=w_init, bias_init=b_init, has_bias="b" in call.params)
+
+
+_rules.register_rule(hk.ConvNDTranspose, _traced_conv, linear=True)
+for _depthwise in (hk.DepthwiseConv1D, hk.DepthwiseConv2D, hk.DepthwiseConv3D):
+    _rules.register_rule(_depthwise, _traced_conv, linear=True)
 
 
 def _const_init(call: ModuleCall, init, default: float, shape, what: str) -> float:
@@ -157,3 +183,29 @@ def _ntk_conv(k: Kernel, call: ModuleCall) -> Kernel:
 
 _rules.register_rule(_ntk_param.Linear, _ntk_linear, linear=True, flat="average")
 _rules.register_rule(_ntk_param.Conv, _ntk_conv, linear=True)
+
+
+def _embed(k, call: ModuleCall) -> Kernel:
+    """``hk.Embed`` (``ARRAY_INDEX`` and ``ONE_HOT`` lookups compute the same rows): see
+    :mod:`ntk_adapters.infinite.embeddings`; ``weight_variance=`` overrides the variance of one entry."""
+    if call.ids is None:
+        raise call.error("an embedding takes integer token ids; it received an input-dependent float value")
+    table = call.params["embeddings"]
+    var = call.weight_variance(call.module.w_init, table.shape, 1)
+    ids1, ids2 = call.ids
+    return _embeddings.lookup(ids1, ids2, variance=var, layout=call.options.layout, dtype=table.dtype,
+                              vocab_size=table.shape[0])
+
+
+_rules.register_rule(hk.Embed, _embed, linear=True, integer_input=True)
+
+
+def _attention_precheck(module, params):
+    return _attention.no_limit_reason(int(module.num_heads), int(module.key_size))
+
+
+def _attention_rule(k, call: ModuleCall) -> Kernel:
+    raise call.error(_attention_precheck(call.module, call.params))
+
+
+_rules.register_rule(hk.MultiHeadAttention, _attention_rule, precheck=_attention_precheck)

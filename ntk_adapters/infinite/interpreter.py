@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_adapters.infinite import embeddings as _embeddings
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import masks as _masks
 from ntk_adapters.infinite import primitives as _primitives
@@ -167,8 +168,9 @@ class Interpreter:
         """The refusal of an equation that uses integer inputs other than as a constant of the input."""
         at = f"{v.describe()} reaches {self.layer(eqn)} at {_programs.operation(self.outer, eqn)}"
         if eqn.primitive.name == "gather" and invals and isinstance(invals[0], _Parameter):
-            why = ("an embedding lookup (a parameter table indexed by integer ids): embeddings have no "
-                   "infinite-width rule yet")
+            why = ("an embedding lookup (a parameter table indexed by integer ids) outside every embedding layer "
+                   "with a rule: nn.Embed, nnx.Embed and hk.Embed have one, and a custom embedding module can be "
+                   "given one with ntk_adapters.infinite.register_rule(..., integer_input=True)")
         elif eqn.primitive.name == "gather" and invals and is_value(invals[0]):
             why = "indexing an input-dependent value by integer inputs has no infinite-width rule"
         else:
@@ -280,6 +282,9 @@ class Interpreter:
         """``eqn`` on values (and concrete arrays) by the rule of its primitive."""
         rule = _rules.lookup_primitive_rule(eqn.primitive.name)
         ctx = self.context()
+        shift = _array_shift(eqn, invals)
+        if shift is not None:
+            raise ctx.error(eqn, shift)
         if rule is None:
             raise ctx.error(eqn, self.no_rule_reason(eqn, invals))
         try:
@@ -451,6 +456,10 @@ class Interpreter:
 
     def run_module(self, call: RecordedCall, group, rest, outvars, env) -> None:
         """Replace the equations ``group`` of one module call by its rule."""
+        if call.rule.precheck is not None:
+            reason = call.rule.precheck(call.module, _lookup(self.params, call.params_path) or {})
+            if reason:
+                raise call.error(reason)
         defined = {v for e in group for v in e.outvars}
         inputs = []
         for e in group:
@@ -462,6 +471,10 @@ class Interpreter:
         used_later = {v for e in rest for v in e.invars if not _programs.is_literal(v)} | {
             v for v in outvars if not _programs.is_literal(v)}
         outs = [v for e in group for v in e.outvars if v in used_later]
+        if call.rule.integer_input and len(inputs) == 1 and len(outs) == 1 \
+                and isinstance(env[inputs[0]], InputConstant) and not env[inputs[0]].is_float:
+            self.run_integer_module(call, group, inputs[0], outs[0], env)
+            return
         for v in inputs:
             if isinstance(env[v], InputConstant):
                 first = next(e for e in group if v in e.invars)
@@ -507,6 +520,43 @@ class Interpreter:
             self._origins[id(out)] = (out, "module", f"the output of layer `{call.path}` "
                                                      f"({_rules.module_type_name(call.module)})")
         env[out_var] = out
+
+
+    def run_integer_module(self, call: RecordedCall, group, inp_var, out_var, env) -> None:
+        """A module whose rule takes integer inputs (an embedding) applied to an integer input constant:
+        the rule receives ``kernel=None`` and the ids in ``call.ids``."""
+        ids = env[inp_var]
+        defined = {v for e in group for v in e.outvars}
+        free = {v for e in group for v in e.invars if not _programs.is_literal(v) and v not in defined} - {inp_var}
+        consts = {v: env[v].value for v in free if isinstance(env.get(v), Concrete)}
+        module_call = ModuleCall(
+            module=call.module, path=call.path, params=_lookup(self.params, call.params_path) or {},
+            in_shape=tuple(inp_var.aval.shape[1:]), out_shape=tuple(out_var.aval.shape[1:]),
+            in_dtype=inp_var.aval.dtype, batch=int(inp_var.aval.shape[0]), options=self.options,
+            eqns=tuple(group), apply=_module_function(tuple(group), inp_var, out_var, consts),
+            ids=(ids.x1, ids.x2),
+        )
+        new = call.rule.fn(None, module_call)
+        if not isinstance(new, Kernel):
+            raise call.error(f"its rule returned {type(new).__name__}, not a Kernel")
+        if new.layout != "none" and len(new.spatial) != len(module_call.out_shape) - 1:
+            raise call.error(f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
+                             f"per-example shape {module_call.out_shape}")
+        lid = new_id()
+        linear = call.rule.linear
+        env[out_var] = Value(kernel=new, shape=module_call.out_shape, base=lid, fresh=lid if linear else None,
+                             deps=frozenset({lid}) if linear else frozenset())
+
+
+def _array_shift(eqn, invals) -> Optional[str]:
+    """Why adding a non-scalar array of the model to a value has no rule (positional encodings), or
+    ``None`` for any other equation."""
+    if eqn.primitive.name not in ("add", "sub", "add_any") or len(invals) != 2 or sum(map(is_value, invals)) != 1:
+        return None
+    (c,) = [v for v in invals if isinstance(v, Concrete)]
+    if c.scalar is not None or np.size(c.value) == 1:
+        return None
+    return _embeddings.added_array_reason(np.shape(c.value), learned=isinstance(c, _Parameter))
 
 
 def live_outputs(jaxpr, used_outputs) -> list[bool]:

@@ -224,6 +224,8 @@ def conv(
     bias_var: float = 0.0,
     has_bias: bool = True,
     parameterization: str = "standard",
+    input_dilation: Union[int, Sequence[int], None] = None,
+    gaussian: bool = True,
 ) -> Kernel:
     """A convolution (1-, 2-, 3-D, ...) with ``C`` input channels, in 'diagonal' or 'full' layout.
 
@@ -238,6 +240,12 @@ def conv(
     ``A`` keeps the 'diagonal' layout closed (``A(K)[p, p]`` only needs ``K[q, q]``), so a network
     that ends in flatten + dense never needs the full covariance.
 
+    A transposed convolution is the same map on the input dilated by its strides
+    (``input_dilation``: ``s − 1`` zero positions between neighbours, whose covariances are 0), with
+    the pads ``lax.conv_transpose`` computes. Grouped convolutions are the same map with
+    ``fan_in = (C / groups) · |window|``; a depthwise convolution (one input channel per group, a
+    finite fan-in) leaves the right second moments but not a Gaussian: pass ``gaussian=False``.
+
     Args:
       kernel: input kernel, layout 'diagonal' or 'full' with ``len(window_shape)`` spatial axes.
       window_shape: the filter's spatial size, e.g. ``(3, 3)``.
@@ -245,9 +253,13 @@ def conv(
       strides, dilation: ints or one per spatial dimension (default 1).
       padding: as in :func:`resolve_padding`.
       weight_var, bias_var, has_bias, parameterization: as in :func:`dense`.
+      input_dilation: ints or one per spatial dimension (default 1): the input dilation
+        (``lhs_dilation``) of a transposed convolution; padding then applies to the dilated input.
+      gaussian: whether the output is a Gaussian process (``False`` for a finite fan-in).
 
     Returns:
-      The output kernel, same layout, spatial sizes of the convolution's output, ``is_gaussian=True``.
+      The output kernel, same layout, spatial sizes of the convolution's output, ``is_gaussian``
+      as ``gaussian``.
 
     Example::
 
@@ -260,24 +272,36 @@ def conv(
     window = _canonical_tuple(window_shape, d, "window_shape")
     strides = _canonical_tuple(strides, d, "strides")
     dilation = _canonical_tuple(dilation, d, "dilation")
-    pads, mode = resolve_padding(padding, spatial, window, strides, dilation)
+    input_dilation = _canonical_tuple(input_dilation, d, "input_dilation")
+    dilated = tuple((n - 1) * f + 1 for n, f in zip(spatial, input_dilation))
+    pads, mode = resolve_padding(padding, dilated, window, strides, dilation)
+    if mode != "constant" and any(f != 1 for f in input_dilation):
+        raise ValueError(f"padding {padding!r} with input dilation {input_dilation} is not supported")
     for i in range(d):  # fail here, with the sizes, rather than inside the traced map
-        _output_size(spatial[i] + sum(pads[i]), window[i], strides[i], dilation[i])
-    return _conv_jit(kernel, fan_in, weight_var, bias_var, window=window, strides=strides, dilation=dilation,
-                     pads=tuple(tuple(p) for p in pads), mode=mode, has_bias=bool(has_bias),
-                     parameterization=parameterization)
+        _output_size(dilated[i] + sum(pads[i]), window[i], strides[i], dilation[i])
+    k = _conv_jit(kernel, fan_in, weight_var, bias_var, window=window, strides=strides, dilation=dilation,
+                  pads=tuple(tuple(p) for p in pads), mode=mode, has_bias=bool(has_bias),
+                  parameterization=parameterization, input_dilation=input_dilation)
+    return k if gaussian else k.replace(is_gaussian=False)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("window", "strides", "dilation", "pads", "mode", "has_bias", "parameterization")
+    jax.jit, static_argnames=("window", "strides", "dilation", "pads", "mode", "has_bias", "parameterization",
+                              "input_dilation")
 )
 def _conv_jit(kernel, fan_in, weight_var, bias_var, *, window, strides, dilation, pads, mode, has_bias,
-              parameterization):
+              parameterization, input_dilation):
     d = len(window)
     size = math.prod(window)
 
     def a_map(x, batch_axes):
         for i, axes in enumerate(_axes_per_dim(kernel.layout, d, batch_axes)):
+            if input_dilation[i] != 1:
+                # zeros between the positions: lax.pad's interior padding, on every axis of this dimension
+                config = [(0, 0, 0)] * x.ndim
+                for a in axes:
+                    config[a] = (0, 0, input_dilation[i] - 1)
+                x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
             x = _window_sum(x, axes, window[i], strides[i], dilation[i], pads[i], mode)
         return x / size
 

@@ -19,7 +19,8 @@ for ``x2``, and never gives them a kernel. What they may do to an input-dependen
   leaf (``nngp = x·x'/C``, zero NTK).
 
 A constant that varies along the channel axis (``one_hot(tokens)``) multiplying a value would
-make the channels differ; that, and every other use of integers (an embedding's lookup), is
+make the channels differ; that, and every other use of integers (a lookup in a parameter table
+outside the embedding layers with a rule, see :mod:`~ntk_adapters.infinite.embeddings`), is
 refused by the interpreter, naming the leaf.
 
 Equations on input constants are evaluated with the traced program's own parameters, so they

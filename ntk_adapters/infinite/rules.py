@@ -31,7 +31,10 @@ model of that framework; the primitive rules live in :mod:`ntk_adapters.infinite
   (zero mean, independent of everything computed before), which lets residual sums ``x + f(x)``
   add kernels; ``flat='average'`` lets the rule receive a flattened spatial input as its
   position average (right for Dense-like layers with i.i.d. weights), the default ``'error'``
-  refuses it.
+  refuses it; ``integer_input=True`` lets the module receive integer inputs (an embedding's token
+  ids): its rule is called with ``kernel=None`` and reads them from ``call.ids``;
+  ``precheck(module, params)`` returns the reason a configuration is refused (or ``None``) before
+  the module's inputs are examined, so the refusal is the same whatever inputs it has.
 
 * **Primitive rules** (:func:`register_primitive_rule`): for a JAX primitive met between modules,
   of the :class:`PrimitiveRule` signature::
@@ -148,6 +151,9 @@ class ModuleCall:
       eqns: the module's traced equations (batch axis first).
       apply: ``apply(x) -> y``: the module's traced equations evaluated on a concrete input of shape
         ``(batch, *in_shape)`` (for probing, e.g., the affine map of a BatchNorm in inference mode).
+      ids: for a rule registered with ``integer_input=True`` whose module receives integer inputs
+        (token ids), ``(ids1, ids2)``: the ids of the ``x1`` examples ``(N1, *in_shape)`` and of the
+        ``x2`` examples (``None`` when ``x2`` is ``x1``); the rule then receives ``kernel=None``.
     """
 
     module: Any
@@ -160,6 +166,7 @@ class ModuleCall:
     options: EngineOptions
     eqns: tuple = dataclasses.field(default=(), repr=False)
     apply: Optional[Callable[[jax.Array], jax.Array]] = dataclasses.field(default=None, repr=False)
+    ids: Optional[tuple] = dataclasses.field(default=None, repr=False)
 
     @property
     def type_name(self) -> str:
@@ -184,7 +191,7 @@ class ModuleCall:
         if o is not None:
             return o
         try:
-            return fan_in * _inits.variance(init, shape, what=f"weight of {self.path}")
+            return fan_in * _inits.variance(_unbox(init), shape, what=f"weight of {self.path}")
         except _inits.UnknownInitializerError as e:
             raise InfiniteWidthError(f"layer `{self.path}` ({self.type_name}): {e}") from None
 
@@ -195,7 +202,7 @@ class ModuleCall:
         if o is not None:
             return o
         try:
-            return _inits.variance(init, shape, what=f"bias of {self.path}")
+            return _inits.variance(_unbox(init), shape, what=f"bias of {self.path}")
         except _inits.UnknownInitializerError as e:
             raise InfiniteWidthError(f"layer `{self.path}` ({self.type_name}): {e}") from None
 
@@ -203,7 +210,7 @@ class ModuleCall:
         """The value every entry of a constant-initialized parameter starts at (a LayerNorm scale);
         an error naming ``what`` when ``init`` is random or unknown."""
         try:
-            mean, var = _inits.moments(init, shape)
+            mean, var = _inits.moments(_unbox(init), shape)
         except _inits.UnknownInitializerError as e:
             raise self.error(f"{what}: {e}") from None
         if var != 0.0:
@@ -233,9 +240,37 @@ class ModuleCall:
             return False
         return walk(self.eqns)
 
+    def equations(self, primitive: str) -> list:
+        """The module's traced equations of ``primitive`` (e.g. ``'conv_general_dilated'``), nested
+        programs included, in order: what the framework actually computes (the pads of a
+        transposed convolution, say)."""
+        found = []
+
+        def walk(eqns):
+            for e in eqns:
+                if e.primitive.name == primitive:
+                    found.append(e)
+                sub = _programs.sub_jaxpr(e)
+                if sub is not None:
+                    walk(sub[0].eqns)
+
+        walk(self.eqns)
+        return found
+
     def error(self, message: str) -> InfiniteWidthError:
         """An :class:`InfiniteWidthError` naming this layer, to raise."""
         return layer_error(self.path, self.module, message)
+
+
+def _unbox(init: Any) -> Any:
+    """The initializer inside Flax's metadata wrappers (``nn.with_logical_partitioning``,
+    ``nn.with_partitioning``), which box the same draw with sharding names."""
+    while True:
+        inner = getattr(init, "__wrapped__", None)
+        code = getattr(init, "__code__", None)
+        if inner is None or code is None or "flax" not in code.co_filename.replace("\\", "/").split("/"):
+            return init
+        init = inner
 
 
 class ModuleRule(Protocol):
@@ -323,6 +358,8 @@ class RegisteredModuleRule:
     fn: ModuleRule
     linear: bool = False
     flat: str = "error"
+    integer_input: bool = False
+    precheck: Optional[Callable[[Any, Mapping[str, Any]], Optional[str]]] = None
 
 
 _MODULE_RULES: dict[Any, RegisteredModuleRule] = {}
@@ -350,6 +387,8 @@ def register_rule(
     *,
     linear: bool = False,
     flat: str = "error",
+    integer_input: bool = False,
+    precheck: Optional[Callable[[Any, Mapping[str, Any]], Optional[str]]] = None,
 ) -> None:
     """Register the infinite-width rule of a module type (see the module docstring).
 
@@ -359,6 +398,11 @@ def register_rule(
       linear: the output is a fresh zero-mean random linear map of the input (Dense, Conv).
       flat: ``'average'`` to accept a flattened spatial input as its position average,
         ``'error'`` (default) to refuse it.
+      integer_input: the module may receive integer inputs (an embedding's token ids); its rule is
+        then called with ``kernel=None`` and reads the ids from ``call.ids``.
+      precheck: ``precheck(module, params) -> reason or None``, run before the module's inputs are
+        examined (it may have several, or masks): a reason refuses the layer with it (a
+        configuration without an infinite-width limit, such as attention with a fixed number of heads).
 
     Example::
 
@@ -366,7 +410,8 @@ def register_rule(
     """
     if flat not in ("average", "error"):
         raise ValueError(f"flat must be 'average' or 'error'; got {flat!r}")
-    _MODULE_RULES[module_type] = RegisteredModuleRule(rule, linear=linear, flat=flat)
+    _MODULE_RULES[module_type] = RegisteredModuleRule(rule, linear=linear, flat=flat,
+                                                      integer_input=bool(integer_input), precheck=precheck)
 
 
 def lookup_rule(module: Any) -> Optional[RegisteredModuleRule]:

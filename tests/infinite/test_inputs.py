@@ -187,8 +187,8 @@ def test_bool_mask_times_features_is_refused_naming_the_leaves():
 # Integer leaves.
 
 
-def test_flax_embed_of_token_ids_is_refused_naming_leaf_and_layer():
-    x = {"ids": jnp.array([[1, 2], [3, 4], [5, 6]], jnp.int32), "x": jnp.ones((3, 2))}
+def test_flax_embed_of_token_ids_has_the_lookup_kernel():
+    x = {"ids": jnp.array([[1, 2], [3, 4], [1, 6]], jnp.int32), "x": jnp.ones((3, 2))}
 
     class Net(nn.Module):
         @nn.compact
@@ -196,16 +196,15 @@ def test_flax_embed_of_token_ids_is_refused_naming_leaf_and_layer():
             e = nn.Embed(10, 4)(x["ids"])
             return nn.Dense(2)(e.reshape((e.shape[0], -1)))
 
-    model = nflax.adapt(Net(), None, x)
-    with pytest.raises(InfiniteWidthError) as info:
-        infinite_kernel_fn(model)
-    msg = str(info.value)
-    assert "x['ids']" in msg and "Embed_0" in msg and "primitive" in msg
-    assert "embeddings" in msg and "no infinite-width rule" in msg
+    k = infinite_kernel_fn(nflax.adapt(Net(), None, x))(x)
+    ids = np.asarray(x["ids"])
+    same = (ids[:, None, :] == ids[None, :, :]).mean(-1)
+    # Flax's default embedding_init has variance 1/features = 1/4; lecun_normal Dense: σw² = 1
+    np.testing.assert_allclose(k.nngp, same / 4, rtol=1e-6)
 
 
-def test_haiku_embed_of_token_ids_is_refused_naming_leaf_and_layer():
-    ids = jnp.array([[1, 2], [3, 4], [5, 6]], jnp.int32)
+def test_haiku_embed_of_token_ids_has_the_lookup_kernel():
+    ids = jnp.array([[1, 2], [3, 4], [1, 6]], jnp.int32)
 
     def f(x):
         tokens, feats = x
@@ -213,10 +212,11 @@ def test_haiku_embed_of_token_ids_is_refused_naming_leaf_and_layer():
         return hk.Linear(2)(e.reshape((e.shape[0], -1)))
 
     net = hk.without_apply_rng(hk.transform(f))
-    with pytest.raises(InfiniteWidthError) as info:
-        infinite_kernel_fn(nhaiku.adapt(net, None, (ids, jnp.ones((3, 2)))))
-    msg = str(info.value)
-    assert "x[0]" in msg and "embed" in msg and "no infinite-width rule" in msg
+    x = (ids, jnp.ones((3, 2)))
+    k = infinite_kernel_fn(nhaiku.adapt(net, None, x))(x)
+    same = (np.asarray(ids)[:, None, :] == np.asarray(ids)[None, :, :]).mean(-1)
+    s2 = 0.7737413  # TruncatedNormal(1) at ±2 (table) and TruncatedNormal(1/sqrt(fan_in)) (Linear)
+    np.testing.assert_allclose(k.nngp, s2 * s2 * same, rtol=1e-5)
 
 
 def test_integer_leaf_refused_at_first_call_without_recorded_inputs():
