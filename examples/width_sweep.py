@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -25,7 +24,7 @@ from ntk_adapters.dynamics import compare_training
 from ntk_adapters.empirical import empirical_ntk_fn
 from ntk_adapters.predict import max_learning_rate
 
-from digits_dynamics import MLP, digits  # noqa: E402  (same directory)
+from digits_dynamics import MLP, digits  # the neighbouring example script
 
 COLUMNS = (
     ("network-ntk", "test", "net vs eNTK pred (test)"),

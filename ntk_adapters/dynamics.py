@@ -403,7 +403,7 @@ def _make_chunk(
                 xb, yb = rows(x_train, idx), y_train[idx]
             new = []
             for f, (params, opt_state) in zip(fns, states):
-                grads = jax.grad(lambda p: mse_loss(f(p, xb), yb))(params)
+                grads = jax.grad(lambda p, f=f: mse_loss(f(p, xb), yb))(params)
                 updates, opt_state = optimizer.update(grads, opt_state, params)
                 new.append((optax.apply_updates(params, updates), opt_state))
             return tuple(new), None
@@ -628,14 +628,17 @@ def compare_training(
         try:
             check_pair(x_train, x_test)
         except ValueError as err:
-            raise ValueError(f"x_test must be structured like x_train: {str(err).replace('x1', 'x_train').replace('x2', 'x_test')}") from None
+            message = str(err).replace("x1", "x_train").replace("x2", "x_test")
+            raise ValueError(f"x_test must be structured like x_train: {message}") from None
     if y_test is not None:
         if x_test is None:
             raise ValueError("y_test was given without x_test")
         y_test = jnp.asarray(y_test, dtype=dtype)
         want = (num_examples(x_test, "x_test"),) + tuple(out.shape[1:])
         if tuple(y_test.shape) != want:
-            raise ValueError(f"y_test must have shape {want} (the model's outputs on x_test); got {tuple(y_test.shape)}")
+            raise ValueError(
+                f"y_test must have shape {want} (the model's outputs on x_test); got {tuple(y_test.shape)}"
+            )
     if batch_size is not None:
         if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n:
             raise ValueError(f"batch_size must be an int in [1, N={n}] or None for full batch; got {batch_size!r}")

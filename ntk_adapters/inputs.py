@@ -152,8 +152,11 @@ class BatchAxes:
 
     def example(self, x: PyTree) -> PyTree:
         """Per-example ``ShapeDtypeStruct`` of ``x`` (batch axes dropped, shared leaves kept whole)."""
-        return _map_axes(self, x, lambda a, ax: jax.ShapeDtypeStruct(
-            tuple(int(d) for d in np.delete(np.shape(a), ax)) if ax is not None else tuple(np.shape(a)), jnp.result_type(a)))
+        def one(a, ax):
+            shape = tuple(int(d) for d in np.delete(np.shape(a), ax)) if ax is not None else tuple(np.shape(a))
+            return jax.ShapeDtypeStruct(shape, jnp.result_type(a))
+
+        return _map_axes(self, x, one)
 
 
 def _map_axes(axes: BatchAxes, x: PyTree, fn) -> PyTree:
@@ -173,7 +176,8 @@ def parse_vmap_axes(vmap_axes: Any, name: str = "vmap_axes") -> Optional[BatchAx
         return None
     if _is_int(vmap_axes):
         return BatchAxes.of(int(vmap_axes), int(vmap_axes))
-    if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3 and (vmap_axes[2] is None or isinstance(vmap_axes[2], dict)):
+    if (isinstance(vmap_axes, tuple) and len(vmap_axes) == 3
+            and (vmap_axes[2] is None or isinstance(vmap_axes[2], dict))):
         in_axes, out_axes, kwargs_axes = vmap_axes
         if kwargs_axes:
             raise ValueError(

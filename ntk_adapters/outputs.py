@@ -26,7 +26,7 @@ def normalize_get(get: Get, allowed: Sequence[str] = KERNEL_NAMES) -> tuple[tupl
     if get is None:
         get = tuple(allowed)
     single = isinstance(get, str)
-    names = (get,) if single else tuple(get)
+    names: tuple[str, ...] = (get,) if isinstance(get, str) else tuple(get)
     if not names:
         raise ValueError(f"get must name at least one of {tuple(allowed)}; got {get!r}")
     for name in names:

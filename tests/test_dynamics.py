@@ -96,6 +96,7 @@ def _rms(a):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.float64
 def test_linearized_gd_matches_closed_form(data):
     x, y, xt, yt = data
     model = flax_model(128, x)
@@ -162,6 +163,7 @@ def test_linearized_gd_matches_closed_form(data):
     assert result.loss_train["network"][-1] < 0.5 * result.loss_train["network"][0]
 
 
+@pytest.mark.float64
 def test_momentum_matches_heavy_ball_prediction(data):
     x, y, _, _ = data
     model = haiku_model(64, x)
@@ -293,6 +295,7 @@ def test_arbitrary_optimizer_trains_without_prediction(data):
     assert "user optimizer" in r.table()
 
 
+@pytest.mark.float64
 def test_plain_function_model(data):
     x, y, _, _ = data
     w = jnp.asarray(np.random.default_rng(1).normal(size=(D, O)) / 2)

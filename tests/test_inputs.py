@@ -41,6 +41,7 @@ def as_one_array(x):
     return jnp.concatenate([x[0], x[1][:, None]], 1)
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("implementation", IMPLS)
 @pytest.mark.parametrize("vmap_axes", [None, 0, "auto", ((0, 0), 0, {})])
 @pytest.mark.parametrize("trace_axes", [(-1,), ()])
@@ -62,6 +63,7 @@ def test_by_layer_and_subset_with_tuple_inputs(masked):
     np.testing.assert_allclose(last, parts["w2"], rtol=1e-10)
 
 
+@pytest.mark.float64
 def test_a_shared_input_leaf_is_given_whole_to_every_example(masked):
     """in_axes None: the second input is one array used by every example, not split by rows."""
     p, x1, x2 = masked
@@ -91,6 +93,7 @@ def onehot_model(p, z):
     return jnp.tanh(h) @ p["w"]
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("implementation", IMPLS)
 def test_integer_leaves_stay_integers_and_give_the_one_hot_kernel(implementation):
     k = jax.random.split(jax.random.PRNGKey(1), 5)
@@ -143,6 +146,7 @@ def masked_inputs():
     return (jnp.ones((2, 3)), jnp.ones(2))
 
 
+@pytest.mark.float64
 def test_monte_carlo_with_tuple_inputs_agrees_across_implementations(masked):
     _, x1, x2 = masked
 
@@ -163,6 +167,7 @@ def test_monte_carlo_with_tuple_inputs_agrees_across_implementations(masked):
     np.testing.assert_allclose(want.ntk, by_hand, rtol=1e-10)
 
 
+@pytest.mark.float64
 def test_kernel_regression_cg_with_tuple_inputs_solves_the_concatenated_system(masked):
     p, x1, x2 = masked
     y = jnp.arange(8.0).reshape(4, 2) / 8
@@ -175,6 +180,7 @@ def test_kernel_regression_cg_with_tuple_inputs_solves_the_concatenated_system(m
     np.testing.assert_allclose(res.test, k_test @ alpha, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.float64
 def test_linearize_and_taylor_take_tuple_inputs(masked):
     p, x1, _ = masked
     delta = jax.tree_util.tree_map(lambda a: 1e-3 * jnp.ones_like(a), p)

@@ -56,6 +56,7 @@ def _rk4(rhs, state, t_end, steps):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.float64
 def test_mse_matches_rk4_integration_of_the_ode(problem):
     k, kt, y, f0, f0t = problem["k"], problem["kt"], problem["y"], problem["f0"], problem["f0t"]
     lr = 0.7
@@ -84,6 +85,7 @@ def test_mse_matches_rk4_integration_of_the_ode(problem):
     np.testing.assert_allclose(test_s, test[2], atol=1e-12)
 
 
+@pytest.mark.float64
 def test_t_none_is_the_kernel_regression_solve(problem):
     k, kt, y, f0, f0t = problem["k"], problem["kt"], problem["y"], problem["f0"], problem["f0t"]
     predict_fn = predict.gradient_descent_mse(k, y, learning_rate=1.0)
@@ -95,6 +97,7 @@ def test_t_none_is_the_kernel_regression_solve(problem):
     np.testing.assert_allclose(test0, kt @ np.linalg.solve(k, y), atol=1e-10)
 
 
+@pytest.mark.float64
 def test_diag_reg_is_ridge_scaled_by_mean_diagonal(problem):
     k, kt, y = problem["k"], problem["kt"], problem["y"]
     reg = 0.3
@@ -108,6 +111,7 @@ def test_diag_reg_is_ridge_scaled_by_mean_diagonal(problem):
     np.testing.assert_allclose(test, kt @ np.linalg.solve(absolute, y), atol=1e-10)
 
 
+@pytest.mark.float64
 def test_full_kernel_kron_identity_equals_per_output(problem):
     k, kt, y, f0, f0t = problem["k"], problem["kt"], problem["y"], problem["f0"], problem["f0t"]
     eye = np.eye(2)
@@ -122,6 +126,7 @@ def test_full_kernel_kron_identity_equals_per_output(problem):
         np.testing.assert_allclose(a_test, b_test, atol=1e-10)
 
 
+@pytest.mark.float64
 def test_trailing_output_axes_equal_flattened_outputs(problem):
     k, kt = problem["k"], problem["kt"]
     rng = np.random.default_rng(1)
@@ -137,6 +142,7 @@ def test_trailing_output_axes_equal_flattened_outputs(problem):
     np.testing.assert_allclose(v_train, b_train[:, 0], atol=1e-12)
 
 
+@pytest.mark.float64
 def test_learning_rate_only_sets_the_time_unit_and_warns_past_the_edge(problem):
     k, kt, y = problem["k"], problem["kt"], problem["y"]
     edge = 2 * y.size / np.linalg.eigvalsh(k).max()
@@ -152,6 +158,7 @@ def test_learning_rate_only_sets_the_time_unit_and_warns_past_the_edge(problem):
         predict.gradient_descent_mse(k, y, 1.01 * edge)
 
 
+@pytest.mark.float64
 def test_float32_inputs_stay_float32_and_agree_with_float64(problem):
     k, kt, y = problem["k"], problem["kt"], problem["y"]
     a_train, a_test = predict.gradient_descent_mse(k.astype(np.float32), y.astype(np.float32))(
@@ -164,6 +171,7 @@ def test_float32_inputs_stay_float32_and_agree_with_float64(problem):
     np.testing.assert_allclose(a_test, b_test, atol=1e-4)
 
 
+@pytest.mark.float64
 def test_jit_over_time_matches_eager(problem):
     k, kt, y, f0, f0t = problem["k"], problem["kt"], problem["y"], problem["f0"], problem["f0t"]
     predict_fn = predict.gradient_descent_mse(k, y, 0.3)
@@ -173,6 +181,7 @@ def test_jit_over_time_matches_eager(problem):
         np.testing.assert_allclose(got, want, atol=1e-12)
 
 
+@pytest.mark.float64
 def test_singular_kernel_warns_and_infinite_time_is_the_limit():
     rng = np.random.default_rng(2)
     phi = rng.standard_normal((N + M, 3))  # rank 3 kernel on N = 8 points
@@ -302,6 +311,7 @@ def test_per_output_kernel_matches_single_output_linearized_network():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_max_learning_rate_separates_convergence_from_divergence(problem, momentum):
     k, y = problem["k"], problem["y"]
@@ -322,6 +332,7 @@ def test_max_learning_rate_separates_convergence_from_divergence(problem, moment
     assert final_residual(1.1 * lr_max) > 1e3 * np.abs(y).max()
 
 
+@pytest.mark.float64
 def test_max_learning_rate_full_kernel_default_size(problem):
     k = problem["k"]
     k_full = np.einsum("nm,op->nmop", k, np.eye(3))
@@ -431,6 +442,7 @@ def test_ensemble_matches_monte_carlo_over_wide_relu_networks(relu_setup):
         assert np.max(np.abs(mc_cov - kernel_fn(xt).nngp)) > 10 * np.max(se_cov)
 
 
+@pytest.mark.float64
 def test_ntk_ensemble_is_eq16_and_train_mode_is_consistent(relu_setup):
     x, xt, y = relu_setup
     kernel_fn = _kernel_fn_for(64)
@@ -458,6 +470,7 @@ def test_ntk_ensemble_is_eq16_and_train_mode_is_consistent(relu_setup):
     assert ensemble(t, xt, "nngp").shape == (3, 1)
 
 
+@pytest.mark.float64
 def test_ensemble_and_gp_with_full_kernels_equal_per_output(relu_setup):
     x, xt, _ = relu_setup
     y = np.random.default_rng(8).standard_normal((x.shape[0], 2))
@@ -496,6 +509,7 @@ def _condition(joint, y, n_obs, noise):
     return post_mean, post_cov
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("diag_reg", [0.0, 0.1])
 def test_gp_inference_is_gaussian_conditioning_and_the_ensemble_limit(relu_setup, diag_reg):
     x, xt, y = relu_setup
@@ -531,6 +545,7 @@ def test_gp_inference_is_gaussian_conditioning_and_the_ensemble_limit(relu_setup
         np.testing.assert_allclose(late.covariance, getattr(inf, name).covariance, atol=1e-7)
 
 
+@pytest.mark.float64
 def test_gp_inference_bare_array_and_train_points(problem):
     k, y = problem["k"], problem["y"]
     # The training points: N(y_train, 0); any non-None k_test_test asks for the covariance.
@@ -552,6 +567,7 @@ def _mse(fx, y):
     return 0.5 * jnp.mean((fx - y) ** 2)
 
 
+@pytest.mark.float64
 def test_ode_with_mse_equals_closed_form(problem):
     k, kt, y, f0, f0t = problem["k"], problem["kt"], problem["y"], problem["f0"], problem["f0t"]
     lr = 1.3
@@ -616,6 +632,7 @@ def test_momentum_ode_matches_discrete_heavy_ball(problem):
     assert np.abs(plain - train).max() > 10 * errors[1]
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("momentum", [None, 0.5])
 def test_ode_t_none_integrates_to_convergence(problem, momentum):
     k, kt, y, f0, f0t = problem["k"], problem["kt"], problem["y"], problem["f0"], problem["f0t"]
@@ -624,6 +641,7 @@ def test_ode_t_none_integrates_to_convergence(problem, momentum):
     np.testing.assert_allclose(test, f0t + kt @ np.linalg.solve(k, y - f0), atol=1e-6)
 
 
+@pytest.mark.float64
 def test_ode_t_none_refuses_a_loss_without_minimizer(problem):
     labels = np.eye(2)[np.arange(N) % 2]
 

@@ -64,6 +64,7 @@ def _ridge(k, reg):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.float64
 def test_readme_ensemble_calls(data):
     x_train, y_train, x_test = data
     predict_fn = predict.gradient_descent_mse_ensemble(kernel_fn, x_train, y_train)
@@ -79,6 +80,7 @@ def test_readme_ensemble_calls(data):
     assert y_test_nngp.shape == y_test_ntk.shape == (M, O)
 
 
+@pytest.mark.float64
 def test_examples_infinite_fcn_call(data):
     x_train, y_train, x_test = data
     predict_fn = predict.gradient_descent_mse_ensemble(kernel_fn, x_train, y_train, diag_reg=1e-3)
@@ -98,6 +100,7 @@ def apply_fn(params, x):
     return jnp.dot(x, W) + b
 
 
+@pytest.mark.float64
 def test_readme_weight_space_example_is_gradient_flow_in_steps():
     rng = np.random.default_rng(1)
     x_train, x_test = rng.standard_normal((3, 2)), rng.standard_normal((4, 2))
@@ -144,6 +147,7 @@ def test_readme_weight_space_example_is_gradient_flow_in_steps():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.float64
 def test_none_initial_outputs_skip_that_set(data):
     x_train, y_train, x_test = data
     k_dd, k_td = kernel_fn(x_train, None), kernel_fn(x_test, x_train)
@@ -179,6 +183,7 @@ def test_none_initial_outputs_skip_that_set(data):
     assert ode(1.0, 0.0, None, k_td.ntk).shape == (N, O)
 
 
+@pytest.mark.float64
 def test_gp_inference_equals_ensemble_at_infinity(data):
     x_train, y_train, x_test = data
     reg = 1e-5
@@ -215,6 +220,7 @@ def _assert_tree_close(a, b, tol):
         np.testing.assert_allclose(u, v, rtol=tol, atol=tol)
 
 
+@pytest.mark.float64
 def test_gp_inference_three_names(data):
     x_train, y_train, x_test = data
     reg = 1e-2
@@ -246,6 +252,7 @@ def test_gp_inference_three_names(data):
     np.testing.assert_allclose(at_train.mean, k_dd.nngp @ np.linalg.solve(_ridge(k_dd.nngp, reg), y_train), rtol=1e-9)
 
 
+@pytest.mark.float64
 def test_ensemble_covariance_puts_diag_reg_on_the_training_kernel_of_the_dynamics(data):
     x_train, y_train, x_test = data
     reg, t = 0.05, 3.0
@@ -276,6 +283,7 @@ def test_ensemble_covariance_puts_diag_reg_on_the_training_kernel_of_the_dynamic
     np.testing.assert_allclose(train.covariance, e @ k_dd.nngp @ e.T, atol=1e-10)
 
 
+@pytest.mark.float64
 def test_max_learning_rate(data):
     x_train, y_train, _ = data
     ntk = kernel_fn(x_train, None, "ntk")
@@ -284,6 +292,7 @@ def test_max_learning_rate(data):
     np.testing.assert_allclose(predict.max_learning_rate(ntk, y_train.size, momentum=0.9), 1.9 * lr, rtol=1e-10)
 
 
+@pytest.mark.float64
 def test_trace_axes_are_checked_against_the_kernel(data):
     x_train, y_train, _ = data
     ntk = kernel_fn(x_train, None, "ntk")
@@ -300,6 +309,7 @@ def test_trace_axes_are_checked_against_the_kernel(data):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.float64
 def test_gradient_descent_docstring_call_with_momentum(data):
     x_train, y_train, x_test = data
     k_train_train, k_test_train = kernel_fn(x_train, None, "ntk"), kernel_fn(x_test, x_train, "ntk")
@@ -332,6 +342,7 @@ def test_gradient_descent_docstring_call_with_momentum(data):
     assert np.abs(mode).min() < 0.5  # the modes did move
 
 
+@pytest.mark.float64
 def test_gradient_descent_t_none_is_the_limit(data):
     x_train, y_train, x_test = data
     k_dd, k_td = kernel_fn(x_train, None, "ntk"), kernel_fn(x_test, x_train, "ntk")

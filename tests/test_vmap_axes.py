@@ -47,6 +47,7 @@ def test_auto_takes_the_per_example_path_only_when_proven(data):
     assert resolve_vmap_axes(ntk_adapters.adapt(centred, p), x1, "auto") is None
 
 
+@pytest.mark.float64
 def test_auto_gives_the_whole_batch_kernel_of_a_model_that_mixes_examples(data):
     p, x1, _ = data
     exact = empirical_ntk_fn(centred, vmap_axes=None, implementation="jacobian")(x1, None, p)
@@ -66,6 +67,7 @@ def test_declared_vmap_axes_on_a_mixing_model_is_refused_with_the_operation(data
         monte_carlo_kernel_fn(model, KEY, 2, vmap_axes=vmap_axes)(x1)
 
 
+@pytest.mark.float64
 def test_batch_refuses_to_tile_a_mixing_model_and_tiles_an_independent_one(data):
     p, x1, x2 = data
     with pytest.raises(ValueError, match="cannot be tiled.*reduce_sum"):

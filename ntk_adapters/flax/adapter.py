@@ -6,12 +6,11 @@ import contextlib
 import re
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
+import flax
 import jax
 import jax.numpy as jnp
-import flax
 from flax import linen as nn
-from flax import traverse_util
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ntk_adapters.inputs import Inputs, check_inputs_mode, spread
 from ntk_adapters.model import Model, PyTree, traced_model

@@ -86,8 +86,11 @@ class Conv(nn.Module):
             pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in eff] + [(0, 0)]
             x = jnp.pad(x, pads, mode="wrap")
             padding = "VALID"
-        spatial = "".join("DHW"[-d:]) if d <= 3 else None
-        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+        if not 1 <= d <= 3:
+            raise ValueError(f"Conv takes 1 to 3 spatial dimensions; got kernel_size={self.kernel_size!r}")
+        spatial = "DHW"[-d:]
+        layout = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, layout)
         y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), strides, padding, rhs_dilation=dil,
                                          dimension_numbers=dn)
         y = y * (self.w_std / math.sqrt(c * math.prod(window)))

@@ -70,7 +70,8 @@ class Conv(hk.Module):
             x = jnp.pad(x, [(0, 0)] + [((k - 1) // 2, k // 2) for k in eff] + [(0, 0)], mode="wrap")
             padding = "VALID"
         spatial = "DHW"[-d:]
-        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+        layout = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, layout)
         y = jax.lax.conv_general_dilated(x, w, self.stride, padding, rhs_dilation=self.rate, dimension_numbers=dn)
         y = y * (self.w_std / math.sqrt(c * math.prod(window)))
         if self.b_std is not None:

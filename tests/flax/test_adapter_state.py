@@ -125,7 +125,7 @@ class NnxBatchNormNet(nnx.Module):
         return self.norm(self.linear(x))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float64, marks=pytest.mark.float64), jnp.float32])
 def test_nnx_train_mode_batchnorm_uses_the_batch_statistics(x, dtype):
     module = NnxBatchNormNet(nnx.Rngs(0))
     module.train()
@@ -182,6 +182,7 @@ def test_nnx_rngs_given_as_call_keyword_are_copied_into_each_call(x):
     _assert_same_state(before, _state_arrays(rngs))
 
 
+@pytest.mark.float64
 def test_nnx_batchnorm_over_a_named_axis_needs_axis_name(x):
     module = NnxBatchNormNet(nnx.Rngs(0), axis_name="batch")
     with pytest.raises(ValueError, match=r"axis name 'batch'.*pass axis_name='batch'"):
@@ -201,7 +202,7 @@ class LinenBatchNormNet(nn.Module):
         return nn.BatchNorm(use_running_average=not train, axis_name="batch")(x)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float64, marks=pytest.mark.float64), jnp.float32])
 def test_linen_train_mode_batchnorm_with_axis_name_uses_the_batch_statistics(x, dtype):
     x = x.astype(dtype)
     module = LinenBatchNormNet()
