@@ -14,22 +14,30 @@ Methods:
 
 Run:
   .venv/bin/python benchmarks/empirical_ntk.py            # about 5 minutes on 2 CPU cores, ~10 GiB RAM
+  .venv/bin/python benchmarks/empirical_ntk.py --small    # MLP 784-256-256-10, N1=32, N2=16: ~1 GiB, ~1 minute
   .venv/bin/python benchmarks/empirical_ntk.py --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_adapters.axes import OutputAxes
-from ntk_adapters.empirical import empirical_ntk_fn
-from ntk_adapters.structured import structured_cost
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from _common import describe_machine  # noqa: E402
+
+from ntk_adapters.axes import OutputAxes  # noqa: E402
+from ntk_adapters.empirical import empirical_ntk_fn  # noqa: E402
+from ntk_adapters.implementations import choose, implementation_costs, resolve_memory_budget  # noqa: E402
+from ntk_adapters.inputs import parse_vmap_axes  # noqa: E402
 
 
 def mlp_params(key, widths=(784, 512, 512, 10)):
@@ -150,26 +158,31 @@ def run_case(title, methods, args, repeats, reference="naive"):
 
 def auto_choice(apply_fn, params, x1, x2, full: bool) -> str:
     axes = OutputAxes.make(2, () if full else (-1,), ())
-    cost = structured_cost(apply_fn, params, x1, x2, axes, 0)
-    pick = "structured" if cost["structured_flops"] < cost["jacobian_flops"] else "jacobian"
-    return (f"'auto' (vmap_axes=0) picks {pick}: estimated multiply-adds structured "
-            f"{cost['structured_flops']:.2e} vs jacobian {cost['jacobian_flops']:.2e}; "
-            f"memory {cost['structured_bytes'] / 2**20:.1f} vs {cost['jacobian_bytes'] / 2**20:.1f} MiB")
+    batch = parse_vmap_axes(0)
+    pick = choose("auto", apply_fn, params, x1, x2, axes, batch, None, None)
+    costs = implementation_costs(apply_fn, params, x1, x2, axes, batch, None, resolve_memory_budget(None))
+    est = ", ".join(f"{k} {v['time']:.2e} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in costs.items())
+    return f"'auto' (vmap_axes=0) picks {pick}; estimated time proxy (memory): {est}"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=None, help="default 9, 3 with --small")
+    parser.add_argument("--small", action="store_true",
+                        help="MLP width 256 and a quarter of the batches (fits in ~1 GiB, about a minute)")
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}, float32")
+    args.repeats = args.repeats or (3 if args.small else 9)
+    width, n1, n2 = (256, 32, 16) if args.small else (512, 128, 64)
+    c1, c2 = (8, 4) if args.small else (32, 16)
+    print(describe_machine() + "; float32")
     print("times: median of --repeats round-robin runs of each compiled function (a single run where the "
           "first takes over 5 s); '× naive' = naive time / method time (higher is faster); '× by-hand' = "
           "method time / by-hand time (lower is faster); peak = compiled temp + output bytes")
 
     key = jax.random.PRNGKey(0)
-    params = mlp_params(key)
-    x1 = jax.random.normal(jax.random.PRNGKey(1), (128, 784))
-    x2 = jax.random.normal(jax.random.PRNGKey(2), (64, 784))
+    params = mlp_params(key, (784, width, width, 10))
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (n1, 784))
+    x2 = jax.random.normal(jax.random.PRNGKey(2), (n2, 784))
     for full in (False, True):
         methods = {
             "naive": naive(mlp, full),
@@ -178,14 +191,14 @@ def main():
             "ntvp": library(mlp, "ntvp", full),
             "structured": library(mlp, "structured", full),
         }
-        what = "full O×O, (128, 64, 10, 10)" if full else "traced, (128, 64)"
-        run_case(f"MLP 784-512-512-10, tanh, no biases, N1=128, N2=64, {what}", methods, (params, x1, x2),
-                 args.repeats)
+        what = f"full O×O, ({n1}, {n2}, 10, 10)" if full else f"traced, ({n1}, {n2})"
+        run_case(f"MLP 784-{width}-{width}-10, tanh, no biases, N1={n1}, N2={n2}, {what}", methods,
+                 (params, x1, x2), args.repeats)
         print(auto_choice(mlp, params, x1, x2, full))
 
     params = CNN.init(key)
-    x1 = jax.random.normal(jax.random.PRNGKey(1), (32, 8, 8, 3))
-    x2 = jax.random.normal(jax.random.PRNGKey(2), (16, 8, 8, 3))
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (c1, 8, 8, 3))
+    x2 = jax.random.normal(jax.random.PRNGKey(2), (c2, 8, 8, 3))
     for full in (False, True):
         methods = {
             "naive": naive(CNN.apply, full),
@@ -193,8 +206,8 @@ def main():
             "ntvp": library(CNN.apply, "ntvp", full),
             "structured": library(CNN.apply, "structured", full),
         }
-        what = "full O×O, (32, 16, 10, 10)" if full else "traced, (32, 16)"
-        run_case(f"CNN 8×8×3 → conv3×3(32) → conv3×3(32) → dense(10), N1=32, N2=16, {what}", methods,
+        what = f"full O×O, ({c1}, {c2}, 10, 10)" if full else f"traced, ({c1}, {c2})"
+        run_case(f"CNN 8×8×3 → conv3×3(32) → conv3×3(32) → dense(10), N1={c1}, N2={c2}, {what}", methods,
                  (params, x1, x2), args.repeats)
         print(auto_choice(CNN.apply, params, x1, x2, full))
 

@@ -6,11 +6,13 @@ table gives medians over repeats (after a warm-up call that compiles) and the ra
 engine / hand-written (target ≤ 1.2×). The two results are also checked to agree.
 
 Run:  .venv/bin/python benchmarks/infinite_kernel.py [--repeats 15] [--n 1000]
+      .venv/bin/python benchmarks/infinite_kernel.py --small      # seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
@@ -122,10 +124,12 @@ def bench(engine, by_hand, repeats):
 
 
 def main():
+    small = "--small" in sys.argv[1:]  # smaller defaults; explicit options still win
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--n", type=int, default=1000, help="inputs per side for the MLP")
-    ap.add_argument("--n-img", type=int, default=32, help="images per side for the CNN")
+    ap.add_argument("--small", action="store_true", help="200 inputs, 8 images, 5 repeats (seconds, < 1 GiB)")
+    ap.add_argument("--repeats", type=int, default=5 if small else 15)
+    ap.add_argument("--n", type=int, default=200 if small else 1000, help="inputs per side for the MLP")
+    ap.add_argument("--n-img", type=int, default=8 if small else 32, help="images per side for the CNN")
     args = ap.parse_args()
 
     rows = []

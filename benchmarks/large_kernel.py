@@ -15,6 +15,7 @@ Usage::
     python benchmarks/large_kernel.py                   # N = 20,000, in host memory
     python benchmarks/large_kernel.py --memmap /tmp/k.npy
     python benchmarks/large_kernel.py --n 2000          # quick
+    python benchmarks/large_kernel.py --small           # N = 3000 with the untiled baseline
     python benchmarks/large_kernel.py --devices 2       # 2 host devices (sets XLA_FLAGS)
 """
 
@@ -28,10 +29,12 @@ import time
 
 
 def _parse() -> argparse.Namespace:
+    small = "--small" in sys.argv[1:]  # smaller defaults; explicit options still win
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=20_000, help="number of inputs (kernel is n × n)")
+    p.add_argument("--small", action="store_true", help="N = 3000, tiles of 500 (36 MB result, seconds)")
+    p.add_argument("--n", type=int, default=3_000 if small else 20_000, help="number of inputs (kernel is n × n)")
     p.add_argument("--d", type=int, default=32, help="input dimension")
-    p.add_argument("--batch-size", type=int, default=1_000, help="tile edge")
+    p.add_argument("--batch-size", type=int, default=500 if small else 1_000, help="tile edge")
     p.add_argument("--memmap", default=None, help="assemble the result in this .npy memory map")
     p.add_argument("--devices", type=int, default=None, help="number of host (CPU) devices to shard tiles over")
     p.add_argument("--kernel", choices=["auto", "infinite", "closed-form"], default="auto")

@@ -17,12 +17,14 @@ and the ratio of each to monte_carlo. States the machine and the device.
 
 Run:
   .venv/bin/python benchmarks/monte_carlo.py                 # about 2 minutes on 2 CPU cores
+  .venv/bin/python benchmarks/monte_carlo.py --small         # 16 + 16 inputs, 4 draws, < 1 minute
   .venv/bin/python benchmarks/monte_carlo.py --repeats 5 --naive-samples 2
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import platform
 import statistics
@@ -55,14 +57,17 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    small = "--small" in sys.argv[1:]  # smaller defaults; explicit options still win
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--small", action="store_true", help="16 + 16 inputs, 4 initializations (< 1 GiB)")
+    parser.add_argument("--repeats", type=int, default=2 if small else 3)
+    parser.add_argument("--samples", type=int, default=4 if small else 8)
     parser.add_argument("--naive-samples", type=int, default=1)
+    parser.add_argument("--n", type=int, default=16 if small else 64, help="inputs per side")
     args = parser.parse_args()
 
-    x1 = jax.random.normal(jax.random.PRNGKey(0), (64, 784))
-    x2 = jax.random.normal(jax.random.PRNGKey(1), (64, 784))
+    x1 = jax.random.normal(jax.random.PRNGKey(0), (args.n, 784))
+    x2 = jax.random.normal(jax.random.PRNGKey(1), (args.n, 784))
     module = MLP()
     model = ntk_adapters.flax.adapt(module, module.init(jax.random.PRNGKey(2), x1), x1)
     key = jax.random.PRNGKey(3)
@@ -89,7 +94,7 @@ def main() -> None:
     ]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}")
-    print(f"MLP 784-512-512-10, x1 64, x2 64, {args.samples} initializations, float32, NNGP + NTK")
+    print(f"MLP 784-512-512-10, x1 {args.n}, x2 {args.n}, {args.samples} initializations, float32, NNGP + NTK")
     print(f"{'method':<16}{'seconds':>10}{'÷ monte_carlo':>16}")
     for name, t in rows:
         print(f"{name:<16}{t:>10.3f}{t / t_mc:>16.2f}")

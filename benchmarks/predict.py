@@ -24,6 +24,7 @@ predictions against float64 (a Cholesky solve for ``t=None``, the eigendecomposi
 times, the largest over them).
 
 Run:  .venv/bin/python benchmarks/predict.py [--repeats 7] [--n 2000] [--m 500]
+      .venv/bin/python benchmarks/predict.py --small                 # N = 500, seconds
 (``OPENBLAS_NUM_THREADS=1`` on a shared machine: multithreaded OpenBLAS stalls under contention.)
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 import warnings
 
@@ -176,10 +178,12 @@ def _seconds(fn, *args) -> float:
 
 
 def main() -> None:
+    small = "--small" in sys.argv[1:]  # smaller defaults; explicit options still win
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--m", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--small", action="store_true", help="N = 500, M = 100, 3 repeats (seconds)")
+    parser.add_argument("--n", type=int, default=500 if small else 2000)
+    parser.add_argument("--m", type=int, default=100 if small else 500)
+    parser.add_argument("--repeats", type=int, default=3 if small else 7)
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)

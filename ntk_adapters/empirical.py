@@ -28,11 +28,18 @@ Implementations (``implementation=``):
   for the cotangents plus ``N1·N2·(fan_in + O·fan_out)`` multiply-adds per dense layer, ``O²``
   in place of ``O`` for ``trace_axes=()``); exact but about as costly as ``'jacobian'`` with
   ``vmap_axes=None``.
-* ``'auto'`` (default): ``'structured'`` when examples are independent (``vmap_axes`` given or
-  proven by ``vmap_axes='auto'``) and its multiply-add estimate
-  from the shapes (:func:`ntk_adapters.structured.structured_cost`) is below ``'jacobian'``'s and
-  its memory estimate fits in ``memory_budget`` bytes (default 1 GiB); otherwise ``'jacobian'``
-  when both Jacobians fit in ``memory_budget``, else ``'ntvp'``.
+* ``'auto'`` (default): the implementation with the smallest estimated time among those whose
+  estimated peak memory fits in ``memory_budget`` bytes (default: a quarter of the accelerator's
+  memory, 1 GiB on CPU), or the one needing the least memory when none fits; the estimates come
+  from the shapes only (:func:`ntk_adapters.implementations.implementation_costs`).
+  ``'structured'`` competes only when examples are independent (``vmap_axes`` given or proven by
+  ``vmap_axes='auto'``). With many parameters and few output entries (``P ≫ N·O``, e.g. a
+  ResNet on a few images) this is the per-example Jacobian or ``'structured'``, never
+  ``'ntvp'``, whose ``N2·O`` VJP+JVP pairs over whole batches cost ``~N`` times more.
+
+Precision (``precision=``, default ``'highest'``): every matrix product of the kernel, the
+model's own included, runs in full float32 even where JAX would use TensorFloat-32 (NVIDIA GPUs);
+see :mod:`ntk_adapters.precision`.
 
 neural-tangents' implementation numbers are accepted too: ``1`` (Jacobian contraction), ``2``
 (NTK-vector products), ``3`` (structured derivatives), ``0`` (auto), or
@@ -52,11 +59,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_adapters.axes import Axes, OutputAxes
-from ntk_adapters.implementations import Implementation, choose, implementation_name
+from ntk_adapters.implementations import Implementation, choose, implementation_name, resolve_memory_budget
 from ntk_adapters.implementations import ntk as _ntk_value
 from ntk_adapters.inputs import BatchAxes, batch_coupling, check_pair, declared_vmap_axes, resolve_vmap_axes
 from ntk_adapters.model import Model, ModelLike, PyTree, as_model, check_array_output, check_params_match, module_path
 from ntk_adapters.outputs import Get, normalize_get, pack
+from ntk_adapters.precision import PrecisionLike, canonical, matmul_precision
 
 Subset = Union[None, str, Sequence[str], Callable[[str], bool]]
 VmapAxes = Any  # 'auto', None, an int, a pytree prefix of x, or (in_axes, out_axes, kwargs_axes)
@@ -162,9 +170,10 @@ def empirical_ntk_fn(
     implementation: Implementation = "auto",
     subset: Subset = None,
     by_layer: bool = False,
-    memory_budget: float = 2**30,
+    memory_budget: Optional[float] = None,
     ntvp_chunk: int = 256,
     check_finite_values: bool = True,
+    precision: PrecisionLike = "highest",
 ) -> KernelFn:
     """The empirical neural tangent kernel ``J(x1) J(x2)ᵀ`` of a model.
 
@@ -188,10 +197,20 @@ def empirical_ntk_fn(
         predicate of the parameter path (``'Dense_2/kernel'``) is true. E.g. ``subset='Dense_2'``
         gives the NTK of training only the last layer.
       by_layer: return a dict ``{module path: NTK contribution}`` whose values sum to the NTK.
-      memory_budget: bytes allowed for both Jacobians before ``'auto'`` switches to ``'ntvp'``.
+      memory_budget: bytes ``'auto'`` may plan for (default ``None``: a quarter of the device's
+        memory on accelerators, 1 GiB on CPU). ``'auto'`` takes the implementation with the smallest
+        estimated time among those whose estimated memory fits
+        (:func:`ntk_adapters.implementations.implementation_costs`); ``'structured'`` also keeps
+        each layer's intermediates under it.
       ntvp_chunk: basis vectors processed together by ``'ntvp'``.
       check_finite_values: raise on NaN/Inf in concrete inputs and params (skipped under ``jit``,
         where NaNs propagate).
+      precision: precision of the matrix products: ``'highest'`` (default: full float32, so that
+        the kernel is fit for linear solves), ``'high'``, ``'default'`` (JAX's own setting, which is
+        TensorFloat-32 for float32 on NVIDIA GPUs, ~3e-4 relative error) or a
+        :class:`jax.lax.Precision`. It covers the contractions the library writes and the model's
+        own forward and backward products (those that do not set a precision themselves); see
+        :mod:`ntk_adapters.precision`. CPUs compute float32 products exactly either way.
 
     Returns:
       ``ntk(x1, x2=None, params=None)`` with ``x1`` ``(N1, *input)``, ``x2`` ``(N2, *input)``
@@ -205,8 +224,11 @@ def empirical_ntk_fn(
       ntk = empirical_ntk_fn(model)
       ntk(x_train).shape               # (N, N)
       ntk(x_test, x_train).shape       # (M, N)
+      empirical_ntk_fn(model, precision='default')  # allow TF32 on GPUs: faster, ~3e-4 off
     """
     model = as_model(f)
+    precision = canonical(precision)
+    memory_budget = resolve_memory_budget(memory_budget)
     impl_name = implementation_name(implementation)
     declared = declared_vmap_axes(vmap_axes)
 
@@ -217,11 +239,11 @@ def empirical_ntk_fn(
         groups = tuple(layer_of(paths[i]) for i in (range(len(paths)) if selected is None else selected))
         axes = output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
         batch = resolve_vmap_axes(model.replace(params=params), x1, vmap_axes)
-        impl = choose(impl_name, model.apply_fn, params, x1, x2, axes, batch, selected, memory_budget)
+        impl = choose(impl_name, model.apply_fn, params, x1, x2, axes, batch, selected, memory_budget, ntvp_chunk)
         if by_layer and impl == "ntvp":
             impl = "jacobian"  # NTK-vector products do not separate the layers
         compute = _ntk_jit(model.apply_fn, axes, impl, batch, ntvp_chunk, selected, groups if by_layer else None,
-                           memory_budget)
+                           memory_budget, precision)
         return compute(params, x1, x2)
 
     ntk.batch_coupling = functools.partial(batch_coupling, model)
@@ -245,10 +267,10 @@ def output_axes(apply_fn, params, x1, x2, trace_axes, diagonal_axes) -> OutputAx
 
 @functools.lru_cache(maxsize=256)
 def _ntk_jit(apply_fn, axes: OutputAxes, impl: str, batch: Optional[BatchAxes], chunk: int, selected, groups,
-             memory_budget: float):
+             memory_budget: float, precision):
     def compute(params, x1, x2):
         g, sub = _restricted(apply_fn, params, selected)
-        return _ntk_value(g, sub, x1, x2, axes, impl, batch, chunk, groups, memory_budget)
+        return _ntk_value(g, sub, x1, x2, axes, impl, batch, chunk, groups, memory_budget, precision)
 
     return jax.jit(compute)
 
@@ -259,6 +281,7 @@ def empirical_nngp_fn(
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
     check_finite_values: bool = True,
+    precision: PrecisionLike = "highest",
 ) -> KernelFn:
     """The empirical NNGP ``f(x1) f(x2)ᵀ`` of a model at its current parameters.
 
@@ -266,6 +289,10 @@ def empirical_nngp_fn(
     the result is ``(N1, N2)``; ``trace_axes=()`` gives ``(N1, N2, O, O)``. Its average over random
     initializations (:func:`ntk_adapters.monte_carlo_kernel_fn`) converges to the infinite-width
     NNGP.
+
+    Args:
+      f, trace_axes, diagonal_axes, check_finite_values, precision: as for :func:`empirical_ntk_fn`;
+        ``precision`` covers the model's forward products and the outer product ``f(x1) f(x2)ᵀ``.
 
     Returns:
       ``nngp(x1, x2=None, params=None)``.
@@ -276,22 +303,25 @@ def empirical_nngp_fn(
       nngp(x1, x2).shape    # (N1, N2)
     """
     model = as_model(f)
+    precision = canonical(precision)
 
     def nngp(x1: PyTree, x2: Optional[PyTree] = None, params: Optional[PyTree] = None):
         params = checked_call(model, x1, x2, params, check_finite_values)
         axes = output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
-        return _nngp_jit(model.apply_fn, axes)(params, x1, x2)
+        return _nngp_jit(model.apply_fn, axes, precision)(params, x1, x2)
 
     nngp.batch_coupling = functools.partial(batch_coupling, model)
     return nngp
 
 
 @functools.lru_cache(maxsize=256)
-def _nngp_jit(apply_fn, axes: OutputAxes):
+def _nngp_jit(apply_fn, axes: OutputAxes, precision):
     def compute(params, x1, x2):
-        y1 = apply_fn(params, x1)
-        y2 = y1 if x2 is None else apply_fn(params, x2)
-        return axes.outer(y1, y2)
+        # The outer product is an einsum without its own precision: the context reaches it too.
+        with matmul_precision(precision):
+            y1 = apply_fn(params, x1)
+            y2 = y1 if x2 is None else apply_fn(params, x2)
+            return axes.outer(y1, y2)
 
     return jax.jit(compute)
 
@@ -304,8 +334,9 @@ def empirical_kernel_fn(
     vmap_axes: VmapAxes = "auto",
     implementation: Implementation = "auto",
     subset: Subset = None,
-    memory_budget: float = 2**30,
+    memory_budget: Optional[float] = None,
     check_finite_values: bool = True,
+    precision: PrecisionLike = "highest",
 ) -> KernelFn:
     """Empirical NNGP and NTK behind one function (arguments as :func:`empirical_ntk_fn`).
 
@@ -319,10 +350,10 @@ def empirical_kernel_fn(
       k.nngp.shape, k.ntk.shape      # (N1, N2), (N1, N2)
     """
     nngp_fn = empirical_nngp_fn(f, trace_axes=trace_axes, diagonal_axes=diagonal_axes,
-                                check_finite_values=check_finite_values)
+                                check_finite_values=check_finite_values, precision=precision)
     ntk_fn = empirical_ntk_fn(f, trace_axes=trace_axes, diagonal_axes=diagonal_axes, vmap_axes=vmap_axes,
                               implementation=implementation, subset=subset, memory_budget=memory_budget,
-                              check_finite_values=check_finite_values)
+                              check_finite_values=check_finite_values, precision=precision)
 
     def kernel(x1: PyTree, x2: Optional[PyTree] = None, get: Get = None, params: Optional[PyTree] = None):
         names, _ = normalize_get(get)

@@ -11,11 +11,12 @@ import numpy as np
 
 from ntk_adapters.axes import Axes, OutputAxes
 from ntk_adapters.empirical import VmapAxes, check_finite, output_axes
-from ntk_adapters.implementations import Implementation, choose, implementation_name
+from ntk_adapters.implementations import Implementation, choose, implementation_name, resolve_memory_budget
 from ntk_adapters.implementations import ntk as _ntk_value
 from ntk_adapters.inputs import BatchAxes, batch_coupling, check_pair, declared_vmap_axes, resolve_vmap_axes
 from ntk_adapters.model import Model, as_model
 from ntk_adapters.outputs import Get, normalize_get, pack
+from ntk_adapters.precision import PrecisionLike, canonical, matmul_precision
 
 
 def monte_carlo_kernel_fn(
@@ -29,9 +30,10 @@ def monte_carlo_kernel_fn(
     diagonal_axes: Axes = (),
     vmap_axes: VmapAxes = "auto",
     implementation: Implementation = "auto",
-    memory_budget: float = 2**30,
+    memory_budget: Optional[float] = None,
     ntvp_chunk: int = 256,
     check_finite_values: bool = True,
+    precision: PrecisionLike = "highest",
 ) -> Callable[..., Any]:
     """Average empirical NNGP and NTK over fresh initializations of a model.
 
@@ -54,7 +56,8 @@ def monte_carlo_kernel_fn(
         ``memory_budget``.
       get: default kernels to return, ``'nngp'``, ``'ntk'`` or a tuple.
       trace_axes, diagonal_axes, vmap_axes, implementation, memory_budget, ntvp_chunk,
-      check_finite_values: as for :func:`ntk_adapters.empirical_ntk_fn`.
+      check_finite_values, precision: as for :func:`ntk_adapters.empirical_ntk_fn` (``precision``,
+        ``'highest'`` by default, also covers the initializers' and the NNGP's products).
 
     Returns:
       ``kernel_fn(x1, x2=None, get=None)``; ``x1``, ``x2`` arrays or pytrees of arrays sharing the
@@ -78,6 +81,8 @@ def monte_carlo_kernel_fn(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive; got {batch_size}")
     impl_name = implementation_name(implementation)
+    precision = canonical(precision)
+    memory_budget = resolve_memory_budget(memory_budget)
     declared = declared_vmap_axes(vmap_axes)
     default_get = get
 
@@ -93,9 +98,9 @@ def monte_carlo_kernel_fn(
         impl = "jacobian"
         if "ntk" in names:
             impl = choose(impl_name, model.apply_fn, model.params, x1, x2, axes, batch, None,
-                          memory_budget / batch_size)
+                          memory_budget / batch_size, ntvp_chunk)
         chunk = _chunk_fn(model.init_fn, model.apply_fn, axes, names, impl, batch, ntvp_chunk,
-                          memory_budget / batch_size)
+                          memory_budget / batch_size, precision)
         totals = None
         done = 0
         results = {}
@@ -115,10 +120,14 @@ def monte_carlo_kernel_fn(
 
 @functools.lru_cache(maxsize=64)
 def _chunk_fn(init_fn, apply_fn, axes: OutputAxes, names: tuple[str, ...], impl: str,
-              batch: Optional[BatchAxes], ntvp_chunk: int, memory_budget: float):
+              batch: Optional[BatchAxes], ntvp_chunk: int, memory_budget: float, precision):
     """Sum of empirical kernels over a batch of init keys (jitted once per shape)."""
 
     def one(key, x1, x2):
+        with matmul_precision(precision):
+            return sample(key, x1, x2)
+
+    def sample(key, x1, x2):
         params = init_fn(key, x1)
         out = {}
         if "nngp" in names:
@@ -127,7 +136,7 @@ def _chunk_fn(init_fn, apply_fn, axes: OutputAxes, names: tuple[str, ...], impl:
             out["nngp"] = axes.outer(y1, y2)
         if "ntk" in names:
             out["ntk"] = _ntk_value(apply_fn, params, x1, x2, axes, impl, batch, ntvp_chunk,
-                                    memory_budget=memory_budget)
+                                    memory_budget=memory_budget, precision=precision)
         return out
 
     def chunk(keys, x1, x2):

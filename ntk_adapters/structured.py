@@ -52,6 +52,7 @@ from jax.extend import core as jcore
 from ntk_adapters.axes import OutputAxes
 from ntk_adapters.inputs import BatchAxes, hashable_spec, parse_vmap_axes, spec
 from ntk_adapters.model import module_path
+from ntk_adapters.precision import PrecisionLike, einsum_precision, matmul_precision
 
 __all__ = ["structured_contributions", "structured_cost", "factorized_leaves"]
 
@@ -311,7 +312,6 @@ def _side(closed, plan: _Plan, leaves, x, batch: Optional[BatchAxes]):
     ``g[path]`` is ``(*out, *y)``; operands are ``(N, *operand)`` per example with ``vmap_axes``,
     the operands themselves without; fallback Jacobians are ``(*out, *leaf)``.
     """
-    n_leaves = len(leaves)
     out_avals = {s.path: (s.out_shape, s.out_dtype) for s in plan.sites}
     fb = [leaves[i] for i in plan.fallback]
 
@@ -320,7 +320,8 @@ def _side(closed, plan: _Plan, leaves, x, batch: Optional[BatchAxes]):
         for i, leaf in zip(plan.fallback, fb_leaves):
             full[i] = leaf
         captured = {}
-        (out,) = _interpret(closed.jaxpr, closed.consts, full + jax.tree_util.tree_leaves(x_), (), plan, probes, captured)
+        args = full + jax.tree_util.tree_leaves(x_)
+        (out,) = _interpret(closed.jaxpr, closed.consts, args, (), plan, probes, captured)
         return out, captured
 
     def one(x_):
@@ -351,11 +352,11 @@ def _size(subs: Sequence[str], shapes: Sequence[Sequence[int]]) -> int:
     return math.prod(sizes.values())
 
 
-def _contract(j1, j2, axes: OutputAxes):
+def _contract(j1, j2, axes: OutputAxes, precision=None):
     first, second, result = axes.letters()
     pool = _letters()
     p = "".join(next(pool) for _ in range(j1.ndim - axes.ndim))
-    return jnp.einsum(f"{first}{p},{second}{p}->{result}", j1, j2)
+    return jnp.einsum(f"{first}{p},{second}{p}->{result}", j1, j2, precision=precision)
 
 
 def _unique(s: str) -> str:
@@ -415,7 +416,8 @@ def _gram_layout(site: _Site) -> Optional[_GramLayout]:
 
 def _operand_shape(site: _Site) -> tuple:
     """Shape of the weight operand as the equation sees it (after the chain of steps)."""
-    w = jax.ShapeDtypeStruct(site.leaf_shape, jnp.float32)
+    # The steps may multiply by literals of the traced dtype: evaluate them in that dtype.
+    w = jax.ShapeDtypeStruct(site.leaf_shape, site.out_dtype or jnp.float32)
     return tuple(jax.eval_shape(lambda v: _apply_steps(site.origin.steps, v), w).shape)
 
 
@@ -426,12 +428,22 @@ def _apply_steps(steps, v):
 
 
 def _patches(a, layout: _GramLayout):
+    """The input patches of a convolution: a grouped convolution with a one-hot filter, whose
+    output channel ``ci·K + s`` copies input channel ``ci`` at window offset ``s``.
+
+    Written out rather than ``jax.lax.conv_general_dilated_patches``, which leaves the filter's
+    precision at DEFAULT: both operands are HIGHEST here, so that nothing in the kernel allows
+    reduced-precision products (the copy is exact then on every backend).
+    """
     filter_shape, strides, padding, lhs_dil, rhs_dil, dn = layout.patches
-    # Patches are a convolution with an identity filter: HIGHEST keeps that copy exact on
-    # accelerators whose default precision rounds operands.
-    return jax.lax.conv_general_dilated_patches(
-        a, filter_shape, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-        dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+    channels = a.shape[dn.lhs_spec[1]]
+    k = math.prod(filter_shape)
+    one_hot = jnp.eye(k, dtype=a.dtype).reshape((k, 1) + tuple(filter_shape))
+    rhs = jnp.tile(one_hot, (channels, 1) + (1,) * len(filter_shape))  # (channels·K, 1, *filter)
+    rhs = jnp.moveaxis(rhs, (0, 1), (dn.rhs_spec[0], dn.rhs_spec[1]))
+    return jax.lax.conv_general_dilated(
+        a, rhs, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil, dimension_numbers=dn,
+        feature_group_count=channels, precision=jax.lax.Precision.HIGHEST)
 
 
 def _gram_subscripts(layout: _GramLayout, axes: OutputAxes, row_axis, a_ndim: int, y_ndim: int):
@@ -455,10 +467,15 @@ def _gram_subscripts(layout: _GramLayout, axes: OutputAxes, row_axis, a_ndim: in
     rows = _unique(r1 + r2)
     keep = _unique(result + rows)
     P1, P2 = "".join(p1), "".join(p2)
+    w = "".join(ci) + "".join(wj)  # the weight's axes as the equation sees it (after the chain of steps)
     return dict(
         a=(r1 + a_sub(p1), r2 + a_sub(p2), rows + P1 + P2),
         g=(first + y_sub(p1), second + y_sub(p2), keep + P1 + P2),
         final=(rows + P1 + P2, keep + P1 + P2, result),
+        # Per-example Jacobian form: J[out, w] = Σ_positions a g, then J1 J2ᵀ over w.
+        jac1=(r1 + a_sub(p1), first + y_sub(p1), first + w),
+        jac2=(r2 + a_sub(p2), second + y_sub(p2), second + w),
+        jac_final=(first + w, second + w, result),
     )
 
 
@@ -513,6 +530,7 @@ def _choose_form(site: _Site, axes: OutputAxes, row_axis, out1, out2, prefer: st
              + math.prod(sizes[c] for c in _unique(subs["final"][0] + subs["final"][1])))
     elements = math.prod(sizes[c] for c in subs["g"][2]) + math.prod(sizes[c] for c in subs["a"][2])
     gram = _Form("gram", layout, subs, flops, elements)
+    jac = dataclasses.replace(jac, layout=layout, subs=subs)
     if prefer != "auto":
         return gram if prefer == "gram" else jac
     fitting = [f for f in (gram, jac) if max_elements is None or f.elements <= max_elements]
@@ -541,16 +559,39 @@ def _site_jacobian(site: _Site, leaf_value, a, g, out_shape, row_axis):
     return jnp.moveaxis(j.reshape((n,) + rest + site.leaf_shape), 0, row_axis)
 
 
-def _gram_contribution(site, layout, subs, a1, a2, g1, g2, row_axis, same):
-    if layout.patches is not None:
-        patch = lambda a: _patches(a, layout)
-        if row_axis is not None:
-            patch = jax.vmap(patch)
-        a1 = patch(a1)
-        a2 = a1 if same else patch(a2)
-    gram_a = jnp.einsum(f"{subs['a'][0]},{subs['a'][1]}->{subs['a'][2]}", a1, a2)
-    gram_g = jnp.einsum(f"{subs['g'][0]},{subs['g'][1]}->{subs['g'][2]}", g1, g2)
-    out = jnp.einsum(f"{subs['final'][0]},{subs['final'][1]}->{subs['final'][2]}", gram_a, gram_g)
+def _patched(layout, a1, a2, row_axis, same):
+    if layout.patches is None:
+        return a1, a2
+    patch = lambda a: _patches(a, layout)
+    if row_axis is not None:
+        patch = jax.vmap(patch)
+    a1 = patch(a1)
+    return a1, (a1 if same else patch(a2))
+
+
+def _jacobian_contribution(site, layout, subs, a1, a2, g1, g2, row_axis, same, precision=None):
+    """``J1 J2ᵀ`` of a Gram-capable leaf through the Jacobian of the operand the equation sees.
+
+    That operand is the leaf through bijective linear steps (reshape, transpose, scaling), so
+    ``J_leaf J_leafᵀ = scale² · J_op J_opᵀ``; each ``J_op`` is one batched product of the (patched)
+    activations and the cotangents over the positions, instead of a transposed equation per
+    output entry.
+    """
+    a1, a2 = _patched(layout, a1, a2, row_axis, same)
+    j = lambda k, a, g: jnp.einsum(f"{subs[k][0]},{subs[k][1]}->{subs[k][2]}", a, g.astype(a.dtype),
+                                   precision=precision)
+    j1 = j("jac1", a1, g1)
+    j2 = j1 if same else j("jac2", a2, g2)
+    f = subs["jac_final"]
+    return jnp.einsum(f"{f[0]},{f[1]}->{f[2]}", j1, j2, precision=precision) * (site.origin.scale ** 2)
+
+
+def _gram_contribution(site, layout, subs, a1, a2, g1, g2, row_axis, same, precision=None):
+    a1, a2 = _patched(layout, a1, a2, row_axis, same)
+    gram_a = jnp.einsum(f"{subs['a'][0]},{subs['a'][1]}->{subs['a'][2]}", a1, a2, precision=precision)
+    gram_g = jnp.einsum(f"{subs['g'][0]},{subs['g'][1]}->{subs['g'][2]}", g1, g2, precision=precision)
+    out = jnp.einsum(f"{subs['final'][0]},{subs['final'][1]}->{subs['final'][2]}", gram_a, gram_g,
+                     precision=precision)
     return out * (site.origin.scale ** 2)
 
 
@@ -560,7 +601,8 @@ def _gram_contribution(site, layout, subs, a1, a2, g1, g2, row_axis, same):
 
 def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.Array],
                              axes: OutputAxes, vmap_axes: Optional[int] = None,
-                             form: str = "auto", memory_budget: Optional[float] = None) -> list[jax.Array]:
+                             form: str = "auto", memory_budget: Optional[float] = None,
+                             precision: PrecisionLike = "highest") -> list[jax.Array]:
     """Per-leaf NTK contributions (untraced sums) by layer factorization, in ``tree_leaves`` order.
 
     The same values as the Jacobian contraction ``Σ_p J1[..., p] J2[..., p]`` per parameter leaf,
@@ -580,6 +622,8 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
       memory_budget: bytes one leaf's intermediates may take; ``'auto'`` forms that exceed it are
         passed over (``None``: no limit). :func:`structured_cost` takes the same budget, so the
         estimate describes the computation that runs.
+      precision: of the model's products and of the Gram and Jacobian contractions
+        (:mod:`ntk_adapters.precision`); ``'highest'`` keeps TensorFloat-32 out of the kernel on GPUs.
 
     Returns:
       A list with one array per parameter leaf, each of the kernel's shape (e.g. ``(N1, N2, O, O)``
@@ -592,6 +636,12 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
     """
     if form not in ("auto", "gram", "jacobian"):
         raise ValueError(f"form={form!r}; choose 'auto', 'gram' or 'jacobian'")
+    with matmul_precision(precision):
+        return _structured(apply_fn, params, x1, x2, axes, vmap_axes, form, memory_budget,
+                           einsum_precision(precision))
+
+
+def _structured(apply_fn, params, x1, x2, axes, vmap_axes, form, memory_budget, precision):
     batch = _batch_axes(vmap_axes)
     row_axis = _out_axis(batch)
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -611,18 +661,21 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
 
     parts: list[Optional[jax.Array]] = [None] * len(leaves)
     for k, i in enumerate(plan1.fallback):
-        parts[i] = _contract(j1[k], j2[k], axes)
+        parts[i] = _contract(j1[k], j2[k], axes, precision)
     for s1, s2 in zip(plan1.sites, plan2.sites):
         a1 = c1[s1.path][1 - s1.operand]
         a2 = c2[s2.path][1 - s2.operand]
         chosen = _choose_form(s1, axes, row_axis, out1, out2, form, _elements(memory_budget, leaves))
         if chosen.kind == "gram":
             parts[s1.leaf] = _gram_contribution(s1, chosen.layout, chosen.subs, a1, a2, g1[s1.path], g2[s2.path],
-                                                row_axis, same)
+                                                row_axis, same, precision)
+        elif chosen.layout is not None:
+            parts[s1.leaf] = _jacobian_contribution(s1, chosen.layout, chosen.subs, a1, a2, g1[s1.path],
+                                                    g2[s2.path], row_axis, same, precision)
         else:
             jac1 = _site_jacobian(s1, leaves[s1.leaf], a1, g1[s1.path], out1, row_axis)
             jac2 = jac1 if same else _site_jacobian(s2, leaves[s2.leaf], a2, g2[s2.path], out2, row_axis)
-            parts[s1.leaf] = _contract(jac1, jac2, axes)
+            parts[s1.leaf] = _contract(jac1, jac2, axes, precision)
     shape = axes.result_shape(out1, out2)
     dtype = jnp.result_type(*leaves)
     for i in plan1.unused:
@@ -678,6 +731,18 @@ def _forward_flops(jaxpr) -> int:
     return total
 
 
+def _activation_elements(jaxpr) -> int:
+    """Elements of every intermediate value: what a backward pass keeps or recomputes per cotangent."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        sub = _sub_jaxpr(eqn)
+        if sub is not None:
+            total += _activation_elements(sub[0])
+        else:
+            total += sum(math.prod(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+    return total
+
+
 def _elements(memory_budget: Optional[float], leaves) -> Optional[float]:
     if memory_budget is None:
         return None
@@ -696,8 +761,11 @@ def structured_cost(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.
     leaf, the cheaper of its Gram form and its Jacobian form.
 
     Returns:
-      ``{'structured_flops', 'jacobian_flops', 'structured_bytes', 'jacobian_bytes'}``; only the
-      leaves in ``selected`` (indices in ``tree_leaves`` order; default all) are differentiated.
+      ``{'structured_flops', 'jacobian_flops', 'structured_bytes', 'jacobian_bytes', 'forward_flops',
+      'activations', 'n_params', 'itemsize'}``; only the leaves in ``selected`` (indices in
+      ``tree_leaves`` order; default all) are differentiated. ``forward_flops`` and ``activations``
+      (elements of all intermediates) are those of one example when ``vmap_axes`` is set, else of
+      the batch ``x1``; the ``*_bytes`` count the stored Jacobians, cotangents and Grams.
 
     Example::
 
@@ -735,15 +803,16 @@ def _cost(apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, batch: Optional
     itemsize = jnp.result_type(*leaves).itemsize
     sizes = {i: math.prod(leaf_specs[i][0]) for i in range(len(leaf_specs))}
     n_params = sum(math.prod(np.shape(l)) for l in leaves)
-    entries = math.prod(out1) + math.prod(out2)
     jac_flops = n_sides * 2 * forward + pair * n_params
-    jac_bytes = entries * n_params * itemsize
+    jac_bytes = n_sides * n_params * itemsize
     s_flops = n_sides * forward + pair * sum(sizes[i] for i in plan.fallback)
-    s_bytes = entries * sum(sizes[i] for i in plan.fallback) * itemsize
-    s_bytes += entries * sum(math.prod(s.out_shape) for s in plan.sites) * itemsize
+    s_bytes = n_sides * sum(sizes[i] for i in plan.fallback) * itemsize
+    s_bytes += n_sides * sum(math.prod(s.out_shape) for s in plan.sites) * itemsize
     for s in plan.sites:
         form = _choose_form(s, axes, _out_axis(batch), out1, out2, max_elements=_elements(memory_budget, leaves))
         s_flops += form.flops
         s_bytes += form.elements * itemsize
     return tuple(dict(structured_flops=int(s_flops), jacobian_flops=int(jac_flops),
-                      structured_bytes=int(s_bytes), jacobian_bytes=int(jac_bytes)).items())
+                      structured_bytes=int(s_bytes), jacobian_bytes=int(jac_bytes), forward_flops=int(forward),
+                      activations=int(_activation_elements(closed.jaxpr)), n_params=int(n_params),
+                      itemsize=int(itemsize)).items())

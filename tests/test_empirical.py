@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ntk_adapters
 from ntk_adapters.empirical import empirical_kernel_fn, empirical_nngp_fn, empirical_ntk_fn
@@ -53,6 +54,7 @@ def hand_ntk(params, x1, x2):
     return out
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("implementation", ["jacobian", "ntvp", "auto"])
 def test_ntk_equals_hand_written_jacobian_outer_product(mlp_params, xs, implementation):
     x1, x2 = xs
@@ -82,6 +84,7 @@ def test_output_shapes_follow_the_axes_convention(mlp_params, xs, trace_axes, di
     assert fn(x1, x2, mlp_params).shape == shape
 
 
+@pytest.mark.float64
 def test_diagonal_and_traced_kernels_are_slices_of_the_full_one(mlp_params, xs):
     x1, _ = xs
     full = empirical_ntk_fn(mlp, trace_axes=())(x1, None, mlp_params)  # (N, N, O, O)
@@ -150,6 +153,7 @@ def test_kernel_functions_can_be_jitted(mlp_params, xs):
     np.testing.assert_allclose(jax.jit(fn)(x1, x2, mlp_params), fn(x1, x2, mlp_params), rtol=1e-12)
 
 
+@pytest.mark.float64
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(1, 5), seed=st.integers(0, 10_000), implementation=st.sampled_from(["jacobian", "ntvp"]))
 def test_kernels_of_x_with_itself_are_symmetric_psd(mlp_params, n, seed, implementation):

@@ -28,7 +28,7 @@ def _moved(params, direction, eps):
     return jax.tree_util.tree_map(lambda p, d: p + eps * d, params, direction)
 
 
-@pytest.mark.parametrize("degree", [1, 2, 3])
+@pytest.mark.parametrize("degree", [1, 2, pytest.param(3, marks=pytest.mark.float64)])
 def test_taylor_error_shrinks_with_the_right_order(setup, degree):
     params, direction, x = setup
     approx = taylor_expand(net, params, degree)
@@ -40,6 +40,7 @@ def test_taylor_error_shrinks_with_the_right_order(setup, degree):
     assert abs(order - (degree + 1)) < 0.2, (errors, order)
 
 
+@pytest.mark.float64
 def test_linearize_is_degree_one_and_exact_at_the_expansion_point(setup):
     params, direction, x = setup
     lin = linearize(net, params)
@@ -57,6 +58,7 @@ def test_degree_zero_is_constant(setup):
     np.testing.assert_allclose(const(_moved(params, direction, 1.0), x), net(params, x))
 
 
+@pytest.mark.float64
 def test_model_in_model_out_and_same_ntk_at_the_expansion_point(setup):
     params, _, x = setup
     model = ntk_adapters.adapt(net, params, x)

@@ -25,6 +25,7 @@ def model_and_x():
     return ntk_adapters.adapt(net, init(jax.random.PRNGKey(1), x), x, init_fn=init), x
 
 
+@pytest.mark.float64
 def test_running_estimates_equal_the_mean_of_per_sample_kernels(model_and_x):
     model, x = model_and_x
     x2 = x[:2] + 1.0

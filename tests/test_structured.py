@@ -96,6 +96,7 @@ def xs():
     return jax.random.normal(jax.random.PRNGKey(1), (5, 4)), jax.random.normal(jax.random.PRNGKey(2), (3, 4))
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("bias", [True, False])
 def test_mlp_matches_jacobian_and_ntvp(xs, bias):
     params = init_mlp(jax.random.PRNGKey(0), bias=bias)
@@ -143,6 +144,7 @@ def init_conv(key, strides, padding, c=3, k=4, hw=7, classes=3):
     return p
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("case, strides, padding", [(0, (1, 1), "SAME"), (1, (2, 2), "VALID"), (2, (2, 1), "SAME")])
 def test_cnn_gram_and_jacobian_forms_match_the_jacobian_contraction(case, strides, padding):
     p = init_conv(jax.random.PRNGKey(0), strides, padding)
@@ -159,6 +161,7 @@ def test_cnn_gram_and_jacobian_forms_match_the_jacobian_contraction(case, stride
             np.testing.assert_allclose(g, w, **TOL, err_msg=f"{form} {vmap_axes}")
 
 
+@pytest.mark.float64
 def test_a_memory_budget_passes_over_forms_that_do_not_fit():
     """With the full (O, O) kernel a convolution's cotangent Gram grows with positions² · O²; under a
     small budget each leaf takes the form that fits, and the kernel is the same."""
@@ -181,6 +184,7 @@ def test_a_memory_budget_passes_over_forms_that_do_not_fit():
         np.testing.assert_allclose(g, w, **TOL)
 
 
+@pytest.mark.float64
 def test_strided_dilated_convolution_in_nchw_layout():
     def conv(x, k):
         return jax.lax.conv_general_dilated(x, k, (2, 1), ((1, 2), (0, 1)), lhs_dilation=(1, 2), rhs_dilation=(2, 1),
@@ -202,6 +206,7 @@ def test_strided_dilated_convolution_in_nchw_layout():
             np.testing.assert_allclose(g, w, **TOL)
 
 
+@pytest.mark.float64
 def test_multi_axis_outputs_with_trace_and_diagonal_axes():
     """Outputs (N, 3, 2): a dense layer applied per position, traced/diagonal over either axis."""
 
@@ -221,6 +226,7 @@ def test_multi_axis_outputs_with_trace_and_diagonal_axes():
             np.testing.assert_allclose(g, w, **TOL, err_msg=str((trace_axes, diagonal_axes, vmap_axes, form)))
 
 
+@pytest.mark.float64
 def test_batch_axis_other_than_zero():
     """Examples along axis 1 of the input and the output (vmap_axes=1)."""
 
@@ -238,6 +244,7 @@ def test_batch_axis_other_than_zero():
             np.testing.assert_allclose(g, w, **TOL)
 
 
+@pytest.mark.float64
 def test_batch_statistics_are_exact_without_vmap_axes(xs):
     """A model that centres its hidden layer over the batch: examples are not independent."""
 
@@ -260,6 +267,7 @@ def test_batch_statistics_are_exact_without_vmap_axes(xs):
     np.testing.assert_allclose(empirical_ntk_fn(f)(*xs, p), true, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.float64
 def test_unfactorizable_leaves_fall_back_to_their_jacobian(xs):
     """A weight used twice, one used through exp, one passed straight to the output, and a leaf
     the output ignores."""
@@ -278,6 +286,7 @@ def test_unfactorizable_leaves_fall_back_to_their_jacobian(xs):
     agree(f, *xs, p)
 
 
+@pytest.mark.float64
 def test_scaled_and_broadcast_weights(xs):
     """NTK parameterization (weight times a constant) inside a jitted helper, and a weight
     broadcast over a batch dimension."""
@@ -297,6 +306,7 @@ def test_scaled_and_broadcast_weights(xs):
     agree(f, *xs, p)
 
 
+@pytest.mark.float64
 def test_weight_as_left_operand_head_axes_and_scan(xs):
     """W @ xᵀ (weight on the left), a weight with a free head axis, and a weight inside lax.scan."""
 
@@ -343,6 +353,7 @@ def linen_model():
     return ntk_adapters.flax.adapt(module, variables, x), x
 
 
+@pytest.mark.float64
 def test_linen_cnn_with_batchnorm_layernorm(linen_model):
     model, x1 = linen_model
     x2 = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 3))
@@ -352,6 +363,7 @@ def test_linen_cnn_with_batchnorm_layernorm(linen_model):
     agree(model, x1, None, cases=[((), (-1,), 0)], ntvp=False)
 
 
+@pytest.mark.float64
 def test_by_layer_and_subset(linen_model):
     model, x1 = linen_model
     x2 = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 3))
@@ -366,6 +378,7 @@ def test_by_layer_and_subset(linen_model):
     np.testing.assert_allclose(total, empirical_ntk_fn(model, implementation="ntvp", subset="Dense_1")(x1, x2), **TOL)
 
 
+@pytest.mark.float64
 def test_nnx_mlp():
     class MLP(nnx.Module):
         def __init__(self, rngs):
@@ -381,6 +394,7 @@ def test_nnx_mlp():
     agree(model, x1, jax.random.normal(jax.random.PRNGKey(2), (2, 4)))
 
 
+@pytest.mark.float64
 def test_haiku_convnet_with_batchnorm_state():
     def net(x, is_training):
         h = jax.nn.relu(hk.Conv2D(4, 3, stride=2)(x))
@@ -404,6 +418,7 @@ def test_haiku_convnet_with_batchnorm_state():
 # 'auto' and properties.
 
 
+@pytest.mark.float64
 def test_auto_picks_structured_for_a_wide_mlp_with_vmap_axes(monkeypatch):
     calls = []
     real = implementations.structured_contributions
@@ -433,6 +448,7 @@ def test_bad_form_is_rejected(xs):
                                  OutputAxes.make(2, (-1,), ()), 0, form="fast")
 
 
+@pytest.mark.float64
 @settings(max_examples=4, deadline=None)
 @given(widths=st.lists(st.integers(1, 6), min_size=2, max_size=4), n1=st.integers(1, 4), n2=st.integers(1, 3),
        seed=st.integers(0, 1000), traced=st.booleans(), form=st.sampled_from(["gram", "jacobian", "auto"]))
@@ -464,3 +480,30 @@ def test_property_kernel_of_x_with_itself_is_symmetric_psd(n, seed):
     flat = k.transpose(0, 2, 1, 3).reshape(n * 3, n * 3)
     np.testing.assert_allclose(flat, flat.T, rtol=1e-10, atol=1e-10)
     assert np.linalg.eigvalsh(flat).min() > -1e-8 * max(1.0, np.abs(flat).max())
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float64, TOL), (jnp.float32, dict(rtol=2e-5, atol=2e-5))])
+@pytest.mark.parametrize("trace_axes", [(-1,), ()])
+def test_jacobian_form_through_scaled_transposed_and_reshaped_weights(dtype, tol, trace_axes):
+    """The Jacobian form contracts the Jacobian of the operand the equation sees; with the weight
+    scaled, transposed or reshaped on its way there, scale² and the bijection must cancel out."""
+    k = jax.random.split(jax.random.PRNGKey(7), 4)
+
+    def f(p, x):
+        kernel = (p["conv"] * 0.5).reshape(3, 3, 2, 4)  # stored flat, used as HWIO
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jnp.tanh(y).reshape(x.shape[0], -1)
+        return h @ (-p["dense"].T) / 3.0  # stored transposed
+
+    p = {"conv": jax.random.normal(k[0], (72,), dtype) / 4, "dense": jax.random.normal(k[1], (3, 6 * 6 * 4), dtype) / 8}
+    x1 = jax.random.normal(k[2], (4, 6, 6, 2), dtype)
+    x2 = jax.random.normal(k[3], (3, 6, 6, 2), dtype)
+    axes = OutputAxes.make(2, trace_axes, ())
+    kinds = factorized_leaves(f, p, x1, vmap_axes=0)
+    assert kinds == {"conv": "conv_general_dilated (gram-capable)", "dense": "dot_general (gram-capable)"}
+    for x2_ in (x2, None):
+        want = reference(f, p, x1, x2_, axes)
+        got = contributions(f, p, x1, x2_, axes, 0, "jacobian")
+        for g, w in zip(got, want):
+            assert g.dtype == dtype
+            np.testing.assert_allclose(g, w, **tol)

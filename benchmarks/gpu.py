@@ -1,0 +1,364 @@
+"""One script for an accelerator (and, with ``--small``, a CPU): the library's kernels against
+baselines run in the same process, printed as tables. States the device it ran on.
+
+Not a test. Four tables, each a ratio against a baseline measured in this run:
+
+1. **Infinite-width engine vs hand-written recursion**: ``ntk_adapters.infinite.infinite_kernel_fn``
+   on an unchanged Flax MLP (Dense 512-512-10, ReLU) and CNN (conv 3×3 (64) ×2, ReLU, global
+   average pooling, Dense 10) against the arc-cosine recursion for the same architecture written
+   out below; ratio engine / hand-written, and the largest relative difference of the NTKs.
+2. **Structured empirical NTK vs naive Jacobian contraction**: ``empirical_ntk_fn`` (structured,
+   per example; and ``'auto'``) against ``jax.jacrev`` of the whole batch contracted with one einsum,
+   and per-example Jacobians (``vmap(jacrev)``) contracted with einsum, on an MLP 784-W-W-10 and on
+   the CNN 2×conv(32)+flatten+dense(10) on 8×8×3 (N1=32, N2=16).
+3. **Tiling**: ``ntk_adapters.batch`` (tiles assembled on the host) against the untiled kernel (one
+   call, then copied to the host) and against a plain device-to-host copy of a result-sized array:
+   kernel entries per second, and the copy's bandwidth (GB/s).
+4. **21-layer CNN** (3×3 SAME convolutions, ReLU, 32×32×3 inputs): infinite NTK time per kernel
+   entry with a global-average-pooling readout and with a flatten readout, engine and hand-written,
+   beside neural-tangents' published figures (V100, float32: 2.70 ms per entry with pooling,
+   0.00465 ms with flatten; a different machine, for scale only). With ``--small`` the pooling
+   case uses 8×8 images (its cost grows with the square of the number of positions).
+
+Kernels are float32 with ``precision='highest'`` semantics: the hand-written recursions use
+``precision=HIGHEST`` in their products, and the process runs under
+``jax.default_matmul_precision('highest')`` so that TensorFloat-32 does not make the baselines
+cheaper than the library on GPUs.
+
+Run:
+  .venv/bin/python benchmarks/gpu.py --small      # CPU: a few minutes, < 2 GiB (engine skipped in table 4)
+  .venv/bin/python benchmarks/gpu.py --small --deep-engine   # + the engine on the 21-layer CNN (~15 min)
+  python benchmarks/gpu.py                        # GPU: under 5 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from _common import compile_fn, describe_machine, table, time_compiled  # noqa: E402
+
+import ntk_adapters.flax  # noqa: E402
+from ntk_adapters import batch, empirical_ntk_fn  # noqa: E402
+from ntk_adapters.infinite import infinite_kernel_fn  # noqa: E402
+
+HI = jax.lax.Precision.HIGHEST
+NT_V100_MS_PER_ENTRY = {"gap": 2.70, "flatten": 0.00465}
+
+
+# --------------------------------------------------------------------------------------------
+# Models (Flax defaults: lecun_normal kernels, zero biases, so σw² = 1, σb² = 0, biases trained).
+
+
+class MLP(nn.Module):
+    width: int = 512
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(self.width)(x))
+        x = nn.relu(nn.Dense(self.width)(x))
+        return nn.Dense(10)(x)
+
+
+class DeepCNN(nn.Module):
+    depth: int = 2
+    channels: int = 64
+    readout: str = "gap"
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.depth):
+            x = nn.relu(nn.Conv(self.channels, (3, 3))(x))
+        x = jnp.mean(x, axis=(1, 2)) if self.readout == "gap" else x.reshape(x.shape[0], -1)
+        return nn.Dense(10)(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-written infinite-width recursions (standard parameterization, as the Flax models above).
+
+
+def _relu_maps(k12, q1, q2):
+    """E[relu(u) relu(v)] and E[relu'(u) relu'(v)] for covariance k12 and variances q1, q2."""
+    s = jnp.sqrt(q1 * q2)
+    rho = jnp.clip(k12 / s, -1.0, 1.0)
+    th = jnp.arccos(rho)
+    return s * (jnp.sin(th) + (jnp.pi - th) * rho) / (2 * jnp.pi), (jnp.pi - th) / (2 * jnp.pi)
+
+
+@jax.jit
+def mlp_by_hand(x1, x2):
+    d = x1.shape[1]
+    k = jnp.matmul(x1, x2.T, precision=HI) / d
+    q1, q2 = jnp.sum(x1 * x1, 1) / d, jnp.sum(x2 * x2, 1) / d
+    ntk = jnp.zeros_like(k)
+    fan_in = d
+    for width in (512, 512, None):
+        ntk = fan_in * k + ntk + 1.0  # weight (fan_in · input covariance) + downstream + bias
+        if width is None:
+            break
+        j1, j0 = _relu_maps(k, q1[:, None], q2[None, :])
+        k, ntk, q1, q2, fan_in = j1, ntk * j0, q1 / 2, q2 / 2, width
+    return ntk
+
+
+def _window_full(a, lead):
+    """3×3 SAME window mean of a full-layout (.., H, H', W, W') covariance: the same shift on both sides."""
+    p = jnp.pad(a, [(0, 0)] * lead + [(1, 1)] * 4)
+    h, w = a.shape[lead], a.shape[lead + 2]
+    out = 0.0
+    for dh in range(3):
+        for dw in range(3):
+            out = out + p[(slice(None),) * lead + (slice(dh, dh + h), slice(dh, dh + h), slice(dw, dw + w),
+                                                   slice(dw, dw + w))]
+    return out / 9.0
+
+
+def _window_diag(a, lead):
+    """The same on a diagonal-layout (.., H, W) covariance (positions paired with themselves)."""
+    p = jnp.pad(a, [(0, 0)] * lead + [(1, 1)] * 2)
+    h, w = a.shape[lead], a.shape[lead + 1]
+    out = 0.0
+    for dh in range(3):
+        for dw in range(3):
+            out = out + p[(slice(None),) * lead + (slice(dh, dh + h), slice(dw, dw + w))]
+    return out / 9.0
+
+
+def cnn_by_hand(x1, x2, depth: int, channels: int, readout: str):
+    """NTK of ``DeepCNN`` at infinite channels. ``'gap'`` needs covariances between all position
+    pairs (N1, N2, H, H, W, W); ``'flatten'`` only of each position with itself (N1, N2, H, W)."""
+    c_in = x1.shape[-1]
+    v1 = _window_diag(jnp.einsum("nhwc,nhwc->nhw", x1, x1, precision=HI) / c_in, 1)  # (N, H, W)
+    v2 = _window_diag(jnp.einsum("nhwc,nhwc->nhw", x2, x2, precision=HI) / c_in, 1)
+    if readout == "gap":
+        k = jnp.einsum("iabz,jcdz->ijacbd", x1, x2, precision=HI) / c_in
+        window = lambda a: _window_full(a, 2)
+        q1 = lambda v: v[:, None, :, None, :, None]
+        q2 = lambda v: v[None, :, None, :, None, :]
+    else:
+        k = jnp.einsum("iabz,jabz->ijab", x1, x2, precision=HI) / c_in
+        window = lambda a: _window_diag(a, 2)
+        q1 = lambda v: v[:, None]
+        q2 = lambda v: v[None]
+
+    def layer(fan_in, k, ntk, v1, v2):
+        k = window(k)
+        ntk = fan_in * k + window(ntk) + 1.0
+        j1, j0 = _relu_maps(k, q1(v1), q2(v2))
+        # Variances after ReLU halve, then the next convolution averages them over its window.
+        return j1, ntk * j0, _window_diag(v1 / 2, 1), _window_diag(v2 / 2, 1)
+
+    state = layer(9 * c_in, k, jnp.zeros_like(k), v1, v2)
+    # The later layers are identical: a loop keeps the program (and its compile time) small.
+    state = jax.lax.fori_loop(0, depth - 1, lambda _, st: layer(9 * channels, *st), state)
+    k, ntk = state[0], state[1]
+    h, w = x1.shape[1:3]
+    axes = tuple(range(2, k.ndim))
+    k_read, ntk_read = k.mean(axes), ntk.mean(axes)
+    return (channels if readout == "gap" else h * w * channels) * k_read + ntk_read + 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Timing helpers.
+
+
+def timed_pair(fns: dict, args: tuple, repeats: int) -> dict:
+    """Compile each function, then time each (median of ``repeats``), returning seconds and outputs."""
+    out = {}
+    for name, fn in fns.items():
+        compiled, compile_s = compile_fn(fn, *args)
+        seconds = time_compiled(compiled, args, repeats)
+        out[name] = (seconds, compiled(*args), compile_s)
+    return out
+
+
+def rel_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def engine_ntk(module, x_init):
+    model = ntk_adapters.flax.adapt(module, None, x_init, key=jax.random.PRNGKey(0))
+    kf = infinite_kernel_fn(model)
+    return lambda a, b: kf(a, b, get="ntk")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections.
+
+
+def section_infinite(s, repeats):
+    rows = []
+    x = jax.random.normal(jax.random.PRNGKey(0), (s["mlp_n"], 32), jnp.float32)
+    res = timed_pair({"engine": engine_ntk(MLP(), x[:2]), "by hand": mlp_by_hand}, (x, x), repeats)
+    rows.append((f"MLP 32-512-512-10, {s['mlp_n']}²", res))
+    xi = jax.random.normal(jax.random.PRNGKey(1), (s["cnn_n"], 8, 8, 3), jnp.float32)
+    hand = jax.jit(lambda a, b: cnn_by_hand(a, b, 2, 64, "gap"))
+    res = timed_pair({"engine": engine_ntk(DeepCNN(2, 64, "gap"), xi[:2]), "by hand": hand}, (xi, xi), repeats)
+    rows.append((f"CNN conv-conv-GAP-dense 8×8×3, {s['cnn_n']}²", res))
+    print("\n1. Infinite-width NTK: engine vs hand-written recursion (same process)")
+    print(table(["case", "engine ms", "by hand ms", "engine/hand", "max rel diff", "compile s"],
+                [(name, f"{r['engine'][0] * 1e3:.2f}", f"{r['by hand'][0] * 1e3:.2f}",
+                  f"{r['engine'][0] / r['by hand'][0]:.2f}", f"{rel_diff(r['engine'][1], r['by hand'][1]):.1e}",
+                  f"{r['engine'][2]:.1f}") for name, r in rows]))
+
+
+def naive_whole_batch(apply_fn):
+    def ntk(params, x1, x2):
+        flat = lambda j: jnp.concatenate([l.reshape(l.shape[:2] + (-1,)) for l in jax.tree_util.tree_leaves(j)], -1)
+        j1, j2 = flat(jax.jacrev(apply_fn)(params, x1)), flat(jax.jacrev(apply_fn)(params, x2))
+        return jnp.einsum("nap,map->nm", j1, j2, precision=HI) / j1.shape[1]
+    return ntk
+
+
+def naive_per_example(apply_fn):
+    def ntk(params, x1, x2):
+        one = lambda p, x: apply_fn(p, x[None])[0]
+        jac = jax.vmap(jax.jacrev(one), in_axes=(None, 0))
+        flat = lambda j: jnp.concatenate([l.reshape(l.shape[:2] + (-1,)) for l in jax.tree_util.tree_leaves(j)], -1)
+        j1, j2 = flat(jac(params, x1)), flat(jac(params, x2))
+        return jnp.einsum("nap,map->nm", j1, j2, precision=HI) / j1.shape[1]
+    return ntk
+
+
+class SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(32, (3, 3), use_bias=False)(x))
+        x = nn.relu(nn.Conv(32, (3, 3), use_bias=False)(x))
+        return nn.Dense(10, use_bias=False)(x.reshape(x.shape[0], -1))
+
+
+def section_empirical(s, repeats):
+    cases = []
+    w, n1, n2 = s["mlp_width"], s["emp_n1"], s["emp_n2"]
+    x1 = jax.random.normal(jax.random.PRNGKey(2), (n1, 784), jnp.float32)
+    x2 = jax.random.normal(jax.random.PRNGKey(3), (n2, 784), jnp.float32)
+    cases.append((f"MLP 784-{w}-{w}-10, {n1}×{n2}", MLP(w), x1, x2))
+    y1 = jax.random.normal(jax.random.PRNGKey(4), (32, 8, 8, 3), jnp.float32)
+    y2 = jax.random.normal(jax.random.PRNGKey(5), (16, 8, 8, 3), jnp.float32)
+    cases.append(("CNN 2×conv(32)+flatten+dense, 8×8×3, 32×16", SmallCNN(), y1, y2))
+    rows = []
+    for name, module, a, b in cases:
+        params = module.init(jax.random.PRNGKey(0), a[:1])
+        apply_fn = module.apply
+        lib = {impl: empirical_ntk_fn(apply_fn, vmap_axes=0, implementation=impl, check_finite_values=False)
+               for impl in ("structured", "auto")}
+        fns = {"naive": naive_whole_batch(apply_fn), "per-example": naive_per_example(apply_fn),
+               "structured": lambda p, a, b, lib=lib: lib["structured"](a, b, p),
+               "auto": lambda p, a, b, lib=lib: lib["auto"](a, b, p)}
+        res = timed_pair(fns, (params, a, b), repeats)
+        t = {k: v[0] for k, v in res.items()}
+        rows.append((name, *(f"{t[k] * 1e3:.2f}" for k in fns), f"{t['naive'] / t['structured']:.1f}×",
+                     f"{t['structured'] / t['per-example']:.2f}", f"{t['auto'] / min(t.values()):.2f}",
+                     f"{rel_diff(res['structured'][1], res['naive'][1]):.1e}"))
+    print("\n2. Empirical NTK (trace over outputs): structured vs naive Jacobian contractions, ms")
+    print(table(["case", "naive", "per-example", "structured", "auto", "naive/struct", "struct/per-ex",
+                 "auto/best", "max rel diff"], rows))
+
+
+def section_tiling(s, repeats):
+    n, tile = s["tile_n"], s["tile"]
+    x = jax.random.normal(jax.random.PRNGKey(6), (n, 32), jnp.float32)
+    kernel = lambda a, b=None: mlp_by_hand(a, a if b is None else b)
+    tiled = batch(kernel, tile, store_on_host=True)
+    tiled(x[: 2 * tile])  # compiles the diagonal and off-diagonal tile programs
+    untiled = jax.jit(lambda a: mlp_by_hand(a, a))
+    jax.block_until_ready(untiled(x))
+    # Fresh device arrays: JAX keeps the host copy of an array once made, so each is copied once.
+    fresh = [jax.block_until_ready(jnp.full((n, n), float(i), jnp.float32)) for i in range(max(repeats, 1) + 1)]
+    np.array(fresh.pop(), copy=True)
+
+    def best_of(fn):
+        times = []
+        for _ in range(max(repeats, 1)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    t_tiled = best_of(lambda: tiled(x))
+    t_untiled = best_of(lambda: np.asarray(untiled(x)))
+    t_copy = best_of(lambda: np.array(fresh.pop(), copy=True))
+    entries = n * n
+    print(f"\n3. Tiling: {n}×{n} float32 MLP NTK ({entries * 4 / 1e6:.0f} MB), tiles {tile}², best of {repeats}")
+    rows = [("batch() tiled, host result", f"{t_tiled:.3f}", f"{entries / t_tiled:.3g}", f"{t_tiled / t_copy:.2f}"),
+            ("untiled, one call + copy to host", f"{t_untiled:.3f}", f"{entries / t_untiled:.3g}",
+             f"{t_untiled / t_copy:.2f}"),
+            (f"device→host copy only ({entries * 4 / t_copy / 1e9:.2f} GB/s)", f"{t_copy:.3f}",
+             f"{entries / t_copy:.3g}", "1.00")]
+    print(table(["run", "seconds", "entries/s", "× copy time"], rows))
+    print(f"tiled / untiled throughput: {t_untiled / t_tiled:.2f}")
+
+
+def section_deep_cnn(s, repeats, engine: bool = True):
+    rows = []
+    if not engine:
+        print("\n(4: the engine is skipped: compiling it for the 21-layer CNN takes minutes on a CPU — 60 s with "
+              "pooling at 8×8, 700 s with flatten at 32×32 measured on 2 loaded cores; pass --deep-engine)")
+    for readout, n, hw in (("gap", s["deep_gap_n"], s["deep_gap_hw"]), ("flatten", s["deep_flat_n"], 32)):
+        x = jax.random.normal(jax.random.PRNGKey(7), (n, hw, hw, 3), jnp.float32)
+        hand = jax.jit(lambda a, b, r=readout: cnn_by_hand(a, b, 21, 64, r))
+        fns = {"by hand": hand}
+        try:
+            if engine:
+                fns["engine"] = engine_ntk(DeepCNN(21, 64, readout), x[:2])
+        except Exception as err:  # report and keep the hand-written figure
+            print(f"engine failed on the 21-layer CNN ({readout}): {type(err).__name__}: {err}")
+        res = timed_pair(fns, (x, x), repeats)
+        per = {k: v[0] * 1e3 / (n * n) for k, v in res.items()}
+        diff = rel_diff(res["engine"][1], res["by hand"][1]) if "engine" in res else float("nan")
+        rows.append((f"{readout}, {n}² entries, {hw}×{hw}×3",
+                     f"{per['engine']:.4g}" if "engine" in per else "-", f"{per['by hand']:.4g}",
+                     f"{per['engine'] / per['by hand']:.2f}" if "engine" in per else "-",
+                     f"{NT_V100_MS_PER_ENTRY[readout]:g}", f"{diff:.1e}",
+                     "/".join(f"{res[k][2]:.0f}" for k in ("engine", "by hand") if k in res)))
+    print("\n4. 21-layer 3×3 SAME ReLU CNN, infinite NTK, ms per kernel entry (NT's figures are for 32×32;"
+          " pooling costs grow with (H·W)², so a smaller image is not comparable with them)")
+    print(table(["readout", "engine", "by hand", "engine/hand", "NT V100 (published)", "max rel diff",
+                 "compile s eng/hand"], rows))
+
+
+SIZES = {
+    "full": dict(mlp_n=2000, cnn_n=64, mlp_width=512, emp_n1=128, emp_n2=64, tile_n=20000, tile=2500,
+                 deep_gap_hw=32, deep_gap_n=8, deep_flat_n=256),
+    "small": dict(mlp_n=300, cnn_n=8, mlp_width=256, emp_n1=32, emp_n2=16, tile_n=3000, tile=500,
+                  deep_gap_hw=8, deep_gap_n=4, deep_flat_n=8),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="sizes for a CPU: ~2 minutes, < 2 GiB")
+    parser.add_argument("--repeats", type=int, default=None, help="default 5, 3 with --small")
+    parser.add_argument("--sections", default="1234", help="which tables to print, e.g. 24")
+    parser.add_argument("--deep-engine", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the engine on the 21-layer CNN (default: on, off with --small)")
+    args = parser.parse_args()
+    s = SIZES["small" if args.small else "full"]
+    repeats = args.repeats or (3 if args.small else 5)
+    print(describe_machine())
+    print(f"sizes: {'--small' if args.small else 'full'}; float32; median of {repeats} runs after a compiled "
+          "warm-up unless stated")
+    start = time.perf_counter()
+    with jax.default_matmul_precision("highest"):
+        deep_engine = (not args.small) if args.deep_engine is None else args.deep_engine
+        for key, fn in (("1", section_infinite), ("2", section_empirical), ("3", section_tiling),
+                        ("4", lambda s, r: section_deep_cnn(s, r, deep_engine))):
+            if key in args.sections:
+                fn(s, repeats)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s on {jax.devices()[0].device_kind} "
+          f"({jax.devices()[0].platform})")
+
+
+if __name__ == "__main__":
+    main()
