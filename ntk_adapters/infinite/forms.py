@@ -671,8 +671,10 @@ def find_kinks(fn: Callable, dtype: Any = None, max_kinks: int = 16) -> Optional
         return None
     pts = np.sort((lo.astype(np.float64) + hi.astype(np.float64)) / 2)
     kinks: list = []
+    # Two switches at one kink (x > 1 and x < 1 of a clamp) bisect to points a few ulps apart.
+    merge = max(1e-9, 64 * float(np.finfo(dtype).eps))
     for p in pts:
-        if not kinks or abs(p - kinks[-1]) > 1e-9 * max(1.0, abs(p)):
+        if not kinks or abs(p - kinks[-1]) > merge * max(1.0, abs(p)):
             kinks.append(float(p))
     kinks = [0.0 if abs(k) < 1e-12 else k for k in kinks]
     if len(kinks) > max_kinks:

@@ -34,6 +34,9 @@ RTOL = 1e-6
 WIDTH = 16  # the engine reads it from the parameters; small so that the NTK's phi' part weighs
 
 
+_SELU_A, _SELU_L = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946  # Klambauer et al. 2017
+
+
 def _sigmoid(x):
     return special.expit(x)
 
@@ -76,9 +79,29 @@ CASES = {
     "hard_tanh": (nn.hard_tanh, lambda x: np.clip(x, -1, 1), lambda x: 1.0 * (np.abs(x) < 1), (-1.0, 1.0)),
     "x_norm_cdf_2x": (lambda h: h * jax.scipy.stats.norm.cdf(2.0 * h), lambda x: x * special.ndtr(2 * x),
                       lambda x: special.ndtr(2 * x) + 2 * x * _npdf(2 * x), ()),
+    "elu": (nn.elu, lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))),
+            lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0))), (0.0,)),
+    "selu": (nn.selu, lambda x: _SELU_L * np.where(x > 0, x, _SELU_A * np.expm1(np.minimum(x, 0))),
+             lambda x: _SELU_L * np.where(x > 0, 1.0, _SELU_A * np.exp(np.minimum(x, 0))), (0.0,)),
+    "celu_0.5": (lambda h: nn.celu(h, 0.5), lambda x: np.where(x > 0, x, 0.5 * np.expm1(np.minimum(x, 0) / 0.5)),
+                 lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0) / 0.5)), (0.0,)),
+    "where_elu_1.3": (lambda h: jnp.where(h > 0, h, 1.3 * (jnp.exp(h) - 1)),
+                      lambda x: np.where(x > 0, x, 1.3 * np.expm1(np.minimum(x, 0))),
+                      lambda x: np.where(x > 0, 1.0, 1.3 * np.exp(np.minimum(x, 0))), (0.0,)),
+    "relu6": (jax.nn.relu6, lambda x: np.clip(x, 0, 6), lambda x: 1.0 * ((x > 0) & (x < 6)), (0.0, 6.0)),
+    "clip": (lambda h: jnp.clip(h, -0.3, 0.7), lambda x: np.clip(x, -0.3, 0.7),
+             lambda x: 1.0 * ((x > -0.3) & (x < 0.7)), (-0.3, 0.7)),
+    "shifted_square_decay": (lambda h: jnp.maximum(h - 1, 0) ** 2 * jnp.exp(-h),
+                             lambda x: np.maximum(x - 1, 0) ** 2 * np.exp(-x),
+                             lambda x: (x > 1) * (2 * (x - 1) - (x - 1) ** 2) * np.exp(-x), (1.0,)),
+    # no closed form: a logarithm beyond a jump at 1
+    "log1p_jump": (lambda h: jnp.where(h > 1, jnp.log1p(h), h * jnp.abs(h) / 2),
+                   lambda x: np.where(x > 1, np.log1p(np.maximum(x, 0)), x * np.abs(x) / 2),
+                   lambda x: np.where(x > 1, 1 / (1 + np.maximum(x, 0)), np.abs(x)), (0.0, 1.0)),
 }
 CLOSED = {"leaky_relu_0.01", "leaky_relu_0.2", "abrelu", "3relu", "relu_plus_1", "abs", "gelu_exact_flax",
-          "gelu_exact_jax", "step_times_square", "erf", "x_norm_cdf_2x"}
+          "gelu_exact_jax", "step_times_square", "erf", "x_norm_cdf_2x", "elu", "selu", "celu_0.5",
+          "where_elu_1.3", "relu6", "clip", "hard_tanh", "shifted_square_decay"}
 
 
 def _panels(edges, m=12):
@@ -203,14 +226,14 @@ def test_closed_forms_are_recognised(name):
     np.testing.assert_allclose(form(x), np.asarray(jax.vmap(phi)(jnp.asarray(x))), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["gelu_tanh", "x_sigmoid_1.702x", "tanh", "hard_tanh"])
+@pytest.mark.parametrize("name", ["gelu_tanh", "x_sigmoid_1.702x", "tanh", "log1p_jump"])
 def test_no_closed_form_uses_quadrature_at_the_tolerance(name):
     phi = CASES[name][0]
     assert E.recognise(phi, jnp.float64) is None
     scheme = E.quadrature_scheme(phi, jnp.float64)
     assert scheme.error <= RTOL
-    if name == "hard_tanh":
-        assert scheme.kind == "panels" and {-1.0, 1.0} <= set(scheme.breaks)
+    if name == "log1p_jump":
+        assert scheme.kind == "panels" and {0.0, 1.0} <= set(scheme.breaks)
 
 
 def test_gelu_and_leaky_relu_closed_forms_are_exact_at_extreme_correlations():
