@@ -23,9 +23,9 @@ Run:
 from __future__ import annotations
 
 import argparse
-import sys
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -35,8 +35,8 @@ from sklearn.datasets import load_digits
 
 import ntk_adapters.flax
 from ntk_adapters import compare_training, empirical_ntk_fn
-from ntk_adapters.implementations import choose
 from ntk_adapters.empirical import output_axes
+from ntk_adapters.implementations import choose
 from ntk_adapters.inputs import resolve_vmap_axes
 
 

@@ -176,7 +176,8 @@ def main() -> None:
         k_full = np.asarray(untiled(x).block_until_ready())
         base_seconds, base_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         max_err = float(np.max(np.abs(k_full - np.asarray(k))) / np.max(np.abs(k_full)))
-        rows.append(("untiled, one call (baseline)", base_seconds, base_cpu, ARGS.n**2 / base_seconds, float("nan"), float("nan")))
+        rows.append(("untiled, one call (baseline)", base_seconds, base_cpu, ARGS.n**2 / base_seconds,
+                     float("nan"), float("nan")))
 
     print(f"\nkernel: {source}; n = {ARGS.n}, d = {ARGS.d}, float32; jax {jax.__version__}, "
           f"{os.cpu_count()} CPU cores, devices: {[str(d) for d in devices]}")
@@ -184,7 +185,8 @@ def main() -> None:
     print(f"peak RSS (VmHWM) {peak / 1e9:.3f} GB; before the kernel call {rss_before / 1e9:.3f} GB")
     print("entries/s = n² / wall seconds (the x2=None path evaluates the diagonal and upper tiles only); "
           "CPU s = process CPU time, all threads\n")
-    header = f"| {'run':<42} | {'wall s':>7} | {'CPU s':>7} | {'entries/s':>10} | {'peak RSS / result':>17} | {'(peak − start) / result':>23} |"
+    header = (f"| {'run':<42} | {'wall s':>7} | {'CPU s':>7} | {'entries/s':>10} | {'peak RSS / result':>17} | "
+              f"{'(peak − start) / result':>23} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for name, secs, cpu, rate, ratio, extra in rows:

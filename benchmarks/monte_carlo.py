@@ -24,14 +24,13 @@ Run:
 from __future__ import annotations
 
 import argparse
-import sys
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 import ntk_adapters

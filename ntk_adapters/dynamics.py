@@ -697,7 +697,8 @@ def compare_training(
             implementation=implementation, memory_budget=memory_budget,
         )
         k_tt, k_st = _train_and_test_kernels(lambda a, b: ntk_fn(a, b, params0), x_train, x_test)
-        eta_max = _predict.max_learning_rate(k_tt, n * n_out, momentum=momentum or 0.0)
+        # Concrete kernels here (compare_training runs eagerly), so the limit is a Python float.
+        eta_max = float(_predict.max_learning_rate(k_tt, n * n_out, momentum=momentum or 0.0))
         if learning_rate > eta_max:
             notes.append(
                 f"learning_rate {learning_rate:g} exceeds the stability limit η_max ≈ {eta_max:.3g} of "
@@ -710,6 +711,7 @@ def compare_training(
         notes.extend(f"empirical NTK: {m}" for m in messages)
         outputs_train["ntk"] = pred_train
         if x_test is not None:
+            assert pred_test is not None  # a test set gives a test kernel, hence test predictions
             outputs_test["ntk"] = pred_test
 
         if infinite is not False:
@@ -726,6 +728,7 @@ def compare_training(
                 outputs_train["infinite"] = i_train
                 notes.extend(f"infinite-width NTK: {m}" for m in messages)
                 if x_test is not None:
+                    assert i_test is not None  # a test set gives a test kernel, hence test predictions
                     outputs_test["infinite"] = i_test
 
     y_train_np = np.asarray(y_train)

@@ -61,15 +61,24 @@ import numpy as np
 from ntk_adapters.axes import Axes, OutputAxes
 from ntk_adapters.implementations import Implementation, choose, implementation_name, resolve_memory_budget
 from ntk_adapters.implementations import ntk as _ntk_value
-from ntk_adapters.inputs import BatchAxes, batch_coupling, check_pair, declared_vmap_axes, resolve_vmap_axes
+from ntk_adapters.inputs import (
+    BatchAxes,
+    CoupledKernelFn,
+    batch_coupling,
+    check_pair,
+    declared_vmap_axes,
+    resolve_vmap_axes,
+    with_batch_coupling,
+)
 from ntk_adapters.model import Model, ModelLike, PyTree, as_model, check_array_output, check_params_match, module_path
 from ntk_adapters.outputs import Get, normalize_get, pack
 from ntk_adapters.precision import PrecisionLike, canonical, matmul_precision
 
-Subset = Union[None, str, Sequence[str], Callable[[str], bool]]
+PathSelector = Union[str, Sequence[str], Callable[[str], bool]]
+Subset = Optional[PathSelector]
 VmapAxes = Any  # 'auto', None, an int, a pytree prefix of x, or (in_axes, out_axes, kwargs_axes)
 
-KernelFn = Callable[..., Any]
+KernelFn = CoupledKernelFn
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +125,7 @@ def checked_call(model: Model, x1, x2, params: Optional[PyTree], finite: bool,
 # Parameter subsets and groups.
 
 
-def _path_predicate(subset: Subset) -> Callable[[str], bool]:
+def _path_predicate(subset: PathSelector) -> Callable[[str], bool]:
     if callable(subset):
         return subset
     prefixes = (subset,) if isinstance(subset, str) else tuple(subset)
@@ -132,7 +141,7 @@ def layer_of(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else path
 
 
-def select_leaves(params: PyTree, subset: Subset) -> tuple[int, ...]:
+def select_leaves(params: PyTree, subset: PathSelector) -> tuple[int, ...]:
     """Indices (in ``tree_leaves`` order) of the parameters selected by ``subset``."""
     paths = _leaf_paths(params)
     keep = _path_predicate(subset)
@@ -246,8 +255,7 @@ def empirical_ntk_fn(
                            memory_budget, precision)
         return compute(params, x1, x2)
 
-    ntk.batch_coupling = functools.partial(batch_coupling, model)
-    return ntk
+    return with_batch_coupling(ntk, functools.partial(batch_coupling, model))
 
 
 def output_axes(apply_fn, params, x1, x2, trace_axes, diagonal_axes) -> OutputAxes:
@@ -310,8 +318,7 @@ def empirical_nngp_fn(
         axes = output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
         return _nngp_jit(model.apply_fn, axes, precision)(params, x1, x2)
 
-    nngp.batch_coupling = functools.partial(batch_coupling, model)
-    return nngp
+    return with_batch_coupling(nngp, functools.partial(batch_coupling, model))
 
 
 @functools.lru_cache(maxsize=256)
@@ -364,5 +371,4 @@ def empirical_kernel_fn(
             values["ntk"] = ntk_fn(x1, x2, params)
         return pack(get, values)
 
-    kernel.batch_coupling = ntk_fn.batch_coupling
-    return kernel
+    return with_batch_coupling(kernel, ntk_fn.batch_coupling)

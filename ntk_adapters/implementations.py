@@ -225,11 +225,11 @@ def contract(j1: list[jax.Array], j2: list[jax.Array], axes: OutputAxes,
              precision: PrecisionLike = "highest") -> list[jax.Array]:
     """Per-leaf ``J1 J2ᵀ`` over the parameter axes, output axes paired as ``axes`` says."""
     first, second, result = axes.letters()
-    precision = einsum_precision(precision)
+    einsum_p = einsum_precision(precision)
     out = []
     for leaf1, leaf2 in zip(j1, j2):
         p = "".join(chr(ord("α") + i) for i in range(leaf1.ndim - axes.ndim))
-        out.append(jnp.einsum(f"{first}{p},{second}{p}->{result}", leaf1, leaf2, precision=precision))
+        out.append(jnp.einsum(f"{first}{p},{second}{p}->{result}", leaf1, leaf2, precision=einsum_p))
     return out
 
 

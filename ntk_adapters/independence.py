@@ -266,7 +266,8 @@ def _analyse(fn: Callable, params: PyTree, x: PyTree, in_axes: Any, out_axes: in
     n_params = len(jax.tree_util.tree_leaves(params))
     if len(closed.jaxpr.invars) != n_params + len(axes):
         raise ValueError("the traced function has an unexpected number of inputs")
-    ins: list[State] = [CONST] * n_params + [CONST if ax is None else Batched(ax) for ax in axes]
+    ins: list[State] = [CONST] * n_params
+    ins += [CONST if ax is None else Batched(ax) for ax in axes]
 
     traced_sizes = {var.aval.shape[ax] for var, ax in zip(closed.jaxpr.invars[n_params:], axes) if ax is not None}
     interp = _Interpreter(layer_of, traced_sizes.pop() if len(traced_sizes) == 1 else None)
@@ -284,13 +285,15 @@ def _analyse(fn: Callable, params: PyTree, x: PyTree, in_axes: Any, out_axes: in
         elif isinstance(state, Batched) and not state.simple:
             reason = f"returns an output whose axis {state.axis} merges the batch with other axes"
         else:
+            assert isinstance(state, Batched)  # ROW exists only inside the body of a scan over the batch
             reason = f"returns an output whose batch axis is {state.axis}, not out_axes={out_axes}"
         eqn = _producer(closed.jaxpr, var)
         name = eqn.primitive.name if eqn is not None else "output"
         layer = layer_of(str(eqn.source_info.name_stack)) if eqn is not None else ""
         interp.found.append(BatchCoupling(name, layer, reason, False))
     certain = [c for c in interp.found if c.certain]
-    return (certain or interp.found or [None])[0]
+    found = certain or interp.found
+    return found[0] if found else None
 
 
 def find_batch_coupling(

@@ -108,6 +108,13 @@ def _batched(ins: Sequence[State]) -> list[tuple[int, Batched]]:
     return [(k, s) for k, s in enumerate(ins) if isinstance(s, Batched)]
 
 
+def _only(ins: Sequence[State]) -> Batched:
+    """The operand of a one-operand rule: the interpreter calls a rule only when one is batched."""
+    s = ins[0]
+    assert isinstance(s, Batched), s
+    return s
+
+
 def _mismatch(ctx: Ctx, a: Batched, b: Batched, what: str = "combines values") -> list[State]:
     """Two batched operands meeting in one result with different batch layouts."""
     if a.simple and b.simple and a.axis != b.axis:
@@ -194,12 +201,13 @@ def _reshape(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
 
 @_rule("transpose")
 def _transpose(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
-    return [ins[0].at(tuple(eqn.params["permutation"]).index(ins[0].axis))]
+    s = _only(ins)
+    return [s.at(tuple(eqn.params["permutation"]).index(s.axis))]
 
 
 @_rule("squeeze")
 def _squeeze(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
-    s, dims = ins[0], tuple(d % len(_shape(eqn.invars[0])) for d in eqn.params["dimensions"])
+    s, dims = _only(ins), tuple(d % len(_shape(eqn.invars[0])) for d in eqn.params["dimensions"])
     if s.axis in dims:
         return ctx.couple("squeezes the batch axis away", False)
     return [s.at(s.axis - sum(d < s.axis for d in dims))]
@@ -207,15 +215,15 @@ def _squeeze(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
 
 @_rule("rev")
 def _rev(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
-    if ins[0].axis in eqn.params["dimensions"]:
+    if _only(ins).axis in eqn.params["dimensions"]:
         return ctx.couple("reverses the order of the examples", True)
     return [ins[0]]
 
 
 @_rule("slice")
 def _slice(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
-    s, a = ins[0], ins[0].axis
-    p = eqn.params
+    s = _only(ins)
+    a, p = s.axis, eqn.params
     strides = p["strides"] or (1,) * len(p["start_indices"])
     if (p["start_indices"][a], p["limit_indices"][a], strides[a]) != (0, _shape(eqn.invars[0])[a], 1):
         return ctx.couple("takes part of the batch along the batch axis", False)
@@ -240,6 +248,7 @@ def _dynamic_update_slice(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     if isinstance(op, Batched) and isinstance(upd, Batched) and op != upd:
         return _mismatch(ctx, op, upd, "writes values")
     s = op if isinstance(op, Batched) else upd
+    assert isinstance(s, Batched)  # the start indices are not batched, so the operand or update is
     # A constant update writes the same values into every row it covers; a batched update must
     # cover the whole batch axis, so that its start there is clamped to 0 and rows stay aligned.
     if isinstance(upd, Batched) and _shape(eqn.invars[1])[s.axis] != _shape(eqn.invars[0])[s.axis]:
@@ -270,7 +279,7 @@ def _concatenate(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
 
 @_rule("split")
 def _split(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
-    if eqn.params["axis"] % len(_shape(eqn.invars[0])) == ins[0].axis:
+    if eqn.params["axis"] % len(_shape(eqn.invars[0])) == _only(ins).axis:
         return ctx.couple("splits the batch axis", False)
     return [ins[0]] * _n_out(eqn)
 
@@ -300,7 +309,7 @@ def _reduce(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
 
 @_rule("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
 def _cumulative(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
-    if eqn.params["axis"] % len(_shape(eqn.invars[0])) == ins[0].axis:
+    if eqn.params["axis"] % len(_shape(eqn.invars[0])) == _only(ins).axis:
         return ctx.couple("accumulates along the batch axis", True)
     return [ins[0]]
 
@@ -340,9 +349,10 @@ def _dot_general(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
 
     lo = place(lhs, lc, lb, lfree, 0) if isinstance(lhs, Batched) else None
     ro = place(rhs, rc, rb, rfree, len(lfree)) if isinstance(rhs, Batched) else None
-    for o in (lo, ro):
-        if isinstance(o, str):
-            return ctx.couple(o, True)
+    if isinstance(lo, str):
+        return ctx.couple(lo, True)
+    if isinstance(ro, str):
+        return ctx.couple(ro, True)
     if lo is not None and ro is not None:
         # Both operands batched: fine only when their batch axes are paired as one dot_general
         # batch dimension (per-example attention scores); anything else multiplies example i by
@@ -351,7 +361,9 @@ def _dot_general(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
             if lo.simple and ro.simple:
                 return ctx.couple("multiplies different examples with each other", True)
             return _mismatch(ctx, lo, ro, "multiplies values")
-    return [lo if lo is not None else ro]
+    out = lo if lo is not None else ro
+    assert out is not None  # the interpreter calls a rule only when an operand is batched
+    return [out]
 
 
 @_rule("conv_general_dilated")
@@ -360,6 +372,7 @@ def _conv(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     dn = eqn.params["dimension_numbers"]
     if isinstance(rhs, Batched):
         return ctx.couple("convolves with a batch-dependent kernel", False)
+    assert isinstance(lhs, Batched)  # some operand is batched, and the kernel is not
     if lhs.axis != dn.lhs_spec[0]:
         kernel = _shape(eqn.invars[1])
         if lhs.axis == dn.lhs_spec[1]:
@@ -420,7 +433,9 @@ def _gather(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
             return ctx.couple("selects examples by index along the batch axis", False)
     if from_idx is not None and from_op is not None and from_idx != from_op:
         return _mismatch(ctx, from_op, from_idx, "gathers values")
-    return [from_idx if from_idx is not None else from_op]
+    out = from_idx if from_idx is not None else from_op
+    assert out is not None  # an operand is batched, and each batched case set one or returned
+    return [out]
 
 
 @_rule("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min",
@@ -437,15 +452,17 @@ def _scatter(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     op_window = [d for d in range(len(op_shape))
                  if d not in dn.inserted_window_dims and d not in dn.operand_batching_dims]
     windows = tuple(dn.update_window_dims)
-    a = None
+    a = out = None
     if isinstance(op, Batched):
-        a = op.axis
-    elif upd.axis in windows:
-        a = op_window[windows.index(upd.axis)]
-    if a is None or a not in op_window or a in dn.scatter_dims_to_operand_dims:
+        a, out = op.axis, op
+    else:
+        assert isinstance(upd, Batched)  # nothing else is batched now, and some operand is
+        if upd.axis in windows:
+            a = op_window[windows.index(upd.axis)]
+            out = upd.at(a)
+    if a is None or out is None or a not in op_window or a in dn.scatter_dims_to_operand_dims:
         return ctx.couple("scatters into the batch axis", False)
     u = windows[op_window.index(a)]
-    out = op if isinstance(op, Batched) else upd.at(a)
     if upd_shape[u] != op_shape[a] or (isinstance(upd, Batched) and upd != out.at(u)):
         return ctx.couple("scatters into the batch axis", False)
     return [out]
@@ -462,7 +479,7 @@ def _random_leading(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
 
 @_rule("random_wrap")
 def _random_wrap(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
-    if ins[0].axis >= len(_shape(eqn.outvars[0])):
+    if _only(ins).axis >= len(_shape(eqn.outvars[0])):
         return ctx.couple("wraps the batch axis into key data", False)
     return [ins[0]]
 
@@ -548,10 +565,10 @@ def _cond(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     index, args = ins[0], list(ins[1:])
     if index is not CONST:
         return ctx.couple("branches on a batch-dependent predicate", False)
-    outs = None
-    for branch in eqn.params["branches"]:
-        res = ctx.run(branch, args)
-        outs = res if outs is None else [join(a, b) for a, b in zip(outs, res)]
+    first, *rest = eqn.params["branches"]
+    outs = ctx.run(first, args)
+    for branch in rest:
+        outs = [join(a, b) for a, b in zip(outs, ctx.run(branch, args))]
     for k, o in enumerate(outs):
         if o is TOP and TOP not in [ctx.run(b, args)[k] for b in eqn.params["branches"]]:
             return ctx.couple("returns the batch axis at different places in different branches", False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,7 @@ def check_pair(x1: PyTree, x2: Optional[PyTree], batch: Optional["BatchAxes"] = 
         return
     num_examples(x2, "x2", batch)
     t1, t2 = jax.tree_util.tree_structure(x1), jax.tree_util.tree_structure(x2)
-    if t1 != t2:
+    if t1 != t2:  # type: ignore[operator]  # PyTreeDef's stub is unresolved; it defines ==
         raise ValueError(f"x1 and x2 must have the same structure; got\n  {t1}\nand\n  {t2}")
     for (w1, a), (_, b) in zip(leaves_with_names(x1, "x1"), leaves_with_names(x2, "x2")):
         if np.shape(a)[1:] != np.shape(b)[1:]:
@@ -336,3 +336,19 @@ def batch_coupling(model, x: PyTree, params: Optional[PyTree] = None):
         return _coupling(_ByFunction(model, x), hashable_spec(x), BatchAxes.of(0, 0))
     except Exception:  # noqa: BLE001 - a program the analysis cannot trace proves nothing
         return _Unproven()
+
+
+class CoupledKernelFn(Protocol):
+    """A kernel function (arguments as its maker documents) carrying
+    ``batch_coupling(x, params=None)`` (:func:`batch_coupling` for its model)."""
+
+    batch_coupling: Callable[..., Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def with_batch_coupling(fn: Callable[..., Any], coupling: Callable[..., Any]) -> CoupledKernelFn:
+    """``fn`` with ``coupling`` set as its ``batch_coupling`` attribute."""
+    typed = cast(CoupledKernelFn, fn)
+    typed.batch_coupling = coupling
+    return typed

@@ -209,7 +209,7 @@ def check_params_match(reference: PyTree, params: PyTree, what: str = "params") 
         return
     ref_def = jax.tree_util.tree_structure(reference)
     got_def = jax.tree_util.tree_structure(params)
-    if ref_def != got_def:
+    if ref_def != got_def:  # type: ignore[operator]  # PyTreeDef's stub is unresolved; it defines ==
         raise ValueError(
             f"{what} do not match the model: expected the tree structure\n  {ref_def}\nbut got\n  {got_def}"
         )

@@ -13,7 +13,14 @@ from ntk_adapters.axes import Axes, OutputAxes
 from ntk_adapters.empirical import VmapAxes, check_finite, output_axes
 from ntk_adapters.implementations import Implementation, choose, implementation_name, resolve_memory_budget
 from ntk_adapters.implementations import ntk as _ntk_value
-from ntk_adapters.inputs import BatchAxes, batch_coupling, check_pair, declared_vmap_axes, resolve_vmap_axes
+from ntk_adapters.inputs import (
+    BatchAxes,
+    batch_coupling,
+    check_pair,
+    declared_vmap_axes,
+    resolve_vmap_axes,
+    with_batch_coupling,
+)
 from ntk_adapters.model import Model, as_model
 from ntk_adapters.outputs import Get, normalize_get, pack
 from ntk_adapters.precision import PrecisionLike, canonical, matmul_precision
@@ -55,7 +62,8 @@ def monte_carlo_kernel_fn(
         ``'auto'`` implementations are chosen so that ``batch_size`` samples fit in
         ``memory_budget``.
       get: default kernels to return, ``'nngp'``, ``'ntk'`` or a tuple.
-      trace_axes, diagonal_axes, vmap_axes, implementation, memory_budget, ntvp_chunk,
+      trace_axes, diagonal_axes, vmap_axes, implementation, memory_budget, ntvp_chunk: as for
+        :func:`ntk_adapters.empirical_ntk_fn`.
       check_finite_values, precision: as for :func:`ntk_adapters.empirical_ntk_fn` (``precision``,
         ``'highest'`` by default, also covers the initializers' and the NNGP's products).
 
@@ -111,11 +119,11 @@ def monte_carlo_kernel_fn(
                 part = chunk(keys, x1, x2)
                 totals = part if totals is None else jax.tree_util.tree_map(jnp.add, totals, part)
                 done += n
+            assert totals is not None  # counts are positive, so the first one draws samples
             results[count] = pack(get, {k: v / count for k, v in totals.items()})
         return results[counts[0]] if isinstance(n_samples, (int, np.integer)) else results
 
-    kernel_fn.batch_coupling = functools.partial(batch_coupling, model)
-    return kernel_fn
+    return with_batch_coupling(kernel_fn, functools.partial(batch_coupling, model))
 
 
 @functools.lru_cache(maxsize=64)

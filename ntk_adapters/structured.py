@@ -42,7 +42,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -246,7 +246,7 @@ def _analyze(closed: jcore.ClosedJaxpr, n_leaves: int, active: Optional[Sequence
 
 def _interpret(jaxpr, consts, args, path, plan: _Plan, probes: dict, captured: dict):
     """Evaluate ``jaxpr``, adding ``probes[path]`` to probed equations and capturing their operands."""
-    env = {}
+    env: dict[Any, Any] = {}
 
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -346,7 +346,7 @@ def _letters():
 
 def _size(subs: Sequence[str], shapes: Sequence[Sequence[int]]) -> int:
     """Multiply-adds of a two-operand einsum: the product of every distinct letter's size."""
-    sizes = {}
+    sizes: dict[str, int] = {}
     for s, shape in zip(subs, shapes):
         sizes.update(zip(s, shape))
     return math.prod(sizes.values())
@@ -435,6 +435,7 @@ def _patches(a, layout: _GramLayout):
     precision at DEFAULT: both operands are HIGHEST here, so that nothing in the kernel allows
     reduced-precision products (the copy is exact then on every backend).
     """
+    assert layout.patches is not None, "_patches is for convolution layouts"
     filter_shape, strides, padding, lhs_dil, rhs_dil, dn = layout.patches
     channels = a.shape[dn.lhs_spec[1]]
     k = math.prod(filter_shape)
@@ -480,7 +481,7 @@ def _gram_subscripts(layout: _GramLayout, axes: OutputAxes, row_axis, a_ndim: in
 
 
 def _letter_sizes(subs: Sequence[str], shapes: Sequence[Sequence[int]]) -> dict:
-    sizes = {}
+    sizes: dict[str, int] = {}
     for sub, shape in zip(subs, shapes):
         sizes.update(zip(sub, shape))
     return sizes
@@ -750,7 +751,7 @@ def _elements(memory_budget: Optional[float], leaves) -> Optional[float]:
 
 
 def structured_cost(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.Array], axes: OutputAxes,
-                    vmap_axes: Optional[int], selected: Optional[Sequence[int]] = None,
+                    vmap_axes: Union[None, int, BatchAxes], selected: Optional[Sequence[int]] = None,
                     memory_budget: Optional[float] = None) -> dict:
     """Rough multiply-add and memory estimates of ``'structured'`` against ``'jacobian'``, from shapes.
 

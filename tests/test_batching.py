@@ -473,7 +473,9 @@ def test_empirical_kernel_tiles():
         _assert_tree_close(got, want, rtol=1e-10, atol=1e-10)
     # params passed through as a traced keyword argument
     other = jax.tree_util.tree_map(lambda p: 1.5 * p, params)
-    _assert_tree_close(batch(kernel_fn, 4)(x1, get="ntk", params=other), kernel_fn(x1, get="ntk", params=other), 1e-10, 1e-10)
+    _assert_tree_close(
+        batch(kernel_fn, 4)(x1, get="ntk", params=other), kernel_fn(x1, get="ntk", params=other), 1e-10, 1e-10
+    )
 
 
 def test_infinite_kernel_tiles():

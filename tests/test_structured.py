@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ntk_adapters.flax
 import ntk_adapters.haiku
@@ -215,7 +216,9 @@ def test_multi_axis_outputs_with_trace_and_diagonal_axes():
         return jnp.einsum("ntk,ko->nto", h, p["w2"])
 
     k = jax.random.split(jax.random.PRNGKey(0), 5)
-    p = {"w1": jax.random.normal(k[0], (4, 5)), "b": jax.random.normal(k[1], (5,)), "w2": jax.random.normal(k[2], (5, 2))}
+    p = {
+        "w1": jax.random.normal(k[0], (4, 5)), "b": jax.random.normal(k[1], (5,)), "w2": jax.random.normal(k[2], (5, 2))
+    }
     x1, x2 = jax.random.normal(k[3], (3, 3, 4)), jax.random.normal(k[4], (2, 3, 4))
     cases = [((1, 2), (), 0, "auto"), ((), (1,), None, "gram"), ((2,), (1,), 0, "gram"), ((1,), (2,), 0, "jacobian")]
     for trace_axes, diagonal_axes, vmap_axes, form in cases:

@@ -10,8 +10,14 @@ from flax import linen as nn
 
 import ntk_adapters
 import ntk_adapters.flax as ntk_flax
-from ntk_adapters import (batch, compare_training, empirical_kernel_fn, empirical_ntk_fn, kernel_regression_cg,
-                          monte_carlo_kernel_fn)
+from ntk_adapters import (
+    batch,
+    compare_training,
+    empirical_kernel_fn,
+    empirical_ntk_fn,
+    kernel_regression_cg,
+    monte_carlo_kernel_fn,
+)
 from ntk_adapters.axes import OutputAxes
 from ntk_adapters.inputs import BatchAxes, resolve_vmap_axes
 from ntk_adapters.structured import structured_contributions

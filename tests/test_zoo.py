@@ -25,8 +25,8 @@ import ntk_adapters
 import ntk_adapters.flax
 import ntk_adapters.haiku
 from ntk_adapters import InfiniteWidthError, compare_training, empirical_ntk_fn, linearize, monte_carlo_kernel_fn
-from ntk_adapters.inputs import rows
 from ntk_adapters.independence import find_model_coupling
+from ntk_adapters.inputs import rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the zoo lives in examples/, next to the package

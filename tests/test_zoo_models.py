@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the zoo lives in examples/, next to the package
     sys.path.insert(0, str(ROOT))
 
-from examples.zoo import catalog
+from examples.zoo import catalog  # noqa: E402
 
 ZOO = ROOT / "examples" / "zoo"
 

@@ -223,7 +223,8 @@ def adapt_nnx(
     """
     check_inputs_mode(inputs, sample_x, "sample_x")
     names = _axis_names(axis_name)
-    graphdef, param_state, rest = nnx.split(module, nnx.Param, ...)
+    # Two filters give exactly three parts; nnx types the result as a variadic tuple.
+    graphdef, param_state, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]
     # The split state shares its Variable objects with the user's module: copies keep the Model a
     # snapshot that later eager use of the module cannot change.
     param_state, rest = _copy_state(param_state), _copy_state(rest)
@@ -277,7 +278,8 @@ def _onto(params: PyTree, fresh: PyTree, where: str) -> PyTree:
     that ``method`` calls). The method's output does not depend on the others, so they keep their
     adapted values; a fresh parameter the adapted ones lack is an error.
     """
-    if jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(params):
+    # PyTreeDef's stub is unresolved (jaxlib ships none); it defines ==.
+    if jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(params):  # type: ignore[operator]
         return fresh
     flat = traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
     new = traverse_util.flatten_dict(flax.core.unfreeze(fresh), sep="/")
@@ -303,7 +305,9 @@ def _stream_tags(node: Any) -> list[str]:
 def _reseed(node: Any, key: jax.Array) -> None:
     tags = _stream_tags(node)
     # match_shape: streams split for nnx.vmap / nnx.scan hold a key array, not one key.
-    nnx.reseed(node, policy="match_shape", **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
+    # The stream keys go to reseed's **kwargs; mypy matches the dict against its keyword parameters too.
+    keys = {t: jax.random.fold_in(key, i) for i, t in enumerate(tags)}
+    nnx.reseed(node, policy="match_shape", **keys)  # type: ignore[arg-type]
 
 
 def _axis_names(axis_name: AxisName) -> tuple[str, ...]:

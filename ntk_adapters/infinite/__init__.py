@@ -9,6 +9,8 @@
 ``elementwise``.
 """
 
+from ntk_adapters.infinite.engine import expand_outputs, infinite_kernel_fn
+from ntk_adapters.infinite.initializers import UnknownInitializerError, register_initializer
 from ntk_adapters.infinite.kernel import Kernel
 from ntk_adapters.infinite.layers import input_kernel
 from ntk_adapters.infinite.rules import (
@@ -24,8 +26,6 @@ from ntk_adapters.infinite.rules import (
     register_rule,
 )
 from ntk_adapters.infinite.values import Concrete, Value
-from ntk_adapters.infinite.engine import expand_outputs, infinite_kernel_fn
-from ntk_adapters.infinite.initializers import UnknownInitializerError, register_initializer
 
 __all__ = [
     "Kernel",

@@ -18,21 +18,22 @@ Gaussian process and a second nonlinearity cannot be applied to it before anothe
 1. **Named closed forms** (``gaussian_expectations("relu", ...)``; derived by hand;
    ``s = sqrt(q1 q2)``, ``ρ = c / s`` clipped to ``[-1, 1]``, ``θ = arccos ρ``):
 
-==================  ===========================================  ==========================================
-``phi``             ``E[phi(u) phi(v)]``                         ``E[phi'(u) phi'(v)]``
-==================  ===========================================  ==========================================
-``identity``        ``c``                                        ``1``
-``affine`` a·x+b    ``a² c + b²``                                ``a²``
-``relu``            ``s (sin θ + (π − θ) cos θ) / (2π)``  (J1)   ``(π − θ) / (2π)``  (J0)
-``leaky_relu`` α    ``α c + (1 − α)² J1``                        ``α + (1 − α)² J0``
-``abs``             ``4 J1 − c``                                 ``(2/π) arcsin ρ``
-``sign``            ``(2/π) arcsin ρ``                           ``0`` (zero almost everywhere)
-``erf`` erf(a·x)    ``(2/π) arcsin(2a²c / sqrt((1+2a²q1)(1+2a²q2)))``  ``(4a²/π) / sqrt((1+2a²q1)(1+2a²q2) − 4a⁴c²)``
-``sin`` sin(a·x+b)  ``½ (e^{−a²(q1+q2−2c)/2} − cos 2b · e^{−a²(q1+q2+2c)/2})``  ``a²`` × the same with ``b + π/2``
-``cos`` cos(a·x+b)  ``sin`` with ``b + π/2``                     ``a²`` × ``sin`` with ``b + π``
-``exp`` exp(a·x)    ``e^{a²(q1+q2+2c)/2}``                       ``a²`` × the same
-``square`` x²       ``q1 q2 + 2c²``                              ``4c``
-==================  ===========================================  ==========================================
+==================  ====================================================  ==============================================
+``phi``             ``E[phi(u) phi(v)]``                                  ``E[phi'(u) phi'(v)]``
+==================  ====================================================  ==============================================
+``identity``        ``c``                                                 ``1``
+``affine`` a·x+b    ``a² c + b²``                                         ``a²``
+``relu``            ``s (sin θ + (π − θ) cos θ) / (2π)``  (J1)            ``(π − θ) / (2π)``  (J0)
+``leaky_relu`` α    ``α c + (1 − α)² J1``                                 ``α + (1 − α)² J0``
+``abs``             ``4 J1 − c``                                          ``(2/π) arcsin ρ``
+``sign``            ``(2/π) arcsin ρ``                                    ``0`` (zero almost everywhere)
+``erf`` erf(a·x)    ``(2/π) arcsin(2a²c / sqrt((1+2a²q1)(1+2a²q2)))``     ``(4a²/π) / sqrt((1+2a²q1)(1+2a²q2) − 4a⁴c²)``
+``sin`` sin(a·x+b)  ``½ (e^{−a²(q1+q2−2c)/2}``                            ``a²`` × the same with ``b + π/2``
+                    ``− cos 2b · e^{−a²(q1+q2+2c)/2})``
+``cos`` cos(a·x+b)  ``sin`` with ``b + π/2``                              ``a²`` × ``sin`` with ``b + π``
+``exp`` exp(a·x)    ``e^{a²(q1+q2+2c)/2}``                                ``a²`` × the same
+``square`` x²       ``q1 q2 + 2c²``                                       ``4c``
+==================  ====================================================  ==============================================
 
    (``E[u relu(v)] = c/2`` by the symmetry ``(u, v) → (−u, −v)``, which gives the leaky ReLU and
    ``abs = 2 relu(x) − x`` rows from the ReLU row; ``sin``/``cos`` follow from
@@ -402,8 +403,9 @@ def recognise(phi: PhiLike, dtype=None, **params: Any) -> Optional[AnyForm]:
     except Exception:  # noqa: BLE001  (not traceable on a scalar: quadrature will report it)
         return None
     if key not in _FORMS:
-        form = _forms.analyze(f, dtype)
-        if form is None or not closable(form):
+        family = _forms.analyze(f, dtype)
+        form: Optional[AnyForm] = family
+        if family is None or not closable(family):
             form = analyze_piecewise(f, dtype)
         _FORMS[key] = form
     return _FORMS[key]
@@ -605,8 +607,9 @@ def apply_elementwise(
     Args:
       kernel: a :class:`Kernel` with ``is_gaussian=True`` (the output of a random linear layer).
       phi: name, callable or Form, as in :func:`gaussian_expectations`.
-      n_points, method, rtol, label, **params: as in :func:`gaussian_expectations`. The method is
-        chosen once, when ``apply_elementwise`` is traced.
+      n_points, method, rtol, label: as in :func:`gaussian_expectations`. The method is chosen
+        once, when ``apply_elementwise`` is traced.
+      **params: parameters of ``phi``, as in :func:`gaussian_expectations`.
 
     Returns:
       A :class:`Kernel` of the same layout and shapes, ``is_gaussian=False`` (``True`` only for a

@@ -45,7 +45,7 @@ Normalization: kernels are per output unit, ``(N1, N2)``; the kernel of all O ou
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Protocol, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +150,15 @@ def _needs_full(jaxpr, used_outputs=None, cache=None) -> bool:
 # Public entry point.
 
 
+class InfiniteKernelFn(Protocol):
+    """What :func:`infinite_kernel_fn` returns: ``kernel_fn(x1, x2=None, get=('nngp', 'ntk'))``,
+    with the adapted model it reads as ``kernel_fn.model``."""
+
+    model: Model
+
+    def __call__(self, x1: Any, x2: Any = None, get: Any = ("nngp", "ntk")) -> Any: ...
+
+
 def infinite_kernel_fn(
     model: Union[Model, Callable],
     *,
@@ -159,7 +168,7 @@ def infinite_kernel_fn(
     n_points: int = _ew.DEFAULT_QUADRATURE_POINTS,
     jit: bool = True,
     check_finite_values: bool = True,
-) -> Callable:
+) -> InfiniteKernelFn:
     """Exact infinite-width NNGP and NTK of an unchanged Flax / Haiku model.
 
     Inputs may be pytrees (tuple, dict) of arrays sharing the batch axis. Each float leaf is a
@@ -193,8 +202,9 @@ def infinite_kernel_fn(
       ``kernel_fn(x1, x2=None, get=('nngp', 'ntk'))`` with ``x1`` an array ``(N1, *input_shape)``
       or a pytree of arrays ``(N1, ...)``, ``x2`` the same with ``N2`` examples (``None``:
       ``x2 = x1``); each float leaf of ``x2`` takes the dtype of its ``x1`` leaf, and the kernels
-      are computed in the dtype of the float inputs (float32 inputs give float32 kernels). Each kernel is ``(N1, N2)`` per output unit
-      (``(N1, N2, *spatial)`` for a model with spatial outputs); the kernel over all O outputs
+      are computed in the dtype of the float inputs (float32 inputs give float32 kernels). Each
+      kernel is ``(N1, N2)`` per output unit (``(N1, N2, *spatial)`` for a model with spatial
+      outputs); the kernel over all O outputs
       is ``K ⊗ I_O`` (:func:`expand_outputs`). ``get`` may also name ``'cov1'``, ``'cov2'`` (the
       per-input variances) or ``'kernel'`` (the whole :class:`Kernel`). ``get`` must be static
       under an outer ``jit``.
@@ -275,8 +285,9 @@ def infinite_kernel_fn(
         values = {"nngp": k.nngp, "ntk": k.ntk, "cov1": k.cov1, "cov2": k.cov2, "kernel": k}
         return pack(get, values, allowed=("nngp", "ntk", "cov1", "cov2", "kernel"))
 
-    kernel_fn.model = model
-    return kernel_fn
+    typed = cast(InfiniteKernelFn, kernel_fn)
+    typed.model = model
+    return typed
 
 
 def _example_spec(model: Model):

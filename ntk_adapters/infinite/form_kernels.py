@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,8 @@ from ntk_adapters.infinite import forms as _forms
 from ntk_adapters.infinite.bivariate import _angle, _arcsin, _corr
 
 Array = jax.Array
+# Sums of closed-form terms stay Python floats while every term is constant (0.0, 1/2, 1/4).
+ArrayOrFloat = Union[Array, float]
 
 __all__ = ["closable", "form_expectations"]
 
@@ -86,7 +88,7 @@ def _sides(form: _forms.Form) -> tuple[dict, dict]:
     return pos, neg
 
 
-def _piecewise_polynomial_pair(f: _forms.Form, g: _forms.Form, orth: _Orthant, s1, s2) -> Array:
+def _piecewise_polynomial_pair(f: _forms.Form, g: _forms.Form, orth: _Orthant, s1, s2) -> ArrayOrFloat:
     """``E[f(u) g(v)]`` for piecewise polynomials: with ``u = σ1 ũ`` and the reflection
     ``(ũ, ṽ) → (−ũ, ṽ)`` (correlation ``−ρ``), ``E[ũ^j 1{aũ>0} ṽ^k 1{bṽ>0}] = a^j b^k M_jk(abρ)``."""
     fp, fn = _sides(f)
@@ -127,7 +129,7 @@ class _Cov:
         return _Cov(out)
 
 
-def _gaussian_moment(m: int, n: int, inds: tuple, cov: _Cov, cache: dict, state: tuple) -> Array:
+def _gaussian_moment(m: int, n: int, inds: tuple, cov: _Cov, cache: dict, state: tuple) -> ArrayOrFloat:
     """``E[u^m v^n Π_{A ∈ inds} 1{A > 0}]`` for zero-mean jointly Gaussian ``(u, v, A...)``.
 
     Stein's lemma ``E[u g] = Σ_X Cov(u, X) E[∂_X g]`` lowers the powers; the derivative of an
@@ -175,7 +177,7 @@ def _gaussian_moment(m: int, n: int, inds: tuple, cov: _Cov, cache: dict, state:
     return val
 
 
-def _general_pair(t1: _forms.Term, t2: _forms.Term, q1, q2, c, delta) -> Array:
+def _general_pair(t1: _forms.Term, t2: _forms.Term, q1, q2, c, delta) -> ArrayOrFloat:
     """``E[t1(u) t2(v)]`` without the coefficients, for terms with ``Φ`` or Gaussian factors.
 
     A Gaussian factor reweights the density: ``E[h(u, v) e^{−(d1 u² + d2 v²)/2}] = E'[h] / sqrt(Δ)``
@@ -185,7 +187,7 @@ def _general_pair(t1: _forms.Term, t2: _forms.Term, q1, q2, c, delta) -> Array:
     a step ``1{s u > 0}`` is the indicator of ``s u``.
     """
     d1, d2 = t1.decay, t2.decay
-    factor = 1.0
+    factor: ArrayOrFloat = 1.0
     if d1 or d2:
         big = 1 + d1 * q1 + d2 * q2 + d1 * d2 * delta
         q1, q2, c = (q1 + d2 * delta) / big, (q2 + d1 * delta) / big, c / big
@@ -217,7 +219,7 @@ def closable(form: _forms.Form) -> bool:
     return all(t.n_indicators <= 1 for f in (form, form.derivative()) for t in f.terms)
 
 
-def _form_pair(f: _forms.Form, g: _forms.Form, q1, q2, c, rho, sin_t, theta, s1, s2) -> Array:
+def _form_pair(f: _forms.Form, g: _forms.Form, q1, q2, c, rho, sin_t, theta, s1, s2) -> ArrayOrFloat:
     """``E[f(u) g(v)]`` for two members of the family (one closed form per pair of terms)."""
     orth = _Orthant(rho, sin_t, theta)
     if f.piecewise_polynomial and g.piecewise_polynomial:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -188,7 +188,7 @@ class _Sym:
     def dict(self) -> dict:
         return dict(self.d)
 
-    def restrict(self, s: int) -> dict:
+    def restrict(self, s: int) -> Dict[tuple, float]:  # typing.Dict: the property `dict` shadows the builtin
         """The function on the half-line ``s·x > 0``: ``(power, phi, decay) -> coef``."""
         out: dict = {}
         for (p, st, ph, dec), v in self.d:
@@ -196,7 +196,7 @@ class _Sym:
                 out[(p, ph, dec)] = out.get((p, ph, dec), 0.0) + v
         return out
 
-    def side(self, s: int) -> dict:
+    def side(self, s: int) -> Dict[int, float]:
         """The polynomial ``power -> coef`` on the half-line ``s·x > 0``; refuses non-polynomial terms."""
         out: dict = {}
         for (p, ph, dec), v in self.restrict(s).items():
@@ -643,19 +643,21 @@ def find_kinks(fn: Callable, dtype: Any = None, max_kinks: int = 16) -> Optional
             rec = [np.asarray(r) for r in f(jnp.asarray(grid))]
             if not rec:
                 return ()
-            lo_list, hi_list, which = [], [], []
+            lo_list: list = []
+            hi_list: list = []
+            which_list: list[int] = []
             for k, r in enumerate(rec):
                 sg = np.sign(np.where(np.isnan(r), 0.0, r))
                 idx = np.nonzero(sg[1:] != sg[:-1])[0]
                 lo_list += list(grid[idx])
                 hi_list += list(grid[idx + 1])
-                which += [k] * len(idx)
-            if not which:
+                which_list += [k] * len(idx)
+            if not which_list:
                 return ()
-            if len(which) > 4 * max_kinks:
+            if len(which_list) > 4 * max_kinks:
                 return None
             lo, hi = np.array(lo_list, dtype), np.array(hi_list, dtype)
-            which = np.array(which)
+            which = np.array(which_list)
             lo_sign = np.array([np.sign(np.nan_to_num(np.asarray(rec[k]))[np.searchsorted(grid, l)])
                                 for k, l in zip(which, lo)])
             for _ in range(64 if dtype.itemsize >= 8 else 32):

@@ -114,8 +114,8 @@ _NO_RULE = {
 }
 
 _RESIDUAL = ("a nonlinearity of a sum of a non-Gaussian value and a Gaussian branch has no exact kernel (the "
-             "sum is not a zero-mean Gaussian process, so its kernel does not determine the result); the pre-activation "
-             "residual `x + f(relu(x))` (ResNet v2 ordering) has one")
+             "sum is not a zero-mean Gaussian process, so its kernel does not determine the result); the "
+             "pre-activation residual `x + f(relu(x))` (ResNet v2 ordering) has one")
 
 
 class Interpreter:
@@ -259,8 +259,8 @@ class Interpreter:
         if any(missing):
             # A call whose program does not use some of its inputs, which were therefore never
             # computed: its program is interpreted, and skips them.
-            invals = [None if m else read(v) for v, m in zip(eqn.invars, missing)]
-            outs = self.call_program(eqn, invals)
+            partial = [None if m else read(v) for v, m in zip(eqn.invars, missing)]
+            outs = self.call_program(eqn, partial)
             for var, o in zip(eqn.outvars, outs):
                 env[var] = o
             return
@@ -295,7 +295,7 @@ class Interpreter:
                 raise better from e
             raise
         self.note_origins(eqn, invals, outs)
-        return outs
+        return list(outs)
 
     def no_rule_reason(self, eqn, invals) -> str:
         name = eqn.primitive.name
@@ -456,8 +456,10 @@ class Interpreter:
 
     def run_module(self, call: RecordedCall, group, rest, outvars, env) -> None:
         """Replace the equations ``group`` of one module call by its rule."""
-        if call.rule.precheck is not None:
-            reason = call.rule.precheck(call.module, _lookup(self.params, call.params_path) or {})
+        rule = call.rule
+        assert rule is not None  # only calls with a rule are grouped into modules
+        if rule.precheck is not None:
+            reason = rule.precheck(call.module, _lookup(self.params, call.params_path) or {})
             if reason:
                 raise call.error(reason)
         defined = {v for e in group for v in e.outvars}
@@ -471,7 +473,7 @@ class Interpreter:
         used_later = {v for e in rest for v in e.invars if not _programs.is_literal(v)} | {
             v for v in outvars if not _programs.is_literal(v)}
         outs = [v for e in group for v in e.outvars if v in used_later]
-        if call.rule.integer_input and len(inputs) == 1 and len(outs) == 1 \
+        if rule.integer_input and len(inputs) == 1 and len(outs) == 1 \
                 and isinstance(env[inputs[0]], InputConstant) and not env[inputs[0]].is_float:
             self.run_integer_module(call, group, inputs[0], outs[0], env)
             return
@@ -483,7 +485,6 @@ class Interpreter:
             raise call.error(f"the rule expects one input-dependent input and one output; the module has "
                              f"{len(inputs)} and {len(outs)}")
         inp_var, out_var = inputs[0], outs[0]
-        rule = call.rule
         value = self.context().materialize(env[inp_var])
         k = value.kernel
         if value.flat:
@@ -525,6 +526,8 @@ class Interpreter:
     def run_integer_module(self, call: RecordedCall, group, inp_var, out_var, env) -> None:
         """A module whose rule takes integer inputs (an embedding) applied to an integer input constant:
         the rule receives ``kernel=None`` and the ids in ``call.ids``."""
+        rule = call.rule
+        assert rule is not None  # only calls with a rule are grouped into modules
         ids = env[inp_var]
         defined = {v for e in group for v in e.outvars}
         free = {v for e in group for v in e.invars if not _programs.is_literal(v) and v not in defined} - {inp_var}
@@ -536,14 +539,15 @@ class Interpreter:
             eqns=tuple(group), apply=_module_function(tuple(group), inp_var, out_var, consts),
             ids=(ids.x1, ids.x2),
         )
-        new = call.rule.fn(None, module_call)
+        # register_rule documents kernel=None for integer_input rules; ModuleRule types the usual call.
+        new = rule.fn(None, module_call)  # type: ignore[arg-type]
         if not isinstance(new, Kernel):
             raise call.error(f"its rule returned {type(new).__name__}, not a Kernel")
         if new.layout != "none" and len(new.spatial) != len(module_call.out_shape) - 1:
             raise call.error(f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
                              f"per-example shape {module_call.out_shape}")
         lid = new_id()
-        linear = call.rule.linear
+        linear = rule.linear
         env[out_var] = Value(kernel=new, shape=module_call.out_shape, base=lid, fresh=lid if linear else None,
                              deps=frozenset({lid}) if linear else frozenset())
 

@@ -103,7 +103,7 @@ def input_kernel(x1: Array, x2: Optional[Array] = None, *, layout: str = "none",
         k.nngp.shape  # (4, 4, 8, 8, 8, 8); k.cov1.shape == (4, 8, 8, 8, 8)
     """
     same = x2 is None
-    x2 = x1 if same else x2
+    x2 = x1 if x2 is None else x2
     if x1.shape[1:] != x2.shape[1:]:
         raise ValueError(f"x1 {x1.shape} and x2 {x2.shape} must agree in every axis but the first")
     d = x1.ndim - 2
@@ -610,7 +610,6 @@ def add(*kernels: Kernel) -> Kernel:
 
         k = add(k_skip, k_branch)
     """
-    kernels = list(kernels)
     _check_compatible(kernels, "add")
     k0 = kernels[0]
     return k0.replace(

@@ -195,11 +195,11 @@ def _out_const_axes(eqn, invals) -> list[frozenset]:
     elif name == "broadcast_in_dim":
         dims = [d - 1 for d in p["broadcast_dimensions"][1:]]  # per-example operand axis i -> output axis dims[i]
         src = {o: i for i, o in enumerate(dims)}
-        axes = set()
+        moved: set[int] = set()
         for o in range(nd):
             if o not in src or (in_shape[src[o]] == 1 and out_shapes[0][o] != 1) or src[o] in of(first, len(in_shape)):
-                axes.add(o)
-        found = [frozenset(axes)]
+                moved.add(o)
+        found = [frozenset(moved)]
     elif name == "reshape":
         kept_in = [d for d, s in enumerate(in_shape) if s != 1]
         kept_out = [d for d, s in enumerate(out_shapes[0]) if s != 1]

@@ -361,7 +361,7 @@ def _elementwise(eqn, invals, ctx: PrimitiveContext) -> Value:
         # A multiple of a Gaussian value stays a pending function of it, so that it can meet the
         # value itself again (0.5·x·erfc(−x/√2)); it is still a fresh layer output.
         total = factor * (1.0 if v0.phi is None else v0.phi.linear)
-        phi = Phi(fn=lambda u, a=total: a * u, linear=total, where=_label(eqn, ctx))
+        phi = Phi(fn=lambda u: total * u, linear=total, where=_label(eqn, ctx))
         return dataclasses.replace(v0, phi=phi)
     if not v0.kernel.is_gaussian:
         raise ctx.error(eqn, "an elementwise nonlinearity applied to a value that is not a zero-mean "

@@ -92,9 +92,8 @@ def _quadrature(f: Callable, c: Array, q1: Array, q2: Array, n: int, derivative:
     ``u = σa z1``, ``v = σb (ρ z1 + sqrt(1 − ρ²) z2)`` (Cholesky). ``c``, ``q1``, ``q2`` share one
     shape. With ``derivative`` each node evaluates ``f`` and ``f'`` together in one forward-mode pass.
     """
-    nodes, weights = _hermite(n)
     dtype = c.dtype
-    nodes, weights = jnp.asarray(nodes, dtype), jnp.asarray(weights, dtype)
+    nodes, weights = (jnp.asarray(a, dtype) for a in _hermite(n))
     sa, sb, rho, sin_t = _canonical(c, q1, q2)
     both = _value_and_slope(f, derivative)
     b1, b2 = (sb * rho)[..., None, None], (sb * sin_t)[..., None, None]

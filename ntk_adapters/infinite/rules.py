@@ -220,6 +220,9 @@ class ModuleCall:
     def per_channel_affine(self) -> tuple[np.ndarray, np.ndarray]:
         """``(a, b)``, ``(C,)`` each, of a module that maps each channel affinely, ``y_c = a_c x_c + b_c``
         (BatchNorm in inference mode), read by evaluating it on zeros and on ones."""
+        if self.apply is None:
+            raise InfiniteWidthError(f"layer `{self.path}` ({self.type_name}): reading its per-channel affine map "
+                                     "needs call.apply, the module's traced equations")
         c = self.in_shape[-1]
         with jax.ensure_compile_time_eval():
             x0 = jnp.zeros((self.batch, *self.in_shape), self.in_dtype)
@@ -336,6 +339,8 @@ class PrimitiveContext:
 
     def call_program(self, eqn, invals: Sequence[_values.Interpreted]) -> list:
         """Interpret the program of a call equation (``jit``, ``custom_jvp``, ...) on ``invals``."""
+        if self._enter is None:
+            raise InfiniteWidthError(f"{self.location(eqn)}: this context cannot interpret called programs")
         return self._enter(eqn, list(invals))
 
 

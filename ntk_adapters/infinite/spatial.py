@@ -71,7 +71,8 @@ def resolve_padding(
     if isinstance(padding, str):
         name = padding.upper()
         if name in ("SAME", "VALID", "SAME_LOWER"):
-            return [tuple(p) for p in lax.padtype_to_pads(tuple(in_sizes), dilated, tuple(strides), name)], "constant"
+            pads = lax.padtype_to_pads(tuple(in_sizes), dilated, tuple(strides), name)
+            return [(lo, hi) for lo, hi in pads], "constant"
         if name in ("CIRCULAR", "REFLECT"):
             return [((k - 1) // 2, k // 2) for k in dilated], {"CIRCULAR": "wrap", "REFLECT": "reflect"}[name]
         if name == "CAUSAL":
@@ -129,6 +130,7 @@ def _window_sum(x: Array, axes: Sequence[int], k: int, stride: int, dilation: in
             idx[a] = slice(t * dilation, t * dilation + (out - 1) * stride + 1, stride)
         term = x[tuple(idx)]
         acc = term if acc is None else acc + term
+    assert acc is not None, "a window has at least one offset"
     return acc
 
 
@@ -244,7 +246,7 @@ def _spatial_reduce(kernel: Kernel, axes, mean: bool, name: str) -> Kernel:
         dims = tuple(range(d))
     else:
         axes = (axes,) if isinstance(axes, int) else tuple(axes)
-        dims = []
+        picked: list[int] = []
         for a in axes:
             a = a + d + 2 if a < 0 else a
             if not 1 <= a <= d:
@@ -252,8 +254,8 @@ def _spatial_reduce(kernel: Kernel, axes, mean: bool, name: str) -> Kernel:
                     f"{name}: axis {a} of an activation (N, *spatial, C) with {d} spatial axes is not a spatial "
                     f"axis; only axes 1..{d} can be reduced by this map"
                 )
-            dims.append(a - 1)
-        dims = tuple(sorted(set(dims)))
+            picked.append(a - 1)
+        dims = tuple(sorted(set(picked)))
     if kernel.layout == "diagonal" and any(spatial[i] > 1 for i in dims):
         raise ValueError(
             f"{name} over spatial axes of sizes {[spatial[i] for i in dims]} needs the covariance between "

@@ -155,6 +155,7 @@ def apply_phi(v: Value, n_points: int) -> Value:
     fresh output of its linear layer; any other function makes it a non-Gaussian value.
     """
     phi = v.phi
+    assert phi is not None, "apply_phi needs a value with a pending elementwise function"
     factor = phi.linear
     form = None
     if factor is None:

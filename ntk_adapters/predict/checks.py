@@ -297,7 +297,7 @@ def has_kernel(kernels: Any, name: str) -> bool:
     return getattr(kernels, name, None) is not None
 
 
-def pick(kernels: Any, name: str, arg: str) -> jax.Array:
+def pick(kernels: Any, name: str, arg: str) -> Union[jax.Array, np.ndarray]:
     if isinstance(kernels, (jax.Array, np.ndarray)):
         return kernels
     if isinstance(kernels, Mapping):

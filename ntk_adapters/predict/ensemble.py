@@ -249,7 +249,7 @@ def gp_inference(
                     f"get={get!r} asks for {n!r}, which needs k_train_train.{'nngp' if n == 'nngp' else 'ntk'}; "
                     f"k_train_train carries {present}"
                 )
-        values = {}
+        values: dict[str, Union[jax.Array, Gaussian]] = {}
         for n in names:
             base = "nngp" if n == "nngp" else "ntk"
             if k_test_train is None:
@@ -431,6 +431,7 @@ def _test_kernels(kernel_fn, x_test, x_train, req, compute_cov, layout: Layout, 
     if compute_cov:
         k_xx = as_float(call_kernel_fn(kernel_fn, x_test, None, ("nngp",), kwargs)["nngp"], "kernel_fn(x_test).nngp")
         k_xx = k_xx.astype(dtype)
+        assert m is not None  # the cross kernels include the NNGP when a covariance is wanted
         check_square_test(k_xx, layout, m, "kernel_fn(x_test).nngp")
         k_xx = layout.kernel(k_xx)
     return m, cross, cross.get("nngp"), k_xx

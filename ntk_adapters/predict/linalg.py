@@ -358,12 +358,13 @@ class TrainKernel:
         level = CUTOFF * self.eps * top
         dtype = jnp.dtype(self.dtype).name
         reg = concrete(self.diag_reg)
-        regularized = reg is not None and float(reg) > 0
+        reg_value = 0.0 if reg is None else float(reg)
+        regularized = reg_value > 0
         what = f"{self.name} + diag_reg · mean(diag)" if regularized else self.name
         scale = float(self.scale) if float(self.scale) > 0 else 1.0
         needed = 100 * self.eps * top / scale
         advice = (
-            f"diag_reg={float(reg):g} is too small for {dtype}; "
+            f"diag_reg={reg_value:g} is too small for {dtype}; "
             if regularized
             else ""
         ) + f"diag_reg ≥ {needed:.2g} (relative to the mean diagonal) makes cond·eps ≤ 1e-2"

@@ -148,9 +148,9 @@ def gradient_descent_mse(
             )
             train = train.reshape(steps.shape + train.shape[1:])
             test = test.reshape(steps.shape + test.shape[1:])
-        train = layout.outputs(train, layout.n) if init.train else None
-        test = layout.outputs(test, init.m) if init.test else None
-        return returned(init, train, test)
+        train_out = layout.outputs(train, layout.n) if init.train else None
+        test_out = layout.outputs(test, init.m) if init.test else None
+        return returned(init, train_out, test_out)
 
     return predict_fn
 

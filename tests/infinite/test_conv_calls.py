@@ -68,7 +68,7 @@ def test_flax_conv_transpose_first_layer_is_exact(padding, strides):
 def test_haiku_conv_transpose_and_depthwise_first_layers_are_exact():
     for make, fan_in in [(lambda: hk.Conv2DTranspose(4, (2, 3), stride=2, padding="SAME", with_bias=False), 2 * 3 * 3),
                          (lambda: hk.DepthwiseConv2D(2, (3, 3), with_bias=False), 3 * 3)]:
-        f = hk.without_apply_rng(hk.transform(lambda x: make()(x)))
+        f = hk.without_apply_rng(hk.transform(lambda x, make=make: make()(x)))
         model = nhaiku.adapt(f, f.init(jax.random.PRNGKey(1), X), X)
         k = infinite_kernel_fn(model, spatial_layout="full")(X, get="kernel")
         # Haiku's default initializer: truncated normal with stddev 1/sqrt(fan_in), which has

@@ -24,10 +24,12 @@ FUNCTIONS = [
     ("identity", {}, lambda x: x, lambda x: np.ones_like(x)),
     ("affine", dict(a=1.5, b=0.3), lambda x: 1.5 * x + 0.3, lambda x: np.full_like(x, 1.5)),
     ("relu", {}, lambda x: np.maximum(x, 0), lambda x: (x > 0).astype(float)),
-    ("leaky_relu", dict(negative_slope=0.2), lambda x: np.where(x > 0, x, 0.2 * x), lambda x: np.where(x > 0, 1.0, 0.2)),
+    ("leaky_relu", dict(negative_slope=0.2), lambda x: np.where(x > 0, x, 0.2 * x),
+     lambda x: np.where(x > 0, 1.0, 0.2)),
     ("abs", {}, np.abs, np.sign),
     ("sign", {}, np.sign, lambda x: np.zeros_like(x)),
-    ("erf", dict(a=0.7), lambda x: special.erf(0.7 * x), lambda x: 0.7 * 2 / math.sqrt(math.pi) * np.exp(-0.49 * x * x)),
+    ("erf", dict(a=0.7), lambda x: special.erf(0.7 * x),
+     lambda x: 0.7 * 2 / math.sqrt(math.pi) * np.exp(-0.49 * x * x)),
     ("sin", dict(a=1.3, b=0.4), lambda x: np.sin(1.3 * x + 0.4), lambda x: 1.3 * np.cos(1.3 * x + 0.4)),
     ("cos", dict(a=0.8, b=-0.3), lambda x: np.cos(0.8 * x - 0.3), lambda x: -0.8 * np.sin(0.8 * x - 0.3)),
     ("exp", dict(a=0.5), lambda x: np.exp(0.5 * x), lambda x: 0.5 * np.exp(0.5 * x)),
@@ -308,8 +310,10 @@ def test_apply_elementwise_diagonal_equals_full_diagonal():
     x = rng.standard_normal((3, 4, 3, 5))
     full = _dense_kernel(x, layout="full")
     full = full.replace(
-        nngp=jnp.asarray(np.einsum("ahwc,bHWc->abhHwW", x, x) / 5), ntk=jnp.asarray(np.einsum("ahwc,bHWc->abhHwW", x, x) / 5),
-        cov1=jnp.asarray(np.einsum("ahwc,aHWc->ahHwW", x, x) / 5), cov2=jnp.asarray(np.einsum("ahwc,aHWc->ahHwW", x, x) / 5),
+        nngp=jnp.asarray(np.einsum("ahwc,bHWc->abhHwW", x, x) / 5),
+        ntk=jnp.asarray(np.einsum("ahwc,bHWc->abhHwW", x, x) / 5),
+        cov1=jnp.asarray(np.einsum("ahwc,aHWc->ahHwW", x, x) / 5),
+        cov2=jnp.asarray(np.einsum("ahwc,aHWc->ahHwW", x, x) / 5),
     )
     diag = _dense_kernel(x, layout="diagonal")
     for phi in ["relu", jnp.tanh]:

@@ -58,11 +58,12 @@ def _npdf(x):
 
 # name: (phi as the model writes it, phi in numpy, phi' in numpy, kinks)
 CASES = {
-    "leaky_relu_0.01": (nn.leaky_relu, lambda x: np.where(x > 0, x, 0.01 * x), lambda x: np.where(x > 0, 1.0, 0.01), (0.0,)),
+    "leaky_relu_0.01": (nn.leaky_relu, lambda x: np.where(x > 0, x, 0.01 * x), lambda x: np.where(x > 0, 1.0, 0.01),
+                        (0.0,)),
     "leaky_relu_0.2": (lambda h: nn.leaky_relu(h, negative_slope=0.2), lambda x: np.where(x > 0, x, 0.2 * x),
                        lambda x: np.where(x > 0, 1.0, 0.2), (0.0,)),
-    "abrelu": (lambda h: -0.4 * jnp.minimum(h, 0) + 1.3 * jnp.maximum(h, 0), lambda x: np.where(x > 0, 1.3 * x, -0.4 * x),
-               lambda x: np.where(x > 0, 1.3, -0.4), (0.0,)),
+    "abrelu": (lambda h: -0.4 * jnp.minimum(h, 0) + 1.3 * jnp.maximum(h, 0),
+               lambda x: np.where(x > 0, 1.3 * x, -0.4 * x), lambda x: np.where(x > 0, 1.3, -0.4), (0.0,)),
     "3relu": (lambda h: 3.0 * nn.relu(h), lambda x: 3 * np.maximum(x, 0), lambda x: 3.0 * (x > 0), (0.0,)),
     "relu_plus_1": (lambda h: nn.relu(h) + 1, lambda x: np.maximum(x, 0) + 1, lambda x: 1.0 * (x > 0), (0.0,)),
     "abs": (jnp.abs, np.abs, np.sign, (0.0,)),

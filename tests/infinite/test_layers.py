@@ -133,7 +133,9 @@ def _loop_window_average(K, n_in, window, stride, dilation, pads, mode, out_n):
     return res
 
 
-@pytest.mark.parametrize("padding,stride,dilation", [("SAME", 1, 1), ("VALID", 2, 1), ("CIRCULAR", 2, 2), ("SAME", 3, 2)])
+@pytest.mark.parametrize(
+    "padding,stride,dilation", [("SAME", 1, 1), ("VALID", 2, 1), ("CIRCULAR", 2, 2), ("SAME", 3, 2)]
+)
 def test_conv_propagates_ntk_like_loop_reference(padding, stride, dilation):
     """ntk ← fan_in·A(nngp) + σw²·A(ntk) + 1 for an arbitrary (not input-derived) kernel, 1-D."""
     rng = np.random.default_rng(1)
@@ -341,8 +343,8 @@ def test_layer_norm_full_layout_and_rms_norm():
         L.layer_norm(k.replace(is_gaussian=False))
     over = L.layer_norm(k, epsilon=0.0, use_scale=False, use_bias=False, over_spatial=True)
     qm = q.mean(1)
-    np.testing.assert_allclose(over.nngp, np.einsum("ahc,bHc->abhH", x, x) / 4 / np.sqrt(qm[:, None, None, None] * qm[None, :, None, None]),
-                               rtol=1e-10)
+    expected = np.einsum("ahc,bHc->abhH", x, x) / 4 / np.sqrt(qm[:, None, None, None] * qm[None, :, None, None])
+    np.testing.assert_allclose(over.nngp, expected, rtol=1e-10)
 
 
 @pytest.mark.parametrize("layout", ["none", "diagonal", "full"])

@@ -11,9 +11,11 @@ from flax import nnx
 import ntk_adapters.flax as nflax
 from ntk_adapters.infinite import InfiniteWidthError, infinite_kernel_fn
 
+_LECUN_NORMAL = nnx.initializers.lecun_normal()
+
 
 class NnxMLP(nnx.Module):
-    def __init__(self, rngs, width=16, kernel_init=nnx.initializers.lecun_normal()):
+    def __init__(self, rngs, width=16, kernel_init=_LECUN_NORMAL):
         self.hidden = nnx.Linear(6, width, kernel_init=kernel_init, rngs=rngs)
         self.mid = nnx.Linear(width, width, rngs=rngs)
         self.out = nnx.Linear(width, 4, rngs=rngs)

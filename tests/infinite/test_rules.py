@@ -46,7 +46,9 @@ def test_softmax_over_channels_is_an_error(x):
 
 def test_attention_is_an_error(x):
     seq = x.reshape((3, 16, 2))
-    model = _flax(lambda h: nn.Dense(2)(nn.SelfAttention(num_heads=1, qkv_features=4)(h).reshape((h.shape[0], -1))), seq)
+    model = _flax(
+        lambda h: nn.Dense(2)(nn.SelfAttention(num_heads=1, qkv_features=4)(h).reshape((h.shape[0], -1))), seq
+    )
     _raises(model, seq, "SelfAttention|MultiHeadDotProductAttention|dot_general|attention")
 
 
