@@ -25,8 +25,10 @@ def cpu_model() -> str:
 def describe_machine() -> str:
     """One line: JAX version, platform, device kind and count, CPU model and core count."""
     d = jax.devices()[0]
-    return (f"jax {jax.__version__}; platform {d.platform}; device {d.device_kind} ×{jax.device_count()}; "
-            f"CPU {cpu_model()} ({os.cpu_count()} cores); x64 {'on' if jax.config.jax_enable_x64 else 'off'}")
+    return (
+        f"jax {jax.__version__}; platform {d.platform}; device {d.device_kind} ×{jax.device_count()}; "
+        f"CPU {cpu_model()} ({os.cpu_count()} cores); x64 {'on' if jax.config.jax_enable_x64 else 'off'}"
+    )
 
 
 def compile_fn(fn: Callable, *args):
@@ -62,8 +64,9 @@ def peak_mib(compiled) -> float:
 def table(header: Sequence[str], rows: Sequence[Sequence], widths: Sequence[int] = ()) -> str:
     """A plain text table; the first column left-aligned, the others right-aligned."""
     widths = list(widths) or [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    fmt = lambda cells: " ".join(f"{str(c):<{w}}" if i == 0 else f"{str(c):>{w}}"
-                                 for i, (c, w) in enumerate(zip(cells, widths)))
+    fmt = lambda cells: " ".join(
+        f"{str(c):<{w}}" if i == 0 else f"{str(c):>{w}}" for i, (c, w) in enumerate(zip(cells, widths))
+    )
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 

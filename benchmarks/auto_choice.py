@@ -49,9 +49,11 @@ SMALL = ("flax_linen_mnist_cnn", "haiku_mnist_mlp", "haiku_resnet18_eval", "flax
 
 def tiled(x, n):
     """The zoo batch repeated up to ``n`` examples (timing only: duplicates cost the same)."""
+
     def grow(a):
         reps = -(-n // a.shape[0])
         return jnp.concatenate([a] * reps, 0)[:n]
+
     return jax.tree_util.tree_map(grow, x)
 
 
@@ -87,8 +89,9 @@ def run(name, model, x, repeats, budget):
         methods.update({"jacobian": ("jacobian", "auto"), "structured": ("structured", "auto")})
     compiled, compiles = {}, {}
     for label, (impl, vmap_axes) in methods.items():
-        fn = empirical_ntk_fn(model, implementation=impl, vmap_axes=vmap_axes, check_finite_values=False,
-                              memory_budget=budget)
+        fn = empirical_ntk_fn(
+            model, implementation=impl, vmap_axes=vmap_axes, check_finite_values=False, memory_budget=budget
+        )
         compiled[label], compiles[label] = compile_fn(lambda x, fn=fn: fn(x), x)
     times = round_robin(compiled, (x,), repeats)
     picked = pick if pick != "jacobian" or batch is not None else "jacobian-batch"
@@ -98,8 +101,13 @@ def run(name, model, x, repeats, budget):
     cells = [name, f"{n_params:,}", "0" if batch is not None else "None"]
     for label in ("jacobian-batch", "jacobian", "structured", "ntvp"):
         cells.append(f"{times[label] * 1e3:.2f}" if label in times else "-")
-    cells += [picked, f"{est('jacobian')}/{est('structured')}/{est('ntvp')}", best,
-              f"{times[picked] / times[best]:.2f}", f"{sum(compiles.values()):.0f}"]
+    cells += [
+        picked,
+        f"{est('jacobian')}/{est('structured')}/{est('ntvp')}",
+        best,
+        f"{times[picked] / times[best]:.2f}",
+        f"{sum(compiles.values()):.0f}",
+    ]
     return cells
 
 
@@ -111,8 +119,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="four zoo entries, fewer repeats (CPU, ~2 min)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--full-resnet", action="store_true",
-                        help="add hk.nets.ResNet18 at full width (default on accelerators without --small)")
+    parser.add_argument(
+        "--full-resnet",
+        action="store_true",
+        help="add hk.nets.ResNet18 at full width (default on accelerators without --small)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="examples per kernel (default 16, 8 with --small)")
     parser.add_argument("--entries", nargs="*", default=None, help="zoo entry names (default: all, or the small set)")
     args = parser.parse_args()
@@ -121,19 +132,35 @@ def main():
     names = args.entries if args.entries is not None else (SMALL if args.small else ())
     budget = resolve_memory_budget(None)
     print(describe_machine())
-    print(f"float32 kernels of {n} examples (zoo batches repeated), trace_axes=(-1,), x2=None; "
-          f"memory_budget {budget / 2**30:.2f} GiB (the default); "
-          f"times: median of {repeats} round-robin runs after a compiled warm-up, ms")
+    print(
+        f"float32 kernels of {n} examples (zoo batches repeated), trace_axes=(-1,), x2=None; "
+        f"memory_budget {budget / 2**30:.2f} GiB (the default); "
+        f"times: median of {repeats} round-robin runs after a compiled warm-up, ms"
+    )
     rows = [run(name, model, x, repeats, budget) for name, model, x in zoo_models(names, n)]
     if args.full_resnet or (not args.small and jax.devices()[0].platform != "cpu"):
         rows.append(run(*full_resnet18(), repeats, budget))
-    header = ["entry", "params", "vmap", "jac-batch", "jacobian", "structured", "ntvp", "auto",
-              "est. jac/str/ntvp", "best", "auto/best", "compile s"]
+    header = [
+        "entry",
+        "params",
+        "vmap",
+        "jac-batch",
+        "jacobian",
+        "structured",
+        "ntvp",
+        "auto",
+        "est. jac/str/ntvp",
+        "best",
+        "auto/best",
+        "compile s",
+    ]
     print(table(header, rows))
     worst = max(float(r[-2]) for r in rows)
     timed = [float(r[-2]) for r in rows if best_ms(r) >= 1.0]
-    print(f"worst auto/best: {worst:.2f} over all rows; {max(timed, default=float('nan')):.2f} over rows whose best "
-          "takes ≥ 1 ms (below that, dispatch overhead rather than the kernel is timed); target ≤ 1.5")
+    print(
+        f"worst auto/best: {worst:.2f} over all rows; {max(timed, default=float('nan')):.2f} over rows whose best "
+        "takes ≥ 1 ms (below that, dispatch overhead rather than the kernel is timed); target ≤ 1.5"
+    )
 
 
 if __name__ == "__main__":

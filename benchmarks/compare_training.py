@@ -41,21 +41,21 @@ from ntk_adapters.inputs import resolve_vmap_axes
 
 
 class CNN(nn.Module):
-  """A simple CNN model."""
+    """A simple CNN model."""
 
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
-    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = nn.Conv(features=64, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
-    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))  # flatten
-    x = nn.Dense(features=256)(x)
-    x = nn.relu(x)
-    x = nn.Dense(features=10)(x)
-    return x
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(features=32, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = nn.Conv(features=64, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))  # flatten
+        x = nn.Dense(features=256)(x)
+        x = nn.relu(x)
+        x = nn.Dense(features=10)(x)
+        return x
 
 
 def timed(fn):
@@ -74,29 +74,44 @@ def main() -> None:
     args = parser.parse_args()
 
     digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[..., None]          # (1797, 8, 8, 1)
+    images = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
     labels = np.eye(10, dtype=np.float32)[digits.target]
-    x_train, x_test = images[: args.n], images[args.n: 2 * args.n]
-    y_train, y_test = labels[: args.n], labels[args.n: 2 * args.n]
+    x_train, x_test = images[: args.n], images[args.n : 2 * args.n]
+    y_train, y_test = labels[: args.n], labels[args.n : 2 * args.n]
 
     module = CNN()
     model, t_adapt = timed(lambda: ntk_adapters.flax.adapt(module, None, x_train))
     stacked = np.concatenate([x_train, x_test])
     batch = resolve_vmap_axes(model, stacked, "auto")
-    impl = choose("auto", model.apply_fn, model.params, stacked, None,
-                  output_axes(model.apply_fn, model.params, stacked, None, (), ()), batch, None, None)
+    impl = choose(
+        "auto",
+        model.apply_fn,
+        model.params,
+        stacked,
+        None,
+        output_axes(model.apply_fn, model.params, stacked, None, (), ()),
+        batch,
+        None,
+        None,
+    )
     _, t_ntk = timed(lambda: empirical_ntk_fn(model, trace_axes=())(stacked))
     k = np.asarray(empirical_ntk_fn(model, trace_axes=())(x_train))
     size = k.shape[0] * k.shape[2]
     eta = 0.5 * 2 * size / np.linalg.eigvalsh(k.transpose(0, 2, 1, 3).reshape(size, size)).max()
-    result, t_compare = timed(lambda: compare_training(
-        model, x_train, y_train, x_test, y_test, learning_rate=float(eta), steps=args.steps,
-        progress=False))
+    result, t_compare = timed(
+        lambda: compare_training(
+            model, x_train, y_train, x_test, y_test, learning_rate=float(eta), steps=args.steps, progress=False
+        )
+    )
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}")
-    print(f"Flax MNIST CNN (upstream sizes), {args.n} train + {args.n} test digits 8×8, float32, "
-          f"{args.steps} SGD steps at η = ½·η_max = {eta:.3g}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}"
+    )
+    print(
+        f"Flax MNIST CNN (upstream sizes), {args.n} train + {args.n} test digits 8×8, float32, "
+        f"{args.steps} SGD steps at η = ½·η_max = {eta:.3g}"
+    )
     print(f"  batch axes proven: {batch is not None}; 'auto' implementation: {impl}")
     print(f"{'phase':<52}{'seconds':>10}")
     print(f"{'adapt':<52}{t_adapt:>10.1f}")

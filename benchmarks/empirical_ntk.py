@@ -117,8 +117,13 @@ def naive(apply_fn, full: bool):
 
 
 def library(apply_fn, implementation: str, full: bool):
-    ntk = empirical_ntk_fn(apply_fn, trace_axes=() if full else (-1,), vmap_axes=0,
-                           implementation=implementation, check_finite_values=False)
+    ntk = empirical_ntk_fn(
+        apply_fn,
+        trace_axes=() if full else (-1,),
+        vmap_axes=0,
+        implementation=implementation,
+        check_finite_values=False,
+    )
     return lambda params, x1, x2: ntk(x1, x2, params)
 
 
@@ -152,8 +157,10 @@ def run_case(title, methods, args, repeats, reference="naive"):
         err = float(jnp.max(jnp.abs(out - ref_out)))
         by_hand = f"{median[name] / median['by-hand']:10.2f}" if "by-hand" in median else f"{'':>10}"
         runs_note = "" if name in times else "  (1 run)"
-        print(f"{name:<12} {median[name] * 1e3:10.2f} {median[reference] / median[name]:8.1f}× {by_hand} "
-              f"{peak:9.1f} {err:17.2e}{runs_note}")
+        print(
+            f"{name:<12} {median[name] * 1e3:10.2f} {median[reference] / median[name]:8.1f}× {by_hand} "
+            f"{peak:9.1f} {err:17.2e}{runs_note}"
+        )
 
 
 def auto_choice(apply_fn, params, x1, x2, full: bool) -> str:
@@ -168,16 +175,21 @@ def auto_choice(apply_fn, params, x1, x2, full: bool) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=None, help="default 9, 3 with --small")
-    parser.add_argument("--small", action="store_true",
-                        help="MLP width 256 and a quarter of the batches (fits in ~1 GiB, about a minute)")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="MLP width 256 and a quarter of the batches (fits in ~1 GiB, about a minute)",
+    )
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.small else 9)
     width, n1, n2 = (256, 32, 16) if args.small else (512, 128, 64)
     c1, c2 = (8, 4) if args.small else (32, 16)
     print(describe_machine() + "; float32")
-    print("times: median of --repeats round-robin runs of each compiled function (a single run where the "
-          "first takes over 5 s); '× naive' = naive time / method time (higher is faster); '× by-hand' = "
-          "method time / by-hand time (lower is faster); peak = compiled temp + output bytes")
+    print(
+        "times: median of --repeats round-robin runs of each compiled function (a single run where the "
+        "first takes over 5 s); '× naive' = naive time / method time (higher is faster); '× by-hand' = "
+        "method time / by-hand time (lower is faster); peak = compiled temp + output bytes"
+    )
 
     key = jax.random.PRNGKey(0)
     params = mlp_params(key, (784, width, width, 10))
@@ -192,8 +204,12 @@ def main():
             "structured": library(mlp, "structured", full),
         }
         what = f"full O×O, ({n1}, {n2}, 10, 10)" if full else f"traced, ({n1}, {n2})"
-        run_case(f"MLP 784-{width}-{width}-10, tanh, no biases, N1={n1}, N2={n2}, {what}", methods,
-                 (params, x1, x2), args.repeats)
+        run_case(
+            f"MLP 784-{width}-{width}-10, tanh, no biases, N1={n1}, N2={n2}, {what}",
+            methods,
+            (params, x1, x2),
+            args.repeats,
+        )
         print(auto_choice(mlp, params, x1, x2, full))
 
     params = CNN.init(key)
@@ -207,8 +223,12 @@ def main():
             "structured": library(CNN.apply, "structured", full),
         }
         what = f"full O×O, ({c1}, {c2}, 10, 10)" if full else f"traced, ({c1}, {c2})"
-        run_case(f"CNN 8×8×3 → conv3×3(32) → conv3×3(32) → dense(10), N1={c1}, N2={c2}, {what}", methods,
-                 (params, x1, x2), args.repeats)
+        run_case(
+            f"CNN 8×8×3 → conv3×3(32) → conv3×3(32) → dense(10), N1={c1}, N2={c2}, {what}",
+            methods,
+            (params, x1, x2),
+            args.repeats,
+        )
         print(auto_choice(CNN.apply, params, x1, x2, full))
 
 

@@ -117,8 +117,12 @@ def _window_full(a, lead):
     out = 0.0
     for dh in range(3):
         for dw in range(3):
-            out = out + p[(slice(None),) * lead + (slice(dh, dh + h), slice(dh, dh + h), slice(dw, dw + w),
-                                                   slice(dw, dw + w))]
+            out = (
+                out
+                + p[
+                    (slice(None),) * lead + (slice(dh, dh + h), slice(dh, dh + h), slice(dw, dw + w), slice(dw, dw + w))
+                ]
+            )
     return out / 9.0
 
 
@@ -206,10 +210,22 @@ def section_infinite(s, repeats):
     res = timed_pair({"engine": engine_ntk(DeepCNN(2, 64, "gap"), xi[:2]), "by hand": hand}, (xi, xi), repeats)
     rows.append((f"CNN conv-conv-GAP-dense 8×8×3, {s['cnn_n']}²", res))
     print("\n1. Infinite-width NTK: engine vs hand-written recursion (same process)")
-    print(table(["case", "engine ms", "by hand ms", "engine/hand", "max rel diff", "compile s"],
-                [(name, f"{r['engine'][0] * 1e3:.2f}", f"{r['by hand'][0] * 1e3:.2f}",
-                  f"{r['engine'][0] / r['by hand'][0]:.2f}", f"{rel_diff(r['engine'][1], r['by hand'][1]):.1e}",
-                  f"{r['engine'][2]:.1f}") for name, r in rows]))
+    print(
+        table(
+            ["case", "engine ms", "by hand ms", "engine/hand", "max rel diff", "compile s"],
+            [
+                (
+                    name,
+                    f"{r['engine'][0] * 1e3:.2f}",
+                    f"{r['by hand'][0] * 1e3:.2f}",
+                    f"{r['engine'][0] / r['by hand'][0]:.2f}",
+                    f"{rel_diff(r['engine'][1], r['by hand'][1]):.1e}",
+                    f"{r['engine'][2]:.1f}",
+                )
+                for name, r in rows
+            ],
+        )
+    )
 
 
 def naive_whole_batch(apply_fn):
@@ -217,6 +233,7 @@ def naive_whole_batch(apply_fn):
         flat = lambda j: jnp.concatenate([l.reshape(l.shape[:2] + (-1,)) for l in jax.tree_util.tree_leaves(j)], -1)
         j1, j2 = flat(jax.jacrev(apply_fn)(params, x1)), flat(jax.jacrev(apply_fn)(params, x2))
         return jnp.einsum("nap,map->nm", j1, j2, precision=HI) / j1.shape[1]
+
     return ntk
 
 
@@ -227,6 +244,7 @@ def naive_per_example(apply_fn):
         flat = lambda j: jnp.concatenate([l.reshape(l.shape[:2] + (-1,)) for l in jax.tree_util.tree_leaves(j)], -1)
         j1, j2 = flat(jac(params, x1)), flat(jac(params, x2))
         return jnp.einsum("nap,map->nm", j1, j2, precision=HI) / j1.shape[1]
+
     return ntk
 
 
@@ -251,19 +269,45 @@ def section_empirical(s, repeats):
     for name, module, a, b in cases:
         params = module.init(jax.random.PRNGKey(0), a[:1])
         apply_fn = module.apply
-        lib = {impl: empirical_ntk_fn(apply_fn, vmap_axes=0, implementation=impl, check_finite_values=False)
-               for impl in ("structured", "auto")}
-        fns = {"naive": naive_whole_batch(apply_fn), "per-example": naive_per_example(apply_fn),
-               "structured": lambda p, a, b, lib=lib: lib["structured"](a, b, p),
-               "auto": lambda p, a, b, lib=lib: lib["auto"](a, b, p)}
+        lib = {
+            impl: empirical_ntk_fn(apply_fn, vmap_axes=0, implementation=impl, check_finite_values=False)
+            for impl in ("structured", "auto")
+        }
+        fns = {
+            "naive": naive_whole_batch(apply_fn),
+            "per-example": naive_per_example(apply_fn),
+            "structured": lambda p, a, b, lib=lib: lib["structured"](a, b, p),
+            "auto": lambda p, a, b, lib=lib: lib["auto"](a, b, p),
+        }
         res = timed_pair(fns, (params, a, b), repeats)
         t = {k: v[0] for k, v in res.items()}
-        rows.append((name, *(f"{t[k] * 1e3:.2f}" for k in fns), f"{t['naive'] / t['structured']:.1f}×",
-                     f"{t['structured'] / t['per-example']:.2f}", f"{t['auto'] / min(t.values()):.2f}",
-                     f"{rel_diff(res['structured'][1], res['naive'][1]):.1e}"))
+        rows.append(
+            (
+                name,
+                *(f"{t[k] * 1e3:.2f}" for k in fns),
+                f"{t['naive'] / t['structured']:.1f}×",
+                f"{t['structured'] / t['per-example']:.2f}",
+                f"{t['auto'] / min(t.values()):.2f}",
+                f"{rel_diff(res['structured'][1], res['naive'][1]):.1e}",
+            )
+        )
     print("\n2. Empirical NTK (trace over outputs): structured vs naive Jacobian contractions, ms")
-    print(table(["case", "naive", "per-example", "structured", "auto", "naive/struct", "struct/per-ex",
-                 "auto/best", "max rel diff"], rows))
+    print(
+        table(
+            [
+                "case",
+                "naive",
+                "per-example",
+                "structured",
+                "auto",
+                "naive/struct",
+                "struct/per-ex",
+                "auto/best",
+                "max rel diff",
+            ],
+            rows,
+        )
+    )
 
 
 def section_tiling(s, repeats):
@@ -291,11 +335,21 @@ def section_tiling(s, repeats):
     t_copy = best_of(lambda: np.array(fresh.pop(), copy=True))
     entries = n * n
     print(f"\n3. Tiling: {n}×{n} float32 MLP NTK ({entries * 4 / 1e6:.0f} MB), tiles {tile}², best of {repeats}")
-    rows = [("batch() tiled, host result", f"{t_tiled:.3f}", f"{entries / t_tiled:.3g}", f"{t_tiled / t_copy:.2f}"),
-            ("untiled, one call + copy to host", f"{t_untiled:.3f}", f"{entries / t_untiled:.3g}",
-             f"{t_untiled / t_copy:.2f}"),
-            (f"device→host copy only ({entries * 4 / t_copy / 1e9:.2f} GB/s)", f"{t_copy:.3f}",
-             f"{entries / t_copy:.3g}", "1.00")]
+    rows = [
+        ("batch() tiled, host result", f"{t_tiled:.3f}", f"{entries / t_tiled:.3g}", f"{t_tiled / t_copy:.2f}"),
+        (
+            "untiled, one call + copy to host",
+            f"{t_untiled:.3f}",
+            f"{entries / t_untiled:.3g}",
+            f"{t_untiled / t_copy:.2f}",
+        ),
+        (
+            f"device→host copy only ({entries * 4 / t_copy / 1e9:.2f} GB/s)",
+            f"{t_copy:.3f}",
+            f"{entries / t_copy:.3g}",
+            "1.00",
+        ),
+    ]
     print(table(["run", "seconds", "entries/s", "× copy time"], rows))
     print(f"tiled / untiled throughput: {t_untiled / t_tiled:.2f}")
 
@@ -303,8 +357,10 @@ def section_tiling(s, repeats):
 def section_deep_cnn(s, repeats, engine: bool = True):
     rows = []
     if not engine:
-        print("\n(4: the engine is skipped: compiling it for the 21-layer CNN takes minutes on a CPU — 60 s with "
-              "pooling at 8×8, 700 s with flatten at 32×32 measured on 2 loaded cores; pass --deep-engine)")
+        print(
+            "\n(4: the engine is skipped: compiling it for the 21-layer CNN takes minutes on a CPU — 60 s with "
+            "pooling at 8×8, 700 s with flatten at 32×32 measured on 2 loaded cores; pass --deep-engine)"
+        )
     for readout, n, hw in (("gap", s["deep_gap_n"], s["deep_gap_hw"]), ("flatten", s["deep_flat_n"], 32)):
         x = jax.random.normal(jax.random.PRNGKey(7), (n, hw, hw, 3), jnp.float32)
         hand = jax.jit(lambda a, b, r=readout: cnn_by_hand(a, b, 21, 64, r))
@@ -317,22 +373,62 @@ def section_deep_cnn(s, repeats, engine: bool = True):
         res = timed_pair(fns, (x, x), repeats)
         per = {k: v[0] * 1e3 / (n * n) for k, v in res.items()}
         diff = rel_diff(res["engine"][1], res["by hand"][1]) if "engine" in res else float("nan")
-        rows.append((f"{readout}, {n}² entries, {hw}×{hw}×3",
-                     f"{per['engine']:.4g}" if "engine" in per else "-", f"{per['by hand']:.4g}",
-                     f"{per['engine'] / per['by hand']:.2f}" if "engine" in per else "-",
-                     f"{NT_V100_MS_PER_ENTRY[readout]:g}", f"{diff:.1e}",
-                     "/".join(f"{res[k][2]:.0f}" for k in ("engine", "by hand") if k in res)))
-    print("\n4. 21-layer 3×3 SAME ReLU CNN, infinite NTK, ms per kernel entry (NT's figures are for 32×32;"
-          " pooling costs grow with (H·W)², so a smaller image is not comparable with them)")
-    print(table(["readout", "engine", "by hand", "engine/hand", "NT V100 (published)", "max rel diff",
-                 "compile s eng/hand"], rows))
+        rows.append(
+            (
+                f"{readout}, {n}² entries, {hw}×{hw}×3",
+                f"{per['engine']:.4g}" if "engine" in per else "-",
+                f"{per['by hand']:.4g}",
+                f"{per['engine'] / per['by hand']:.2f}" if "engine" in per else "-",
+                f"{NT_V100_MS_PER_ENTRY[readout]:g}",
+                f"{diff:.1e}",
+                "/".join(f"{res[k][2]:.0f}" for k in ("engine", "by hand") if k in res),
+            )
+        )
+    print(
+        "\n4. 21-layer 3×3 SAME ReLU CNN, infinite NTK, ms per kernel entry (NT's figures are for 32×32;"
+        " pooling costs grow with (H·W)², so a smaller image is not comparable with them)"
+    )
+    print(
+        table(
+            [
+                "readout",
+                "engine",
+                "by hand",
+                "engine/hand",
+                "NT V100 (published)",
+                "max rel diff",
+                "compile s eng/hand",
+            ],
+            rows,
+        )
+    )
 
 
 SIZES = {
-    "full": dict(mlp_n=2000, cnn_n=64, mlp_width=512, emp_n1=128, emp_n2=64, tile_n=20000, tile=2500,
-                 deep_gap_hw=32, deep_gap_n=8, deep_flat_n=256),
-    "small": dict(mlp_n=300, cnn_n=8, mlp_width=256, emp_n1=32, emp_n2=16, tile_n=3000, tile=500,
-                  deep_gap_hw=8, deep_gap_n=4, deep_flat_n=8),
+    "full": dict(
+        mlp_n=2000,
+        cnn_n=64,
+        mlp_width=512,
+        emp_n1=128,
+        emp_n2=64,
+        tile_n=20000,
+        tile=2500,
+        deep_gap_hw=32,
+        deep_gap_n=8,
+        deep_flat_n=256,
+    ),
+    "small": dict(
+        mlp_n=300,
+        cnn_n=8,
+        mlp_width=256,
+        emp_n1=32,
+        emp_n2=16,
+        tile_n=3000,
+        tile=500,
+        deep_gap_hw=8,
+        deep_gap_n=4,
+        deep_flat_n=8,
+    ),
 }
 
 
@@ -341,23 +437,34 @@ def main():
     parser.add_argument("--small", action="store_true", help="sizes for a CPU: ~2 minutes, < 2 GiB")
     parser.add_argument("--repeats", type=int, default=None, help="default 5, 3 with --small")
     parser.add_argument("--sections", default="1234", help="which tables to print, e.g. 24")
-    parser.add_argument("--deep-engine", action=argparse.BooleanOptionalAction, default=None,
-                        help="time the engine on the 21-layer CNN (default: on, off with --small)")
+    parser.add_argument(
+        "--deep-engine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the engine on the 21-layer CNN (default: on, off with --small)",
+    )
     args = parser.parse_args()
     s = SIZES["small" if args.small else "full"]
     repeats = args.repeats or (3 if args.small else 5)
     print(describe_machine())
-    print(f"sizes: {'--small' if args.small else 'full'}; float32; median of {repeats} runs after a compiled "
-          "warm-up unless stated")
+    print(
+        f"sizes: {'--small' if args.small else 'full'}; float32; median of {repeats} runs after a compiled "
+        "warm-up unless stated"
+    )
     start = time.perf_counter()
     with jax.default_matmul_precision("highest"):
         deep_engine = (not args.small) if args.deep_engine is None else args.deep_engine
-        for key, fn in (("1", section_infinite), ("2", section_empirical), ("3", section_tiling),
-                        ("4", lambda s, r: section_deep_cnn(s, r, deep_engine))):
+        for key, fn in (
+            ("1", section_infinite),
+            ("2", section_empirical),
+            ("3", section_tiling),
+            ("4", lambda s, r: section_deep_cnn(s, r, deep_engine)),
+        ):
             if key in args.sections:
                 fn(s, repeats)
-    print(f"\ntotal {time.perf_counter() - start:.0f} s on {jax.devices()[0].device_kind} "
-          f"({jax.devices()[0].platform})")
+    print(
+        f"\ntotal {time.perf_counter() - start:.0f} s on {jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,12 @@ def _window_avg(a, lead):
     out = 0.0
     for dh in range(3):
         for dw in range(3):
-            out = out + p[(slice(None),) * lead + (slice(dh, dh + h), slice(dh, dh + h), slice(dw, dw + w),
-                                                   slice(dw, dw + w))]
+            out = (
+                out
+                + p[
+                    (slice(None),) * lead + (slice(dh, dh + h), slice(dh, dh + h), slice(dw, dw + w), slice(dw, dw + w))
+                ]
+            )
     return out / 9.0
 
 
@@ -141,8 +145,9 @@ def main():
     np.testing.assert_allclose(eng.nngp, ref[0], rtol=1e-9, atol=1e-12)
     # arccos is ill-conditioned at ρ = 1 (the diagonal): ~1e-8 relative differences there
     np.testing.assert_allclose(eng.ntk, ref[1], rtol=1e-7)
-    rows.append((f"MLP 32-512-512-10, {args.n}x{args.n}",
-                 *bench(lambda: kf(x, x), lambda: mlp_by_hand(x, x), args.repeats)))
+    rows.append(
+        (f"MLP 32-512-512-10, {args.n}x{args.n}", *bench(lambda: kf(x, x), lambda: mlp_by_hand(x, x), args.repeats))
+    )
 
     xi = jax.random.normal(jax.random.PRNGKey(1), (args.n_img, 8, 8, 3))
     model = nflax.adapt(CNN(), None, xi[:2])
@@ -152,8 +157,12 @@ def main():
     np.testing.assert_allclose(eng.nngp, ref[0], rtol=1e-9, atol=1e-12)
     # arccos is ill-conditioned at ρ = 1 (the diagonal): ~1e-8 relative differences there
     np.testing.assert_allclose(eng.ntk, ref[1], rtol=1e-7)
-    rows.append((f"CNN conv-conv-GAP-dense 8x8x3, {args.n_img}x{args.n_img}",
-                 *bench(lambda: kf(xi, xi), lambda: cnn_by_hand(xi, xi), args.repeats)))
+    rows.append(
+        (
+            f"CNN conv-conv-GAP-dense 8x8x3, {args.n_img}x{args.n_img}",
+            *bench(lambda: kf(xi, xi), lambda: cnn_by_hand(xi, xi), args.repeats),
+        )
+    )
 
     print(f"{'case':44s} {'engine (ms)':>12s} {'by hand (ms)':>13s} {'ratio':>7s}")
     for name, t_eng, t_ref in rows:

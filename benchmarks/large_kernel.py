@@ -38,8 +38,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--memmap", default=None, help="assemble the result in this .npy memory map")
     p.add_argument("--devices", type=int, default=None, help="number of host (CPU) devices to shard tiles over")
     p.add_argument("--kernel", choices=["auto", "infinite", "closed-form"], default="auto")
-    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the untiled kernel (default: on for n <= 4000)")
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the untiled kernel (default: on for n <= 4000)",
+    )
     p.add_argument("--progress", action="store_true")
     return p.parse_args()
 
@@ -126,8 +130,10 @@ def library_mlp_kernel():
         kernel_fn = infinite_kernel_fn(model)
         kernel_fn(jnp.ones((3, ARGS.d), jnp.float32), get="ntk")
     except Exception as err:  # report and fall back: the benchmark measures tiling, not the engine
-        print(f"infinite_kernel_fn failed on the Flax MLP ({type(err).__name__}: {err}); "
-              "using the closed form", file=sys.stderr)
+        print(
+            f"infinite_kernel_fn failed on the Flax MLP ({type(err).__name__}: {err}); using the closed form",
+            file=sys.stderr,
+        )
         return None
     return kernel_fn
 
@@ -152,8 +158,9 @@ def main() -> None:
     # shape, so the timing below measures evaluation only.
     warm = min(ARGS.n, 2 * ARGS.batch_size)
     batch(kernel_fn, ARGS.batch_size, store_on_host=True, devices=devices)(x[:warm], get="ntk")
-    batched = batch(kernel_fn, ARGS.batch_size, store_on_host=True, memmap_path=ARGS.memmap,
-                    progress=ARGS.progress, devices=devices)
+    batched = batch(
+        kernel_fn, ARGS.batch_size, store_on_host=True, memmap_path=ARGS.memmap, progress=ARGS.progress, devices=devices
+    )
     start, cpu_start = time.perf_counter(), time.process_time()
     k = batched(x, get="ntk")
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -162,10 +169,16 @@ def main() -> None:
     assert k.shape == (ARGS.n, ARGS.n) and k.dtype == np.float32, (k.shape, k.dtype)
     finite = bool(np.isfinite(k[:: max(1, ARGS.n // 100)]).all())
 
-    rows = [(
-        f"tiled {ARGS.batch_size}² on {len(devices)} dev, " + ("memmap" if ARGS.memmap else "host numpy"),
-        seconds, cpu_seconds, ARGS.n**2 / seconds, peak / result_bytes, (peak - rss_before) / result_bytes,
-    )]
+    rows = [
+        (
+            f"tiled {ARGS.batch_size}² on {len(devices)} dev, " + ("memmap" if ARGS.memmap else "host numpy"),
+            seconds,
+            cpu_seconds,
+            ARGS.n**2 / seconds,
+            peak / result_bytes,
+            (peak - rss_before) / result_bytes,
+        )
+    ]
 
     baseline = ARGS.n <= 4000 if ARGS.baseline is None else ARGS.baseline
     if baseline:
@@ -176,25 +189,41 @@ def main() -> None:
         k_full = np.asarray(untiled(x).block_until_ready())
         base_seconds, base_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         max_err = float(np.max(np.abs(k_full - np.asarray(k))) / np.max(np.abs(k_full)))
-        rows.append(("untiled, one call (baseline)", base_seconds, base_cpu, ARGS.n**2 / base_seconds,
-                     float("nan"), float("nan")))
+        rows.append(
+            (
+                "untiled, one call (baseline)",
+                base_seconds,
+                base_cpu,
+                ARGS.n**2 / base_seconds,
+                float("nan"),
+                float("nan"),
+            )
+        )
 
-    print(f"\nkernel: {source}; n = {ARGS.n}, d = {ARGS.d}, float32; jax {jax.__version__}, "
-          f"{os.cpu_count()} CPU cores, devices: {[str(d) for d in devices]}")
+    print(
+        f"\nkernel: {source}; n = {ARGS.n}, d = {ARGS.d}, float32; jax {jax.__version__}, "
+        f"{os.cpu_count()} CPU cores, devices: {[str(d) for d in devices]}"
+    )
     print(f"result: {ARGS.n} × {ARGS.n} float32 = {result_bytes / 1e9:.3f} GB; all finite (sampled rows): {finite}")
     print(f"peak RSS (VmHWM) {peak / 1e9:.3f} GB; before the kernel call {rss_before / 1e9:.3f} GB")
-    print("entries/s = n² / wall seconds (the x2=None path evaluates the diagonal and upper tiles only); "
-          "CPU s = process CPU time, all threads\n")
-    header = (f"| {'run':<42} | {'wall s':>7} | {'CPU s':>7} | {'entries/s':>10} | {'peak RSS / result':>17} | "
-              f"{'(peak − start) / result':>23} |")
+    print(
+        "entries/s = n² / wall seconds (the x2=None path evaluates the diagonal and upper tiles only); "
+        "CPU s = process CPU time, all threads\n"
+    )
+    header = (
+        f"| {'run':<42} | {'wall s':>7} | {'CPU s':>7} | {'entries/s':>10} | {'peak RSS / result':>17} | "
+        f"{'(peak − start) / result':>23} |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for name, secs, cpu, rate, ratio, extra in rows:
         print(f"| {name:<42} | {secs:7.2f} | {cpu:7.2f} | {rate:10.3g} | {ratio:17.2f} | {extra:23.2f} |")
     if baseline:
-        print(f"\ntiled / untiled throughput: {rows[0][3] / rows[1][3]:.2f} (wall), "
-              f"{rows[1][2] / rows[0][2]:.2f} (CPU); "
-              f"max relative difference {max_err:.2e}")
+        print(
+            f"\ntiled / untiled throughput: {rows[0][3] / rows[1][3]:.2f} (wall), "
+            f"{rows[1][2] / rows[0][2]:.2f} (CPU); "
+            f"max relative difference {max_err:.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -91,14 +91,18 @@ def main() -> None:
         (f"structured×{args.samples}", t_one * args.samples),
         ("naive loop", t_naive),
     ]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); jax {jax.__version__}"
+    )
     print(f"MLP 784-512-512-10, x1 {args.n}, x2 {args.n}, {args.samples} initializations, float32, NNGP + NTK")
     print(f"{'method':<16}{'seconds':>10}{'÷ monte_carlo':>16}")
     for name, t in rows:
         print(f"{name:<16}{t:>10.3f}{t / t_mc:>16.2f}")
-    print(f"target: monte_carlo ≤ 2 × structured×{args.samples}: "
-          f"{'met' if t_mc <= 2 * t_one * args.samples else 'missed'} ({t_mc / (t_one * args.samples):.2f}×)")
+    print(
+        f"target: monte_carlo ≤ 2 × structured×{args.samples}: "
+        f"{'met' if t_mc <= 2 * t_one * args.samples else 'missed'} ({t_mc / (t_one * args.samples):.2f}×)"
+    )
 
 
 if __name__ == "__main__":

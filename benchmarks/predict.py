@@ -243,10 +243,16 @@ def main() -> None:
         f"OPENBLAS_NUM_THREADS={threads}; device: {jax.devices()[0].device_kind} ({jax.default_backend()}); "
         f"jax {jax.__version__}"
     )
-    print(f"kernel: ReLU NTK, N={args.n} train, M={args.m} test, float32, diag_reg={DIAG_REG:g}, "
-          f"cond = {lam[-1] / lam[0]:.2g}; medians of {args.repeats} (seconds)\n")
-    short = {"library": "library", "library, eigh_precision='working'": "lib 'working'",
-             "NT algorithm": "NT algo.", "previous": "previous"}
+    print(
+        f"kernel: ReLU NTK, N={args.n} train, M={args.m} test, float32, diag_reg={DIAG_REG:g}, "
+        f"cond = {lam[-1] / lam[0]:.2g}; medians of {args.repeats} (seconds)\n"
+    )
+    short = {
+        "library": "library",
+        "library, eigh_precision='working'": "lib 'working'",
+        "NT algorithm": "NT algo.",
+        "previous": "previous",
+    }
     head = f"{'':<31}" + "".join(f" {short[n]:>13}" for n in impls) + f" {'lib/NT':>7} {'lib/prev':>9}"
     print(head)
     print("-" * len(head))

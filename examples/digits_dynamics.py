@@ -63,13 +63,18 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--lr-fraction", type=float, default=0.5,
-                        help="learning rate as a fraction of the stability limit 2·N·O/λ_max")
+    parser.add_argument(
+        "--lr-fraction", type=float, default=0.5, help="learning rate as a fraction of the stability limit 2·N·O/λ_max"
+    )
     parser.add_argument("--momentum", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: full batch)")
-    parser.add_argument("--kernel", default="auto", choices=("traced", "full", "auto"),
-                        help="empirical NTK of the prediction: per-output (N, N), cheaper; or the exact "
-                             "(N, N, O, O); auto: full when N·O ≤ 3000")
+    parser.add_argument(
+        "--kernel",
+        default="auto",
+        choices=("traced", "full", "auto"),
+        help="empirical NTK of the prediction: per-output (N, N), cheaper; or the exact "
+        "(N, N, O, O); auto: full when N·O ≤ 3000",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="out/digits_dynamics.png")
     args = parser.parse_args()
@@ -81,24 +86,38 @@ def main() -> None:
     # Standard parameterization: the NTK grows with width, so pick η relative to the largest
     # stable rate of full-batch gradient descent on the linearized network.
     # vmap_axes=0: examples are independent (no batch statistics), which makes the kernel cheap.
-    ntk_train = empirical_ntk_fn(model, trace_axes=(), vmap_axes=0)(x_train)     # (N, N, O, O)
+    ntk_train = empirical_ntk_fn(model, trace_axes=(), vmap_axes=0)(x_train)  # (N, N, O, O)
     eta_max = max_learning_rate(ntk_train, y_train.size, momentum=args.momentum or 0.0)
     lr = args.lr_fraction * eta_max
 
     result = compare_training(
-        model, x_train, y_train, x_test, y_test,
-        learning_rate=lr, momentum=args.momentum, steps=args.steps, eval_every=args.eval_every,
-        kernel=args.kernel, vmap_axes=0, batch_size=args.batch_size, key=jax.random.PRNGKey(args.seed + 1),
+        model,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        learning_rate=lr,
+        momentum=args.momentum,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        kernel=args.kernel,
+        vmap_axes=0,
+        batch_size=args.batch_size,
+        key=jax.random.PRNGKey(args.seed + 1),
     )
-    print(f"digits: {len(x_train)} train / {len(x_test)} test, MLP width {args.width}, "
-          f"η = {args.lr_fraction:g}·η_max = {lr:.4g}")
+    print(
+        f"digits: {len(x_train)} train / {len(x_test)} test, MLP width {args.width}, "
+        f"η = {args.lr_fraction:g}·η_max = {lr:.4g}"
+    )
     print(result.table(max_rows=11))
     print()
     for name in result.names:
         acc = np.mean(result.outputs_test[name][-1].argmax(-1) == l_test)
         print(f"test accuracy after {args.steps} steps, {name:>10}: {acc:.3f}")
-    result.plot(args.plot, title=f"digits, Flax MLP width {args.width}, optax sgd η={lr:.3g}, "
-                                 f"{len(x_train)} train / {len(x_test)} test")
+    result.plot(
+        args.plot,
+        title=f"digits, Flax MLP width {args.width}, optax sgd η={lr:.3g}, {len(x_train)} train / {len(x_test)} test",
+    )
     print(f"\nplot written to {args.plot}  ({time.perf_counter() - start:.0f} s)")
 
 

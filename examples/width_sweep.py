@@ -54,8 +54,16 @@ def main() -> None:
         eta_max = max_learning_rate(ntk_train, y_train.size)
         lr = args.lr_fraction * eta_max
         result = compare_training(
-            model, x_train, y_train, x_test, y_test, learning_rate=lr, steps=args.steps,
-            eval_every=max(1, args.steps // 30), vmap_axes=0, progress=False,
+            model,
+            x_train,
+            y_train,
+            x_test,
+            y_test,
+            learning_rate=lr,
+            steps=args.steps,
+            eval_every=max(1, args.steps // 30),
+            vmap_axes=0,
+            progress=False,
         )
         scale = {
             "train": np.sqrt(np.mean((result.outputs_train["network"][0] - y_train) ** 2)),
@@ -68,14 +76,18 @@ def main() -> None:
         rows.append(row)
         print(f"width {width:>5}: η = {lr:.3g}, done ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    print(f"\nmax over {args.steps} steps of RMS(f_a − f_b) / RMS(f_0 − y); "
-          f"{len(x_train)} train / {len(x_test)} test digits, η = {args.lr_fraction:g}·η_max\n")
+    print(
+        f"\nmax over {args.steps} steps of RMS(f_a − f_b) / RMS(f_0 − y); "
+        f"{len(x_train)} train / {len(x_test)} test digits, η = {args.lr_fraction:g}·η_max\n"
+    )
     head = f"{'width':>6} {'η':>9} {'test loss':>10}" + "".join(f" {title:>27}" for _, _, title in COLUMNS)
     print(head)
     print("-" * len(head))
     for row in rows:
-        print(f"{row['width']:>6} {row['lr']:>9.3g} {row['loss']:>10.4g}"
-              + "".join(f" {row[(p, s)]:>27.3g}" for p, s, _ in COLUMNS))
+        print(
+            f"{row['width']:>6} {row['lr']:>9.3g} {row['loss']:>10.4g}"
+            + "".join(f" {row[(p, s)]:>27.3g}" for p, s, _ in COLUMNS)
+        )
     widths = np.array([r["width"] for r in rows], dtype=float)
     print()
     for pair, split, title in COLUMNS:

@@ -203,11 +203,7 @@ class TrainingComparison:
             if not losses and not gaps:
                 continue
             cols: list[tuple[str, np.ndarray]] = [(f"loss {_SHORT[n]}", losses[n]) for n in self.names if n in losses]
-            cols += [
-                (f"|{_SHORT[a]}−{_SHORT[b]}|", gaps[pair_name(a, b)])
-                for a, b in PAIRS
-                if pair_name(a, b) in gaps
-            ]
+            cols += [(f"|{_SHORT[a]}−{_SHORT[b]}|", gaps[pair_name(a, b)]) for a, b in PAIRS if pair_name(a, b) in gaps]
             head = f"{'step':>7} {'τ':>9}" + "".join(f" {name:>10}" for name, _ in cols)
             lines = [f"[{split}]  loss = ½·mean (f − y)²;  |a−b| = RMS of f_a − f_b", head, "-" * len(head)]
             for i in rows:
@@ -410,8 +406,7 @@ def _make_chunk(
 
         states, _ = jax.lax.scan(step, states, start + jnp.arange(length))
         outs = tuple(
-            (f(params, x_train), None if x_test is None else f(params, x_test))
-            for f, (params, _) in zip(fns, states)
+            (f(params, x_train), None if x_test is None else f(params, x_test)) for f, (params, _) in zip(fns, states)
         )
         return states, outs
 
@@ -693,8 +688,11 @@ def compare_training(
             kernel_used = "traced"
             notes.append("outputs are not (N, O): the per-output (traced) empirical NTK was used")
         ntk_fn = empirical_ntk_fn(
-            model, trace_axes=() if kernel_used == "full" else (-1,), vmap_axes=vmap_axes,
-            implementation=implementation, memory_budget=memory_budget,
+            model,
+            trace_axes=() if kernel_used == "full" else (-1,),
+            vmap_axes=vmap_axes,
+            implementation=implementation,
+            memory_budget=memory_budget,
         )
         k_tt, k_st = _train_and_test_kernels(lambda a, b: ntk_fn(a, b, params0), x_train, x_test)
         # Concrete kernels here (compare_training runs eagerly), so the limit is a Python float.

@@ -104,8 +104,9 @@ def check_finite(tree: PyTree, name: str) -> None:
 check_inputs = check_pair
 
 
-def checked_call(model: Model, x1, x2, params: Optional[PyTree], finite: bool,
-                 batch: Optional[BatchAxes] = None) -> PyTree:
+def checked_call(
+    model: Model, x1, x2, params: Optional[PyTree], finite: bool, batch: Optional[BatchAxes] = None
+) -> PyTree:
     """Validate one kernel call's arguments and return the params to use (the Model's by default)."""
     if params is None:
         if model.params is None:
@@ -251,8 +252,17 @@ def empirical_ntk_fn(
         impl = choose(impl_name, model.apply_fn, params, x1, x2, axes, batch, selected, memory_budget, ntvp_chunk)
         if by_layer and impl == "ntvp":
             impl = "jacobian"  # NTK-vector products do not separate the layers
-        compute = _ntk_jit(model.apply_fn, axes, impl, batch, ntvp_chunk, selected, groups if by_layer else None,
-                           memory_budget, precision)
+        compute = _ntk_jit(
+            model.apply_fn,
+            axes,
+            impl,
+            batch,
+            ntvp_chunk,
+            selected,
+            groups if by_layer else None,
+            memory_budget,
+            precision,
+        )
         return compute(params, x1, x2)
 
     return with_batch_coupling(ntk, functools.partial(batch_coupling, model))
@@ -274,8 +284,17 @@ def output_axes(apply_fn, params, x1, x2, trace_axes, diagonal_axes) -> OutputAx
 
 
 @functools.lru_cache(maxsize=256)
-def _ntk_jit(apply_fn, axes: OutputAxes, impl: str, batch: Optional[BatchAxes], chunk: int, selected, groups,
-             memory_budget: float, precision):
+def _ntk_jit(
+    apply_fn,
+    axes: OutputAxes,
+    impl: str,
+    batch: Optional[BatchAxes],
+    chunk: int,
+    selected,
+    groups,
+    memory_budget: float,
+    precision,
+):
     def compute(params, x1, x2):
         g, sub = _restricted(apply_fn, params, selected)
         return _ntk_value(g, sub, x1, x2, axes, impl, batch, chunk, groups, memory_budget, precision)
@@ -356,11 +375,24 @@ def empirical_kernel_fn(
       k = empirical_kernel_fn(model)(x1, x2)
       k.nngp.shape, k.ntk.shape      # (N1, N2), (N1, N2)
     """
-    nngp_fn = empirical_nngp_fn(f, trace_axes=trace_axes, diagonal_axes=diagonal_axes,
-                                check_finite_values=check_finite_values, precision=precision)
-    ntk_fn = empirical_ntk_fn(f, trace_axes=trace_axes, diagonal_axes=diagonal_axes, vmap_axes=vmap_axes,
-                              implementation=implementation, subset=subset, memory_budget=memory_budget,
-                              check_finite_values=check_finite_values, precision=precision)
+    nngp_fn = empirical_nngp_fn(
+        f,
+        trace_axes=trace_axes,
+        diagonal_axes=diagonal_axes,
+        check_finite_values=check_finite_values,
+        precision=precision,
+    )
+    ntk_fn = empirical_ntk_fn(
+        f,
+        trace_axes=trace_axes,
+        diagonal_axes=diagonal_axes,
+        vmap_axes=vmap_axes,
+        implementation=implementation,
+        subset=subset,
+        memory_budget=memory_budget,
+        check_finite_values=check_finite_values,
+        precision=precision,
+    )
 
     def kernel(x1: PyTree, x2: Optional[PyTree] = None, get: Get = None, params: Optional[PyTree] = None):
         names, _ = normalize_get(get)

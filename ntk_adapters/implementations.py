@@ -77,14 +77,24 @@ def resolve_memory_budget(memory_budget: Optional[float]) -> float:
     if memory_budget is None:
         return default_memory_budget()
     if not memory_budget > 0:
-        raise ValueError(f"memory_budget={memory_budget!r}; pass a positive number of bytes, or None for "
-                         "a quarter of the device's memory")
+        raise ValueError(
+            f"memory_budget={memory_budget!r}; pass a positive number of bytes, or None for "
+            "a quarter of the device's memory"
+        )
     return float(memory_budget)
 
 
-def implementation_costs(apply_fn, params, x1, x2, axes: OutputAxes, batch: Optional[BatchAxes],
-                         selected: Optional[Sequence[int]] = None, memory_budget: Optional[float] = None,
-                         ntvp_chunk: int = 256) -> dict[str, dict[str, float]]:
+def implementation_costs(
+    apply_fn,
+    params,
+    x1,
+    x2,
+    axes: OutputAxes,
+    batch: Optional[BatchAxes],
+    selected: Optional[Sequence[int]] = None,
+    memory_budget: Optional[float] = None,
+    ntvp_chunk: int = 256,
+) -> dict[str, dict[str, float]]:
     """Estimated multiply-adds, peak bytes and a time proxy of each implementation, from shapes only.
 
     With ``N1``, ``N2`` examples, ``O`` outputs per example, ``P`` parameters, ``F`` the forward
@@ -128,8 +138,7 @@ def implementation_costs(apply_fn, params, x1, x2, axes: OutputAxes, batch: Opti
         out["structured"] = dict(flops=c["structured_flops"], bytes=c["structured_bytes"] + backward_elements * s)
     basis = n2 * n_out
     chunk = min(ntvp_chunk, basis)
-    out["ntvp"] = dict(flops=basis * 2 * (f1 + f2),
-                       bytes=(chunk * (c["n_params"] + a1 + a2) + basis * n1 * n_out) * s)
+    out["ntvp"] = dict(flops=basis * 2 * (f1 + f2), bytes=(chunk * (c["n_params"] + a1 + a2) + basis * n1 * n_out) * s)
     for v in out.values():
         v["time"] = v["flops"] + _TRAFFIC * v["bytes"] / s
     return out
@@ -171,9 +180,19 @@ def choose(
     return min(fitting, key=lambda k: costs[k]["time"])
 
 
-def ntk(apply_fn, params, x1, x2, axes: OutputAxes, implementation: str, batch: Optional[BatchAxes],
-        ntvp_chunk: int, groups: Optional[Sequence[str]] = None, memory_budget: Optional[float] = None,
-        precision: PrecisionLike = "highest"):
+def ntk(
+    apply_fn,
+    params,
+    x1,
+    x2,
+    axes: OutputAxes,
+    implementation: str,
+    batch: Optional[BatchAxes],
+    ntvp_chunk: int,
+    groups: Optional[Sequence[str]] = None,
+    memory_budget: Optional[float] = None,
+    precision: PrecisionLike = "highest",
+):
     """The empirical NTK with a resolved implementation; pure and ``jit``-friendly.
 
     With ``groups`` (one name per parameter leaf) the result is ``{name: contribution}``, the
@@ -182,8 +201,7 @@ def ntk(apply_fn, params, x1, x2, axes: OutputAxes, implementation: str, batch: 
     ``precision`` covers the model's products and the contractions (:mod:`ntk_adapters.precision`).
     """
     with matmul_precision(precision):
-        return _ntk(apply_fn, params, x1, x2, axes, implementation, batch, ntvp_chunk, groups, memory_budget,
-                    precision)
+        return _ntk(apply_fn, params, x1, x2, axes, implementation, batch, ntvp_chunk, groups, memory_budget, precision)
 
 
 def _ntk(apply_fn, params, x1, x2, axes, implementation, batch, ntvp_chunk, groups, memory_budget, precision):
@@ -192,8 +210,9 @@ def _ntk(apply_fn, params, x1, x2, axes, implementation, batch, ntvp_chunk, grou
             raise ValueError("NTK-vector products do not separate the layers; use 'jacobian' or 'structured'")
         return _ntvp_kernel(apply_fn, params, x1, x2, axes, ntvp_chunk)
     if implementation == "structured":
-        parts = structured_contributions(apply_fn, params, x1, x2, axes, batch, memory_budget=memory_budget,
-                                         precision=precision)
+        parts = structured_contributions(
+            apply_fn, params, x1, x2, axes, batch, memory_budget=memory_budget, precision=precision
+        )
     else:
         parts = jacobian_contributions(apply_fn, params, x1, x2, axes, batch, precision)
     scale = axes.trace_size(jax.eval_shape(apply_fn, params, x1).shape)
@@ -205,13 +224,15 @@ def _ntk(apply_fn, params, x1, x2, axes, implementation, batch, ntvp_chunk, grou
     return out
 
 
-def jacobian_contributions(apply_fn, params, x1, x2, axes: OutputAxes, batch: Optional[BatchAxes] = None,
-                           precision: PrecisionLike = "highest") -> list[jax.Array]:
+def jacobian_contributions(
+    apply_fn, params, x1, x2, axes: OutputAxes, batch: Optional[BatchAxes] = None, precision: PrecisionLike = "highest"
+) -> list[jax.Array]:
     """Per-leaf ``J1 J2ᵀ`` (untraced sums), from whole-batch Jacobians or, with ``batch``, from
     per-example ones."""
     if batch is None:
         jac = jax.jacrev(apply_fn)
     else:
+
         def single(p, x_one):
             return batch.squeeze_out(apply_fn(p, batch.expand(x_one)))
 
@@ -221,8 +242,9 @@ def jacobian_contributions(apply_fn, params, x1, x2, axes: OutputAxes, batch: Op
     return contract(j1, j2, axes, precision)
 
 
-def contract(j1: list[jax.Array], j2: list[jax.Array], axes: OutputAxes,
-             precision: PrecisionLike = "highest") -> list[jax.Array]:
+def contract(
+    j1: list[jax.Array], j2: list[jax.Array], axes: OutputAxes, precision: PrecisionLike = "highest"
+) -> list[jax.Array]:
     """Per-leaf ``J1 J2ᵀ`` over the parameter axes, output axes paired as ``axes`` says."""
     first, second, result = axes.letters()
     einsum_p = einsum_precision(precision)

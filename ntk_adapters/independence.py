@@ -85,8 +85,7 @@ class BatchCoupling:
     def message(self) -> str:
         """One sentence naming the primitive and the layer, for error messages."""
         where = f"layer '{self.layer}'" if self.layer else "the top level of the model"
-        verdict = ("so examples interact" if self.certain
-                   else "so the independence of examples cannot be proven")
+        verdict = "so examples interact" if self.certain else "so the independence of examples cannot be proven"
         return f"`{self.primitive}` in {where} {self.reason}, {verdict}."
 
 
@@ -153,7 +152,9 @@ class _Interpreter:
                 return [TOP] * n
             return self.couple(
                 "combines the examples with random numbers drawn in the batch's shape (a dropout mask "
-                "of the whole batch): one example at a time each example would see a different draw", False)
+                "of the whole batch): one example at a time each example would see a different draw",
+                False,
+            )
         if all(s is CONST for s in ins):
             return [DRAWN if self._draws_rows(eqn) else CONST] * n
         if any(s is TOP for s in ins):
@@ -207,7 +208,10 @@ def _leaf_axes(x: PyTree, in_axes: Any) -> list[Optional[int]]:
         try:
             nested = jax.tree_util.tree_map(
                 lambda ax, sub: _Axes([ax] * len(jax.tree_util.tree_leaves(sub))),
-                in_axes, x, is_leaf=lambda v: v is None)
+                in_axes,
+                x,
+                is_leaf=lambda v: v is None,
+            )
         except ValueError as e:
             raise ValueError(f"in_axes must be an int, None or a pytree prefix of x: {e}") from None
         axes = [a for group in jax.tree_util.tree_leaves(nested) for a in group.axes]
@@ -244,9 +248,15 @@ def _producer(jaxpr: Any, var: Any) -> Optional[Any]:
     return None
 
 
-def _analyse(fn: Callable, params: PyTree, x: PyTree, in_axes: Any, out_axes: int,
-             layer_of: Callable[[str], str], before_trace: Callable[[], None] = lambda: None,
-             ) -> Optional[BatchCoupling]:
+def _analyse(
+    fn: Callable,
+    params: PyTree,
+    x: PyTree,
+    in_axes: Any,
+    out_axes: int,
+    layer_of: Callable[[str], str],
+    before_trace: Callable[[], None] = lambda: None,
+) -> Optional[BatchCoupling]:
     if isinstance(out_axes, bool) or not isinstance(out_axes, (int, np.integer)):
         raise TypeError(f"out_axes must be an int; got {out_axes!r}")
     axes = _leaf_axes(x, in_axes)
@@ -344,9 +354,7 @@ def _module_path(calls: list[tuple[str, bool]], stack: str) -> str:
     return path
 
 
-def find_model_coupling(
-    model: Any, x: PyTree, in_axes: Any = 0, out_axes: int = 0
-) -> Optional[BatchCoupling]:
+def find_model_coupling(model: Any, x: PyTree, in_axes: Any = 0, out_axes: int = 0) -> Optional[BatchCoupling]:
     """:func:`find_batch_coupling` for an :class:`ntk_adapters.Model`, naming the user's modules.
 
     The model is traced under the recorder of its framework (Flax linen / NNX, Haiku), which runs
@@ -376,5 +384,12 @@ def find_model_coupling(
         with recorder(model, on_call):
             return model.apply_fn(params, xs)
 
-    return _analyse(traced, model.params, x, in_axes, out_axes,
-                    layer_of=lambda stack: _module_path(calls, stack), before_trace=calls.clear)
+    return _analyse(
+        traced,
+        model.params,
+        x,
+        in_axes,
+        out_axes,
+        layer_of=lambda stack: _module_path(calls, stack),
+        before_trace=calls.clear,
+    )

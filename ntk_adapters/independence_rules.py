@@ -93,6 +93,7 @@ def _rule(*names: str) -> Callable[[Rule], Rule]:
         for name in names:
             RULES[name] = fn
         return fn
+
     return register
 
 
@@ -190,7 +191,7 @@ def _reshape(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     if eqn.params.get("dimensions") is not None:
         return ctx.couple("reshapes with a transposition", False)
     n = old[s.axis] // (s.outer * s.inner)
-    post = s.inner * math.prod(old[s.axis + 1:])
+    post = s.inner * math.prod(old[s.axis + 1 :])
     stride = 1
     for b in reversed(range(len(new))):
         if post % stride == 0 and (stride * new[b]) % (post * n) == 0:
@@ -288,10 +289,16 @@ def _split(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
 # Reductions, scans along an axis, sorting.
 
 _REDUCE_VERBS = {
-    "reduce_sum": "sums", "reduce_max": "takes the maximum", "reduce_min": "takes the minimum",
-    "reduce_prod": "multiplies", "reduce_and": "takes the logical and",
-    "reduce_or": "takes the logical or", "reduce_xor": "takes the exclusive or",
-    "argmax": "takes the argmax", "argmin": "takes the argmin", "reduce": "reduces",
+    "reduce_sum": "sums",
+    "reduce_max": "takes the maximum",
+    "reduce_min": "takes the minimum",
+    "reduce_prod": "multiplies",
+    "reduce_and": "takes the logical and",
+    "reduce_or": "takes the logical or",
+    "reduce_xor": "takes the exclusive or",
+    "argmax": "takes the argmax",
+    "argmin": "takes the argmin",
+    "reduce": "reduces",
 }
 
 
@@ -386,8 +393,14 @@ def _conv(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     return [lhs.at(dn.out_spec[0])]
 
 
-@_rule("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window",
-       "select_and_scatter_add", "select_and_gather_add")
+@_rule(
+    "reduce_window_sum",
+    "reduce_window_max",
+    "reduce_window_min",
+    "reduce_window",
+    "select_and_scatter_add",
+    "select_and_gather_add",
+)
 def _window(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     s = _batched(ins)[0][1]
     for _, other in _batched(ins):
@@ -415,8 +428,9 @@ def _gather(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     # Output positions not in offset_dims enumerate the index array's dimensions (all but the
     # trailing index-vector one); the operand's offset dimensions fill offset_dims in order.
     batch_pos = [d for d in range(out_rank) if d not in dn.offset_dims]
-    op_offset = [d for d in range(len(op_shape))
-                 if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
+    op_offset = [
+        d for d in range(len(op_shape)) if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims
+    ]
     from_idx = from_op = None
     if isinstance(idx, Batched):
         if idx.axis == len(idx_shape) - 1:
@@ -438,8 +452,17 @@ def _gather(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     return [out]
 
 
-@_rule("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min",
-       "scatter_min", "scatter-max", "scatter_max")
+@_rule(
+    "scatter",
+    "scatter-add",
+    "scatter_add",
+    "scatter-mul",
+    "scatter_mul",
+    "scatter-min",
+    "scatter_min",
+    "scatter-max",
+    "scatter_max",
+)
 def _scatter(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     # Only the simple case: constant indices, the batch axis a full window dimension of both the
     # operand and the updates (x.at[:, 0].set(v)), so every row is updated at the same positions.
@@ -449,8 +472,9 @@ def _scatter(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
         return ctx.couple("scatters at batch-dependent indices", False)
     op_shape, upd_shape = _shape(eqn.invars[0]), _shape(eqn.invars[2])
     # The operand's window dimensions correspond, in order, to the updates' update_window_dims.
-    op_window = [d for d in range(len(op_shape))
-                 if d not in dn.inserted_window_dims and d not in dn.operand_batching_dims]
+    op_window = [
+        d for d in range(len(op_shape)) if d not in dn.inserted_window_dims and d not in dn.operand_batching_dims
+    ]
     windows = tuple(dn.update_window_dims)
     a = out = None
     if isinstance(op, Batched):
@@ -490,8 +514,18 @@ def _random_wrap(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
-@_rule("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
-       "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+@_rule(
+    "pjit",
+    "jit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "remat2",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+)
 def _call(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     for key in _CALL_PARAMS:
         sub = eqn.params.get(key)
@@ -524,7 +558,7 @@ def _fixed_point(ctx: Ctx, body: Any, before: list, carry: list, after: list, n_
 def _scan(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     p = eqn.params
     nc, ncar = p["num_consts"], p["num_carry"]
-    consts, carry, xs = list(ins[:nc]), list(ins[nc:nc + ncar]), ins[nc + ncar:]
+    consts, carry, xs = list(ins[:nc]), list(ins[nc : nc + ncar]), ins[nc + ncar :]
     # The body sees one slice of each xs along axis 0: a scan over the batch axis sees one
     # example (ROW), a scan over another axis (time in an LSTM) sees the batch one axis lower.
     over_batch = any(isinstance(s, Batched) and s.axis == 0 for s in xs)
@@ -548,7 +582,7 @@ def _scan(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
 def _while(eqn: Any, ins: list[State], ctx: Ctx) -> list[State]:
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    cconsts, bconsts, carry = list(ins[:cn]), list(ins[cn:cn + bn]), list(ins[cn + bn:])
+    cconsts, bconsts, carry = list(ins[:cn]), list(ins[cn : cn + bn]), list(ins[cn + bn :])
     carry = _fixed_point(ctx, p["body_jaxpr"], bconsts, carry, [], len(carry))
     (pred,) = ctx.run(p["cond_jaxpr"], cconsts + carry)
     if pred is TOP:

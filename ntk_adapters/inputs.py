@@ -152,6 +152,7 @@ class BatchAxes:
 
     def example(self, x: PyTree) -> PyTree:
         """Per-example ``ShapeDtypeStruct`` of ``x`` (batch axes dropped, shared leaves kept whole)."""
+
         def one(a, ax):
             shape = tuple(int(d) for d in np.delete(np.shape(a), ax)) if ax is not None else tuple(np.shape(a))
             return jax.ShapeDtypeStruct(shape, jnp.result_type(a))
@@ -176,8 +177,11 @@ def parse_vmap_axes(vmap_axes: Any, name: str = "vmap_axes") -> Optional[BatchAx
         return None
     if _is_int(vmap_axes):
         return BatchAxes.of(int(vmap_axes), int(vmap_axes))
-    if (isinstance(vmap_axes, tuple) and len(vmap_axes) == 3
-            and (vmap_axes[2] is None or isinstance(vmap_axes[2], dict))):
+    if (
+        isinstance(vmap_axes, tuple)
+        and len(vmap_axes) == 3
+        and (vmap_axes[2] is None or isinstance(vmap_axes[2], dict))
+    ):
         in_axes, out_axes, kwargs_axes = vmap_axes
         if kwargs_axes:
             raise ValueError(
@@ -281,8 +285,10 @@ def declared_vmap_axes(vmap_axes: Any, name: str = "vmap_axes") -> Optional[Batc
     (``None`` for ``'auto'`` and ``None``)."""
     if isinstance(vmap_axes, str):
         if vmap_axes != "auto":
-            raise ValueError(f"{name}={vmap_axes!r}; pass 'auto', None, an int, a pytree of input axes, "
-                             "or the triple (in_axes, out_axes, {{}})")
+            raise ValueError(
+                f"{name}={vmap_axes!r}; pass 'auto', None, an int, a pytree of input axes, "
+                "or the triple (in_axes, out_axes, {{}})"
+            )
         return None
     return parse_vmap_axes(vmap_axes, name)
 

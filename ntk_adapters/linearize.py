@@ -18,8 +18,9 @@ def _wrap(f: ModelLike, params0: PyTree, expanded: Callable[..., jax.Array], wha
     if isinstance(f, Model):
         # The expansion is a new function of the parameters: drop the framework module so that
         # architecture-reading tools do not mistake it for the original network.
-        return f.replace(apply_fn=expanded, params=params0, framework="function", module=expanded,
-                         info={**f.info, what: True})
+        return f.replace(
+            apply_fn=expanded, params=params0, framework="function", module=expanded, info={**f.info, what: True}
+        )
     return expanded
 
 

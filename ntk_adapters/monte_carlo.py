@@ -105,10 +105,21 @@ def monte_carlo_kernel_fn(
         batch = resolve_vmap_axes(model, x1, vmap_axes)
         impl = "jacobian"
         if "ntk" in names:
-            impl = choose(impl_name, model.apply_fn, model.params, x1, x2, axes, batch, None,
-                          memory_budget / batch_size, ntvp_chunk)
-        chunk = _chunk_fn(model.init_fn, model.apply_fn, axes, names, impl, batch, ntvp_chunk,
-                          memory_budget / batch_size, precision)
+            impl = choose(
+                impl_name,
+                model.apply_fn,
+                model.params,
+                x1,
+                x2,
+                axes,
+                batch,
+                None,
+                memory_budget / batch_size,
+                ntvp_chunk,
+            )
+        chunk = _chunk_fn(
+            model.init_fn, model.apply_fn, axes, names, impl, batch, ntvp_chunk, memory_budget / batch_size, precision
+        )
         totals = None
         done = 0
         results = {}
@@ -127,8 +138,17 @@ def monte_carlo_kernel_fn(
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_fn(init_fn, apply_fn, axes: OutputAxes, names: tuple[str, ...], impl: str,
-              batch: Optional[BatchAxes], ntvp_chunk: int, memory_budget: float, precision):
+def _chunk_fn(
+    init_fn,
+    apply_fn,
+    axes: OutputAxes,
+    names: tuple[str, ...],
+    impl: str,
+    batch: Optional[BatchAxes],
+    ntvp_chunk: int,
+    memory_budget: float,
+    precision,
+):
     """Sum of empirical kernels over a batch of init keys (jitted once per shape)."""
 
     def one(key, x1, x2):
@@ -143,8 +163,18 @@ def _chunk_fn(init_fn, apply_fn, axes: OutputAxes, names: tuple[str, ...], impl:
             y2 = y1 if x2 is None else apply_fn(params, x2)
             out["nngp"] = axes.outer(y1, y2)
         if "ntk" in names:
-            out["ntk"] = _ntk_value(apply_fn, params, x1, x2, axes, impl, batch, ntvp_chunk,
-                                    memory_budget=memory_budget, precision=precision)
+            out["ntk"] = _ntk_value(
+                apply_fn,
+                params,
+                x1,
+                x2,
+                axes,
+                impl,
+                batch,
+                ntvp_chunk,
+                memory_budget=memory_budget,
+                precision=precision,
+            )
         return out
 
     def chunk(keys, x1, x2):

@@ -31,8 +31,7 @@ import jax
 PrecisionName = Literal["highest", "high", "default"]
 PrecisionLike = Union[PrecisionName, jax.lax.Precision]
 
-_BY_NAME = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
-            "default": jax.lax.Precision.DEFAULT}
+_BY_NAME = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": jax.lax.Precision.DEFAULT}
 
 
 def canonical(precision: PrecisionLike) -> jax.lax.Precision:

@@ -58,8 +58,18 @@ __all__ = ["structured_contributions", "structured_cost", "factorized_leaves"]
 
 # Shape-only linear steps between a parameter leaf and the equation that uses it.
 _CHAIN = frozenset(
-    {"reshape", "transpose", "convert_element_type", "broadcast_in_dim", "squeeze", "expand_dims",
-     "copy", "copy_p", "neg", "reduce_precision"}
+    {
+        "reshape",
+        "transpose",
+        "convert_element_type",
+        "broadcast_in_dim",
+        "squeeze",
+        "expand_dims",
+        "copy",
+        "copy_p",
+        "neg",
+        "reduce_precision",
+    }
 )
 # Equations whose output is linear (or affine) in one operand given the other.
 _SITES = frozenset({"dot_general", "conv_general_dilated", "add", "sub", "mul"})
@@ -189,20 +199,26 @@ def _analyze(closed: jcore.ClosedJaxpr, n_leaves: int, active: Optional[Sequence
                 o = ins[0]
                 keeps_size = math.prod(out_aval.shape) == math.prod(eqn.invars[0].aval.shape)
                 scale = -o.scale if name == "neg" else o.scale
-                env[eqn.outvars[0]] = _Origin(o.leaf, o.steps + (_Step(eqn.primitive, _frozen(eqn.params)),),
-                                              scale, o.bijective and keeps_size)
+                env[eqn.outvars[0]] = _Origin(
+                    o.leaf, o.steps + (_Step(eqn.primitive, _frozen(eqn.params)),), scale, o.bijective and keeps_size
+                )
                 chained[o.leaf] += 1
                 continue
-            if (name in ("mul", "div") and len(live) == 1 and len(eqn.invars) == 2
-                    and (name == "mul" or ins[0] is not None)):
+            if (
+                name in ("mul", "div")
+                and len(live) == 1
+                and len(eqn.invars) == 2
+                and (name == "mul" or ins[0] is not None)
+            ):
                 pos = 0 if ins[0] is not None else 1
                 other = eqn.invars[1 - pos]
                 if _scalar_literal(other):
                     o = ins[pos]
                     c = float(np.asarray(other.val))
                     step = _Step(eqn.primitive, _frozen(eqn.params), other.val, pos)
-                    env[eqn.outvars[0]] = _Origin(o.leaf, o.steps + (step,),
-                                                  o.scale * (c if name == "mul" else 1.0 / c), o.bijective)
+                    env[eqn.outvars[0]] = _Origin(
+                        o.leaf, o.steps + (step,), o.scale * (c if name == "mul" else 1.0 / c), o.bijective
+                    )
                     chained[o.leaf] += 1
                     continue
             if name in _SITES and len(eqn.invars) == 2 and len(eqn.outvars) == 1:
@@ -211,12 +227,24 @@ def _analyze(closed: jcore.ClosedJaxpr, n_leaves: int, active: Optional[Sequence
                         continue
                     o_other = ins[1 - pos]
                     if (o_other is not None and o_other.leaf == o.leaf) or (
-                            name == "conv_general_dilated" and pos == 0):
+                        name == "conv_general_dilated" and pos == 0
+                    ):
                         bad[o.leaf] = True
                         continue
-                    found[o.leaf].append(_Site(
-                        o.leaf, here, eqn.primitive, _frozen(eqn.params), pos, o, tuple(out_aval.shape),
-                        tuple(eqn.invars[1 - pos].aval.shape), (), out_aval.dtype))
+                    found[o.leaf].append(
+                        _Site(
+                            o.leaf,
+                            here,
+                            eqn.primitive,
+                            _frozen(eqn.params),
+                            pos,
+                            o,
+                            tuple(out_aval.shape),
+                            tuple(eqn.invars[1 - pos].aval.shape),
+                            (),
+                            out_aval.dtype,
+                        )
+                    )
                 continue
             for o in live:
                 bad[o.leaf] = True
@@ -408,8 +436,14 @@ def _gram_layout(site: _Site) -> Optional[_GramLayout]:
         filter_shape = tuple(w_shape[d] for d in rhs_spec[2:])
         feature = out_spec[1]
         free = tuple(d for d in range(len(site.out_shape)) if d != feature)
-        patches = (filter_shape, tuple(params["window_strides"]), tuple(map(tuple, params["padding"])),
-                   tuple(params["lhs_dilation"]), tuple(params["rhs_dilation"]), dn)
+        patches = (
+            filter_shape,
+            tuple(params["window_strides"]),
+            tuple(map(tuple, params["padding"])),
+            tuple(params["lhs_dilation"]),
+            tuple(params["rhs_dilation"]),
+            dn,
+        )
         return _GramLayout(free, (feature,), free, (feature,), patches)
     return None
 
@@ -443,8 +477,16 @@ def _patches(a, layout: _GramLayout):
     rhs = jnp.tile(one_hot, (channels, 1) + (1,) * len(filter_shape))  # (channels·K, 1, *filter)
     rhs = jnp.moveaxis(rhs, (0, 1), (dn.rhs_spec[0], dn.rhs_spec[1]))
     return jax.lax.conv_general_dilated(
-        a, rhs, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil, dimension_numbers=dn,
-        feature_group_count=channels, precision=jax.lax.Precision.HIGHEST)
+        a,
+        rhs,
+        strides,
+        padding,
+        lhs_dilation=lhs_dil,
+        rhs_dilation=rhs_dil,
+        dimension_numbers=dn,
+        feature_group_count=channels,
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 def _gram_subscripts(layout: _GramLayout, axes: OutputAxes, row_axis, a_ndim: int, y_ndim: int):
@@ -458,12 +500,14 @@ def _gram_subscripts(layout: _GramLayout, axes: OutputAxes, row_axis, a_ndim: in
     wj = [next(pool) for _ in layout.y_weight]
 
     def a_sub(p):
-        return "".join(p[layout.a_free.index(d)] if d in layout.a_free else ci[layout.a_contract.index(d)]
-                       for d in range(a_ndim))
+        return "".join(
+            p[layout.a_free.index(d)] if d in layout.a_free else ci[layout.a_contract.index(d)] for d in range(a_ndim)
+        )
 
     def y_sub(p):
-        return "".join(p[layout.y_free.index(d)] if d in layout.y_free else wj[layout.y_weight.index(d)]
-                       for d in range(y_ndim))
+        return "".join(
+            p[layout.y_free.index(d)] if d in layout.y_free else wj[layout.y_weight.index(d)] for d in range(y_ndim)
+        )
 
     rows = _unique(r1 + r2)
     keep = _unique(result + rows)
@@ -498,8 +542,9 @@ class _Form:
     elements: int
 
 
-def _choose_form(site: _Site, axes: OutputAxes, row_axis, out1, out2, prefer: str = "auto",
-                 max_elements: Optional[float] = None) -> _Form:
+def _choose_form(
+    site: _Site, axes: OutputAxes, row_axis, out1, out2, prefer: str = "auto", max_elements: Optional[float] = None
+) -> _Form:
     """The Gram form or the per-example Jacobian form of a site, whichever needs fewer multiply-adds
     among those whose intermediates fit in ``max_elements`` (the one needing less memory when
     neither fits).
@@ -527,8 +572,11 @@ def _choose_form(site: _Site, axes: OutputAxes, row_axis, out1, out2, prefer: st
     subs = _gram_subscripts(layout, axes, row_axis, len(a_shape), len(site.out_shape))
     shapes = (rows(out1) + a_shape, rows(out2) + a_shape, out1 + site.out_shape, out2 + site.out_shape)
     sizes = _letter_sizes(subs["a"][:2] + subs["g"][:2], shapes)
-    flops = (_size(subs["a"][:2], shapes[:2]) + _size(subs["g"][:2], shapes[2:])
-             + math.prod(sizes[c] for c in _unique(subs["final"][0] + subs["final"][1])))
+    flops = (
+        _size(subs["a"][:2], shapes[:2])
+        + _size(subs["g"][:2], shapes[2:])
+        + math.prod(sizes[c] for c in _unique(subs["final"][0] + subs["final"][1]))
+    )
     elements = math.prod(sizes[c] for c in subs["g"][2]) + math.prod(sizes[c] for c in subs["a"][2])
     gram = _Form("gram", layout, subs, flops, elements)
     jac = dataclasses.replace(jac, layout=layout, subs=subs)
@@ -579,31 +627,38 @@ def _jacobian_contribution(site, layout, subs, a1, a2, g1, g2, row_axis, same, p
     output entry.
     """
     a1, a2 = _patched(layout, a1, a2, row_axis, same)
-    j = lambda k, a, g: jnp.einsum(f"{subs[k][0]},{subs[k][1]}->{subs[k][2]}", a, g.astype(a.dtype),
-                                   precision=precision)
+    j = lambda k, a, g: jnp.einsum(
+        f"{subs[k][0]},{subs[k][1]}->{subs[k][2]}", a, g.astype(a.dtype), precision=precision
+    )
     j1 = j("jac1", a1, g1)
     j2 = j1 if same else j("jac2", a2, g2)
     f = subs["jac_final"]
-    return jnp.einsum(f"{f[0]},{f[1]}->{f[2]}", j1, j2, precision=precision) * (site.origin.scale ** 2)
+    return jnp.einsum(f"{f[0]},{f[1]}->{f[2]}", j1, j2, precision=precision) * (site.origin.scale**2)
 
 
 def _gram_contribution(site, layout, subs, a1, a2, g1, g2, row_axis, same, precision=None):
     a1, a2 = _patched(layout, a1, a2, row_axis, same)
     gram_a = jnp.einsum(f"{subs['a'][0]},{subs['a'][1]}->{subs['a'][2]}", a1, a2, precision=precision)
     gram_g = jnp.einsum(f"{subs['g'][0]},{subs['g'][1]}->{subs['g'][2]}", g1, g2, precision=precision)
-    out = jnp.einsum(f"{subs['final'][0]},{subs['final'][1]}->{subs['final'][2]}", gram_a, gram_g,
-                     precision=precision)
-    return out * (site.origin.scale ** 2)
+    out = jnp.einsum(f"{subs['final'][0]},{subs['final'][1]}->{subs['final'][2]}", gram_a, gram_g, precision=precision)
+    return out * (site.origin.scale**2)
 
 
 # --------------------------------------------------------------------------------------------
 # Entry points.
 
 
-def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.Array],
-                             axes: OutputAxes, vmap_axes: Optional[int] = None,
-                             form: str = "auto", memory_budget: Optional[float] = None,
-                             precision: PrecisionLike = "highest") -> list[jax.Array]:
+def structured_contributions(
+    apply_fn: Callable,
+    params,
+    x1: jax.Array,
+    x2: Optional[jax.Array],
+    axes: OutputAxes,
+    vmap_axes: Optional[int] = None,
+    form: str = "auto",
+    memory_budget: Optional[float] = None,
+    precision: PrecisionLike = "highest",
+) -> list[jax.Array]:
     """Per-leaf NTK contributions (untraced sums) by layer factorization, in ``tree_leaves`` order.
 
     The same values as the Jacobian contraction ``Σ_p J1[..., p] J2[..., p]`` per parameter leaf,
@@ -638,8 +693,7 @@ def structured_contributions(apply_fn: Callable, params, x1: jax.Array, x2: Opti
     if form not in ("auto", "gram", "jacobian"):
         raise ValueError(f"form={form!r}; choose 'auto', 'gram' or 'jacobian'")
     with matmul_precision(precision):
-        return _structured(apply_fn, params, x1, x2, axes, vmap_axes, form, memory_budget,
-                           einsum_precision(precision))
+        return _structured(apply_fn, params, x1, x2, axes, vmap_axes, form, memory_budget, einsum_precision(precision))
 
 
 def _structured(apply_fn, params, x1, x2, axes, vmap_axes, form, memory_budget, precision):
@@ -668,11 +722,13 @@ def _structured(apply_fn, params, x1, x2, axes, vmap_axes, form, memory_budget, 
         a2 = c2[s2.path][1 - s2.operand]
         chosen = _choose_form(s1, axes, row_axis, out1, out2, form, _elements(memory_budget, leaves))
         if chosen.kind == "gram":
-            parts[s1.leaf] = _gram_contribution(s1, chosen.layout, chosen.subs, a1, a2, g1[s1.path], g2[s2.path],
-                                                row_axis, same, precision)
+            parts[s1.leaf] = _gram_contribution(
+                s1, chosen.layout, chosen.subs, a1, a2, g1[s1.path], g2[s2.path], row_axis, same, precision
+            )
         elif chosen.layout is not None:
-            parts[s1.leaf] = _jacobian_contribution(s1, chosen.layout, chosen.subs, a1, a2, g1[s1.path],
-                                                    g2[s2.path], row_axis, same, precision)
+            parts[s1.leaf] = _jacobian_contribution(
+                s1, chosen.layout, chosen.subs, a1, a2, g1[s1.path], g2[s2.path], row_axis, same, precision
+            )
         else:
             jac1 = _site_jacobian(s1, leaves[s1.leaf], a1, g1[s1.path], out1, row_axis)
             jac2 = jac1 if same else _site_jacobian(s2, leaves[s2.leaf], a2, g2[s2.path], out2, row_axis)
@@ -750,9 +806,16 @@ def _elements(memory_budget: Optional[float], leaves) -> Optional[float]:
     return memory_budget / jnp.result_type(*leaves).itemsize
 
 
-def structured_cost(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.Array], axes: OutputAxes,
-                    vmap_axes: Union[None, int, BatchAxes], selected: Optional[Sequence[int]] = None,
-                    memory_budget: Optional[float] = None) -> dict:
+def structured_cost(
+    apply_fn: Callable,
+    params,
+    x1: jax.Array,
+    x2: Optional[jax.Array],
+    axes: OutputAxes,
+    vmap_axes: Union[None, int, BatchAxes],
+    selected: Optional[Sequence[int]] = None,
+    memory_budget: Optional[float] = None,
+) -> dict:
     """Rough multiply-add and memory estimates of ``'structured'`` against ``'jacobian'``, from shapes.
 
     Both methods pull each output entry back through the network (one backward pass per output
@@ -774,9 +837,19 @@ def structured_cost(apply_fn: Callable, params, x1: jax.Array, x2: Optional[jax.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     leaf_spec = lambda a: (tuple(np.shape(a)), str(jnp.result_type(a)))
-    return dict(_cost(apply_fn, treedef, tuple(leaf_spec(l) for l in leaves), hashable_spec(x1),
-                      None if x2 is None else hashable_spec(x2), axes, _batch_axes(vmap_axes),
-                      None if selected is None else tuple(selected), memory_budget))
+    return dict(
+        _cost(
+            apply_fn,
+            treedef,
+            tuple(leaf_spec(l) for l in leaves),
+            hashable_spec(x1),
+            None if x2 is None else hashable_spec(x2),
+            axes,
+            _batch_axes(vmap_axes),
+            None if selected is None else tuple(selected),
+            memory_budget,
+        )
+    )
 
 
 def _from_hashable(key):
@@ -785,8 +858,9 @@ def _from_hashable(key):
 
 
 @functools.lru_cache(maxsize=256)
-def _cost(apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, batch: Optional[BatchAxes], selected,
-          memory_budget) -> tuple:
+def _cost(
+    apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, batch: Optional[BatchAxes], selected, memory_budget
+) -> tuple:
     leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaf_specs]
     params = jax.tree_util.tree_unflatten(treedef, leaves)
     x1 = _from_hashable(x1_spec)
@@ -813,7 +887,15 @@ def _cost(apply_fn, treedef, leaf_specs, x1_spec, x2_spec, axes, batch: Optional
         form = _choose_form(s, axes, _out_axis(batch), out1, out2, max_elements=_elements(memory_budget, leaves))
         s_flops += form.flops
         s_bytes += form.elements * itemsize
-    return tuple(dict(structured_flops=int(s_flops), jacobian_flops=int(jac_flops),
-                      structured_bytes=int(s_bytes), jacobian_bytes=int(jac_bytes), forward_flops=int(forward),
-                      activations=int(_activation_elements(closed.jaxpr)), n_params=int(n_params),
-                      itemsize=int(itemsize)).items())
+    return tuple(
+        dict(
+            structured_flops=int(s_flops),
+            jacobian_flops=int(jac_flops),
+            structured_bytes=int(s_bytes),
+            jacobian_bytes=int(jac_bytes),
+            forward_flops=int(forward),
+            activations=int(_activation_elements(closed.jaxpr)),
+            n_params=int(n_params),
+            itemsize=int(itemsize),
+        ).items()
+    )

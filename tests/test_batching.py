@@ -376,7 +376,7 @@ def test_sharded_over_four_devices_equals_one_device(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("REPORT"))
-    report = json.loads(line[len("REPORT"):])
+    report = json.loads(line[len("REPORT") :])
     assert report["n_devices"] == 4
     assert len(report["cases"]) == 2 * (2 + 2 + 1 + 1)
     assert (report["evaluations_4"], report["evaluations_1"]) == (4 * (2 + 3), 15)

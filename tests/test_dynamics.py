@@ -107,8 +107,17 @@ def test_linearized_gd_matches_closed_form(data):
     lr = 0.4 * size / lam_max  # a = η λ/(N·O) ≤ 0.4 for every mode
     steps, every = 60, 6
     result = compare_training(
-        model, x, y, xt, yt, learning_rate=lr, steps=steps, eval_every=every, kernel="full",
-        infinite=False, progress=False,
+        model,
+        x,
+        y,
+        xt,
+        yt,
+        learning_rate=lr,
+        steps=steps,
+        eval_every=every,
+        kernel="full",
+        infinite=False,
+        progress=False,
     )
     assert isinstance(result, TrainingComparison)
     np.testing.assert_array_equal(result.step, np.arange(0, steps + 1, every))
@@ -127,8 +136,8 @@ def test_linearized_gd_matches_closed_form(data):
         ft = ft - lr / size * theta_st @ r
         disc.append(f.copy())
         disc_test.append(ft.copy())
-    disc = np.stack(disc)[:: every].reshape(-1, N, O)
-    disc_test = np.stack(disc_test)[:: every].reshape(-1, M, O)
+    disc = np.stack(disc)[::every].reshape(-1, N, O)
+    disc_test = np.stack(disc_test)[::every].reshape(-1, M, O)
     scale = _rms(f0 - yf)
     np.testing.assert_allclose(result.outputs_train["linearized"], disc, atol=1e-9 * scale, rtol=0)
     np.testing.assert_allclose(result.outputs_test["linearized"], disc_test, atol=1e-9 * scale, rtol=0)
@@ -172,8 +181,16 @@ def test_momentum_matches_heavy_ball_prediction(data):
     lam_max = np.linalg.eigvalsh(theta)[-1]
     lr, mu, steps = 0.005 * size / lam_max, 0.9, 600
     result = compare_training(
-        model, x, y, learning_rate=lr, momentum=mu, steps=steps, eval_every=100, kernel="full",
-        infinite=False, progress=False,
+        model,
+        x,
+        y,
+        learning_rate=lr,
+        momentum=mu,
+        steps=steps,
+        eval_every=100,
+        kernel="full",
+        infinite=False,
+        progress=False,
     )
     assert result.momentum == mu
 
@@ -221,9 +238,9 @@ def test_gap_to_prediction_shrinks_with_width(data, build):
             model, x, y, xt, yt, learning_rate=lr, steps=100, eval_every=20, infinite=False, progress=False
         )
         r0 = _rms(result.outputs_train["network"][0] - y)
-        gaps[width] = max(
-            result.discrepancy_train["network-ntk"].max(), result.discrepancy_test["network-ntk"].max()
-        ) / r0
+        gaps[width] = (
+            max(result.discrepancy_train["network-ntk"].max(), result.discrepancy_test["network-ntk"].max()) / r0
+        )
         assert result.loss_train["network"][-1] < 0.2 * result.loss_train["network"][0]
     # Stated tolerance: a 2048-wide network stays within 2% (of the initial residual) of the
     # empirical-NTK prediction; the gap is at least 5 times smaller than at width 32.
@@ -242,8 +259,18 @@ def minibatch_result(data):
     model = flax_model(1024, x)
     lr = 0.5 * predict.max_learning_rate(jacobian_ntk(model, x), N * O)
     return compare_training(
-        model, x, y, xt, yt, learning_rate=lr, steps=80, eval_every=16, batch_size=4,
-        key=jax.random.PRNGKey(3), infinite=False, progress=False,
+        model,
+        x,
+        y,
+        xt,
+        yt,
+        learning_rate=lr,
+        steps=80,
+        eval_every=16,
+        batch_size=4,
+        key=jax.random.PRNGKey(3),
+        infinite=False,
+        progress=False,
     )
 
 
@@ -305,8 +332,19 @@ def test_plain_function_model(data):
 
     # A linear model is its own linearization, and its NTK (x xᵀ ⊗ I) is exactly per-output, so
     # the traced kernel is exact too (computed here per example, vmap_axes=0).
-    r = compare_training(f, x, y, params={"w": w}, learning_rate=0.5, steps=20, eval_every=5,
-                         kernel="traced", vmap_axes=0, infinite=False, progress=False)
+    r = compare_training(
+        f,
+        x,
+        y,
+        params={"w": w},
+        learning_rate=0.5,
+        steps=20,
+        eval_every=5,
+        kernel="traced",
+        vmap_axes=0,
+        infinite=False,
+        progress=False,
+    )
     np.testing.assert_allclose(r.outputs_train["network"], r.outputs_train["linearized"], atol=1e-12)
     k = x @ x.T
     f0 = x @ np.asarray(w)
@@ -350,8 +388,7 @@ def test_infinite_width_prediction_when_available(data):
         assert any("no infinite-width prediction" in n for n in auto.notes)
         pytest.skip(f"infinite-width engine does not handle this MLP: {type(err).__name__}: {err}")
     lr = 0.5 * predict.max_learning_rate(jacobian_ntk(model, x), N * O)
-    r = compare_training(model, x, y, xt, yt, learning_rate=lr, steps=100, eval_every=20, infinite=True,
-                         progress=False)
+    r = compare_training(model, x, y, xt, yt, learning_rate=lr, steps=100, eval_every=20, infinite=True, progress=False)
     assert "infinite" in r.names
     r0 = _rms(r.outputs_train["network"][0] - y)
     # The infinite-width kernel differs from this network's empirical one by O(1/sqrt(width)).

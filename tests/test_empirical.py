@@ -117,12 +117,15 @@ def test_kernel_fn_returns_what_get_asks_for(mlp_params, xs):
 
 def test_layer_contributions_sum_to_the_ntk_and_match_subsets(mlp_params, xs):
     x1, x2 = xs
-    nested = {"hidden": {"w": mlp_params["w1"], "b": mlp_params["b1"]},
-              "readout": {"w": mlp_params["w2"], "b": mlp_params["b2"]}}
+    nested = {
+        "hidden": {"w": mlp_params["w1"], "b": mlp_params["b1"]},
+        "readout": {"w": mlp_params["w2"], "b": mlp_params["b2"]},
+    }
 
     def f(p, x):
-        return mlp({"w1": p["hidden"]["w"], "b1": p["hidden"]["b"],
-                    "w2": p["readout"]["w"], "b2": p["readout"]["b"]}, x)
+        return mlp(
+            {"w1": p["hidden"]["w"], "b1": p["hidden"]["b"], "w2": p["readout"]["w"], "b2": p["readout"]["b"]}, x
+        )
 
     parts = empirical_ntk_fn(f, by_layer=True)(x1, x2, nested)
     assert set(parts) == {"hidden", "readout"}

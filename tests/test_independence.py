@@ -115,8 +115,8 @@ class Dropped(nn.Module):
 class EmbedClassifier(nn.Module):
     @nn.compact
     def __call__(self, tokens):
-        e = nn.Embed(VOCAB, 3)(tokens)                      # (N, T, 3)
-        onehot = jax.nn.one_hot(tokens[:, 0], VOCAB)         # (N, VOCAB)
+        e = nn.Embed(VOCAB, 3)(tokens)  # (N, T, 3)
+        onehot = jax.nn.one_hot(tokens[:, 0], VOCAB)  # (N, VOCAB)
         return nn.Dense(2)(jnp.concatenate([e.reshape(e.shape[0], -1), onehot], axis=-1))
 
 
@@ -133,7 +133,7 @@ class LSTMClassifier(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Embed(VOCAB, 3)(x["tokens"])
-        states = nn.RNN(nn.OptimizedLSTMCell(4))(h)          # (N, T, 4)
+        states = nn.RNN(nn.OptimizedLSTMCell(4))(h)  # (N, T, 4)
         # The state after each example's last token.
         idx = (x["lengths"] - 1)[:, None, None]
         last = jnp.take_along_axis(states, idx, axis=1)[:, 0]
@@ -145,15 +145,19 @@ def _linen(module, x, **kwargs):
     return ntk_flax.adapt(module, variables, x, **kwargs)
 
 
-@pytest.mark.parametrize("module, x", [
-    (MLP(), X),
-    (CNN(), IMAGES),
-    (GlobalPoolCNN(), IMAGES),
-    (Norms(), X),
-    (EmbedClassifier(), TOKENS),
-    (Attention(), TOKENS),
-    (LSTMClassifier(), {"tokens": TOKENS, "lengths": LENGTHS}),
-], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+@pytest.mark.parametrize(
+    "module, x",
+    [
+        (MLP(), X),
+        (CNN(), IMAGES),
+        (GlobalPoolCNN(), IMAGES),
+        (Norms(), X),
+        (EmbedClassifier(), TOKENS),
+        (Attention(), TOKENS),
+        (LSTMClassifier(), {"tokens": TOKENS, "lengths": LENGTHS}),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
+)
 def test_flax_models_are_independent(module, x):
     assert_independent(_linen(module, x), x)
 
@@ -239,9 +243,9 @@ def hk_attention(tokens):
 def hk_lstm(x):
     h = hk.Embed(VOCAB, 3)(x["tokens"])
     core = hk.LSTM(4)
-    time_major = jnp.swapaxes(h, 0, 1)                      # (T, N, 3)
+    time_major = jnp.swapaxes(h, 0, 1)  # (T, N, 3)
     states, _ = hk.dynamic_unroll(core, time_major, core.initial_state(h.shape[0]))
-    states = jnp.swapaxes(states, 0, 1)                      # (N, T, 4)
+    states = jnp.swapaxes(states, 0, 1)  # (N, T, 4)
     last = jnp.take_along_axis(states, (x["lengths"] - 1)[:, None, None], axis=1)[:, 0]
     return hk.Linear(2)(last)
 
@@ -250,20 +254,29 @@ def hk_dropout(x):
     return hk.Linear(2)(hk.dropout(hk.next_rng_key(), 0.5, hk.Linear(6)(x)))
 
 
-@pytest.mark.parametrize("fn, x", [
-    (hk_mlp, X),
-    (hk_cnn, IMAGES),
-    (hk_attention, TOKENS),
-    (hk_lstm, {"tokens": TOKENS, "lengths": LENGTHS}),
-], ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize(
+    "fn, x",
+    [
+        (hk_mlp, X),
+        (hk_cnn, IMAGES),
+        (hk_attention, TOKENS),
+        (hk_lstm, {"tokens": TOKENS, "lengths": LENGTHS}),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
 def test_haiku_models_are_independent(fn, x):
     assert_independent(_haiku(fn, x), x)
 
 
 def test_haiku_dropout_draws_per_row_and_inference_batchnorm_is_independent():
     assert_drawn_per_row(_haiku(hk_dropout, X, rng=jax.random.PRNGKey(1)), X)
-    norms = _haiku(lambda x, is_training: HkNorms(name="net")(x, is_training), X, with_state=True,
-                   is_training=False, init_kwargs={"is_training": True})
+    norms = _haiku(
+        lambda x, is_training: HkNorms(name="net")(x, is_training),
+        X,
+        with_state=True,
+        is_training=False,
+        init_kwargs={"is_training": True},
+    )
     assert_independent(norms, X)
 
 
@@ -278,19 +291,25 @@ def test_haiku_batchnorm_in_training_couples_in_its_layer():
 W = jax.random.normal(KEY, (D, D))
 
 
-@pytest.mark.parametrize("fn, primitive", [
-    (lambda p, x: x - x.mean(0), "reduce_sum"),
-    (lambda p, x: x / jnp.linalg.norm(x, axis=0), "reduce_sum"),
-    (lambda p, x: jnp.cumsum(x @ p, axis=0), "cumsum"),
-    (lambda p, x: x @ x.T, "dot_general"),
-    (lambda p, x: jax.nn.softmax(x @ p, axis=0), "reduce_max"),
-    (lambda p, x: jnp.sort(x, axis=0), "sort"),
-    (lambda p, x: x[::-1], "rev"),
-    (lambda p, x: jax.lax.scan(lambda c, r: (c + r, c * r), jnp.zeros(D), x)[1], "scan"),
-    # A loop carry that becomes coupled in the second iteration only.
-    (lambda p, x: jax.lax.scan(lambda c, _: (c.sum(0, keepdims=True) + c, c), x, None, length=2)[1][1],
-     "reduce_sum"),
-], ids=["centre", "norm", "cumsum", "gram", "softmax", "sort", "reverse", "scan-carry", "carry-reduce"])
+@pytest.mark.parametrize(
+    "fn, primitive",
+    [
+        (lambda p, x: x - x.mean(0), "reduce_sum"),
+        (lambda p, x: x / jnp.linalg.norm(x, axis=0), "reduce_sum"),
+        (lambda p, x: jnp.cumsum(x @ p, axis=0), "cumsum"),
+        (lambda p, x: x @ x.T, "dot_general"),
+        (lambda p, x: jax.nn.softmax(x @ p, axis=0), "reduce_max"),
+        (lambda p, x: jnp.sort(x, axis=0), "sort"),
+        (lambda p, x: x[::-1], "rev"),
+        (lambda p, x: jax.lax.scan(lambda c, r: (c + r, c * r), jnp.zeros(D), x)[1], "scan"),
+        # A loop carry that becomes coupled in the second iteration only.
+        (
+            lambda p, x: jax.lax.scan(lambda c, _: (c.sum(0, keepdims=True) + c, c), x, None, length=2)[1][1],
+            "reduce_sum",
+        ),
+    ],
+    ids=["centre", "norm", "cumsum", "gram", "softmax", "sort", "reverse", "scan-carry", "carry-reduce"],
+)
 def test_couplings_are_certain(fn, primitive):
     assert_coupled(ntk_adapters.adapt(fn, W), X, primitive, "")
 
@@ -302,24 +321,34 @@ def test_a_named_scope_is_the_layer_without_a_recorder():
 
     coupling = find_batch_coupling(fn, {}, X)
     assert (coupling.layer, coupling.certain) == ("centre", True)
-    assert coupling.message() == ("`reduce_sum` in layer 'centre' sums over the batch axis, "
-                                  "so examples interact.")
+    assert coupling.message() == ("`reduce_sum` in layer 'centre' sums over the batch axis, so examples interact.")
 
 
-@pytest.mark.parametrize("fn, primitive", [
-    (lambda p, x: x[jnp.array([1, 0, 2])], "gather"),       # a permutation of the examples
-    (lambda p, x: jnp.roll(x, 1, axis=0), None),              # slices and concatenates the batch
-    (lambda p, x: x.reshape(2, -1), "reshape"),              # splits the batch axis
-    (lambda p, x: p, "output"),                               # ignores the examples
-    (lambda p, x: x.T @ jnp.ones((N, D)), "dot_general"),    # contracts the batch away
-    (lambda p, x: jax.vmap(lambda r: r - jax.lax.pmean(r, "i"), axis_name="i")(x), "psum"),
-    # Loop carries whose batch axis moves between iterations (fori_loop with a static trip count
-    # is a scan).
-    (lambda p, x: jax.lax.fori_loop(0, 2, lambda i, h: h.T, x[:, :N]), "scan"),
-    (lambda p, x: jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1].T), (0, x[:, :N]))[1],
-     "while"),
-], ids=["permute", "roll", "split-batch", "constant", "contract", "collective", "scan-carry-transpose",
-        "while-carry-transpose"])
+@pytest.mark.parametrize(
+    "fn, primitive",
+    [
+        (lambda p, x: x[jnp.array([1, 0, 2])], "gather"),  # a permutation of the examples
+        (lambda p, x: jnp.roll(x, 1, axis=0), None),  # slices and concatenates the batch
+        (lambda p, x: x.reshape(2, -1), "reshape"),  # splits the batch axis
+        (lambda p, x: p, "output"),  # ignores the examples
+        (lambda p, x: x.T @ jnp.ones((N, D)), "dot_general"),  # contracts the batch away
+        (lambda p, x: jax.vmap(lambda r: r - jax.lax.pmean(r, "i"), axis_name="i")(x), "psum"),
+        # Loop carries whose batch axis moves between iterations (fori_loop with a static trip count
+        # is a scan).
+        (lambda p, x: jax.lax.fori_loop(0, 2, lambda i, h: h.T, x[:, :N]), "scan"),
+        (lambda p, x: jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1].T), (0, x[:, :N]))[1], "while"),
+    ],
+    ids=[
+        "permute",
+        "roll",
+        "split-batch",
+        "constant",
+        "contract",
+        "collective",
+        "scan-carry-transpose",
+        "while-carry-transpose",
+    ],
+)
 def test_unproven_or_coupled_programs_are_never_cleared(fn, primitive):
     coupling = find_batch_coupling(fn, W, X)
     assert isinstance(coupling, BatchCoupling)
@@ -336,12 +365,12 @@ def test_outputs_with_the_batch_elsewhere_are_uncertain():
 
 def test_programs_that_keep_rows_apart_are_proven():
     fns = [
-        lambda p, x: jax.lax.map(lambda r: jnp.tanh(r @ p), x),        # a scan over examples
+        lambda p, x: jax.lax.map(lambda r: jnp.tanh(r @ p), x),  # a scan over examples
         lambda p, x: x.at[:, 0].set(1.0) * jnp.sort(x, axis=1),
         lambda p, x: jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p), x),
         lambda p, x: jax.lax.cond(True, lambda h: h * 2, jnp.sin, x),
-        lambda p, x: (x.reshape(N * 2, 2) * 2).reshape(N, D),          # merge and split back
-        lambda p, x: x.reshape(-1, 2).sum(1).reshape(N, -1),            # reduce within rows
+        lambda p, x: (x.reshape(N * 2, 2) * 2).reshape(N, D),  # merge and split back
+        lambda p, x: x.reshape(-1, 2).sum(1).reshape(N, -1),  # reduce within rows
         lambda p, x: jax.checkpoint(lambda h: jax.nn.softmax(h @ p, axis=-1))(x),
     ]
     for fn in fns:

@@ -30,8 +30,11 @@ def concatenated_mlp(p, z):
 @pytest.fixture(scope="module")
 def masked():
     k = jax.random.split(jax.random.PRNGKey(0), 5)
-    p = {"w1": jax.random.normal(k[0], (3, 6)), "b1": jax.random.normal(k[1], (6,)),
-         "w2": jax.random.normal(k[2], (6, 2))}
+    p = {
+        "w1": jax.random.normal(k[0], (3, 6)),
+        "b1": jax.random.normal(k[1], (6,)),
+        "w2": jax.random.normal(k[2], (6, 2)),
+    }
     x1 = (jax.random.normal(k[3], (4, 3)), jnp.array([1.0, 0.5, 0.0, 2.0]))
     x2 = (jax.random.normal(k[4], (3, 3)), jnp.array([0.3, 1.0, 1.5]))
     return p, x1, x2
@@ -48,9 +51,11 @@ def as_one_array(x):
 def test_tuple_inputs_give_the_kernel_of_the_concatenated_model(masked, implementation, vmap_axes, trace_axes):
     p, x1, x2 = masked
     want = empirical_ntk_fn(concatenated_mlp, trace_axes=trace_axes, vmap_axes=None, implementation="jacobian")(
-        as_one_array(x1), as_one_array(x2), p)
+        as_one_array(x1), as_one_array(x2), p
+    )
     got = empirical_ntk_fn(masked_mlp, trace_axes=trace_axes, vmap_axes=vmap_axes, implementation=implementation)(
-        x1, x2, p)
+        x1, x2, p
+    )
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -75,7 +80,8 @@ def test_a_shared_input_leaf_is_given_whole_to_every_example(masked):
 
     want = empirical_ntk_fn(lambda q, a: f(q, (a, scale)), vmap_axes=None)(x1[0], x2[0], p)
     got = empirical_ntk_fn(f, vmap_axes=((0, None), 0, {}), implementation="structured")(
-        (x1[0], scale), (x2[0], scale), p)
+        (x1[0], scale), (x2[0], scale), p
+    )
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
@@ -97,19 +103,26 @@ def onehot_model(p, z):
 @pytest.mark.parametrize("implementation", IMPLS)
 def test_integer_leaves_stay_integers_and_give_the_one_hot_kernel(implementation):
     k = jax.random.split(jax.random.PRNGKey(1), 5)
-    p = {"table": jax.random.normal(k[0], (7, 5)), "w0": jax.random.normal(k[1], (2, 5)),
-         "w": jax.random.normal(k[2], (5, 3))}
+    p = {
+        "table": jax.random.normal(k[0], (7, 5)),
+        "w0": jax.random.normal(k[1], (2, 5)),
+        "w": jax.random.normal(k[2], (5, 3)),
+    }
     x = {"ids": jax.random.randint(k[3], (4, 6), 0, 7), "extra": jax.random.normal(k[4], (4, 2))}
     want = empirical_ntk_fn(onehot_model, vmap_axes=None, implementation="jacobian")(
-        (jax.nn.one_hot(x["ids"], 7), x["extra"]), None, p)
+        (jax.nn.one_hot(x["ids"], 7), x["extra"]), None, p
+    )
     got = empirical_ntk_fn(embed_dict_model, implementation=implementation)(x, None, p)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_float32_tuple_inputs_agree_across_implementations(masked):
     p, x1, x2 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), masked)
-    want = np.asarray(empirical_ntk_fn(concatenated_mlp, vmap_axes=None, implementation="jacobian")(
-        as_one_array(x1), as_one_array(x2), jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), p)))
+    want = np.asarray(
+        empirical_ntk_fn(concatenated_mlp, vmap_axes=None, implementation="jacobian")(
+            as_one_array(x1), as_one_array(x2), jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), p)
+        )
+    )
     for impl in IMPLS:
         got = empirical_ntk_fn(masked_mlp, implementation=impl)(x1, x2, p)
         assert got.dtype == jnp.float32
@@ -121,8 +134,9 @@ def test_neural_tangents_implementation_numbers_name_the_same_implementations(ma
     for number, name in ((1, "jacobian"), (2, "ntvp"), (3, "structured"), (0, "auto")):
         want = empirical_ntk_fn(masked_mlp, implementation=name)(x1, x2, p)
         np.testing.assert_allclose(empirical_ntk_fn(masked_mlp, implementation=number)(x1, x2, p), want, rtol=1e-12)
-        np.testing.assert_allclose(empirical_ntk_fn(masked_mlp, implementation=NtkImplementation(number))(x1, x2, p),
-                                   want, rtol=1e-12)
+        np.testing.assert_allclose(
+            empirical_ntk_fn(masked_mlp, implementation=NtkImplementation(number))(x1, x2, p), want, rtol=1e-12
+        )
     with pytest.raises(ValueError, match="implementation=7"):
         empirical_ntk_fn(masked_mlp, implementation=7)
 
@@ -152,8 +166,11 @@ def test_monte_carlo_with_tuple_inputs_agrees_across_implementations(masked):
 
     def init(key, x):
         k = jax.random.split(key, 3)
-        return {"w1": jax.random.normal(k[0], (3, 6)), "b1": jax.random.normal(k[1], (6,)),
-                "w2": jax.random.normal(k[2], (6, 2))}
+        return {
+            "w1": jax.random.normal(k[0], (3, 6)),
+            "b1": jax.random.normal(k[1], (6,)),
+            "w2": jax.random.normal(k[2], (6, 2)),
+        }
 
     model = ntk_adapters.adapt(masked_mlp, init(jax.random.PRNGKey(0), x1), x1, init_fn=init)
     key = jax.random.PRNGKey(5)
@@ -171,8 +188,9 @@ def test_monte_carlo_with_tuple_inputs_agrees_across_implementations(masked):
 def test_kernel_regression_cg_with_tuple_inputs_solves_the_concatenated_system(masked):
     p, x1, x2 = masked
     y = jnp.arange(8.0).reshape(4, 2) / 8
-    res = ntk_adapters.kernel_regression_cg(ntk_adapters.empirical_kernel_fn(masked_mlp), x1, y, x2,
-                                            diag_reg=0.1, batch_size=2, tol=1e-12, params=p)
+    res = ntk_adapters.kernel_regression_cg(
+        ntk_adapters.empirical_kernel_fn(masked_mlp), x1, y, x2, diag_reg=0.1, batch_size=2, tol=1e-12, params=p
+    )
     k = np.asarray(empirical_ntk_fn(concatenated_mlp)(as_one_array(x1), None, p))
     k_test = np.asarray(empirical_ntk_fn(concatenated_mlp)(as_one_array(x2), as_one_array(x1), p))
     alpha = np.linalg.solve(k + 0.1 * np.eye(4), np.asarray(y))

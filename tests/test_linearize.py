@@ -17,8 +17,11 @@ def net(params, x):
 @pytest.fixture(scope="module")
 def setup():
     k = jax.random.split(jax.random.PRNGKey(0), 5)
-    params = {"w1": jax.random.normal(k[0], (3, 6)), "b1": jax.random.normal(k[1], (6,)),
-              "w2": jax.random.normal(k[2], (6, 2))}
+    params = {
+        "w1": jax.random.normal(k[0], (3, 6)),
+        "b1": jax.random.normal(k[1], (6,)),
+        "w2": jax.random.normal(k[2], (6, 2)),
+    }
     direction = jax.tree_util.tree_map(lambda p: jax.random.normal(k[3], p.shape), params)
     x = jax.random.normal(k[4], (5, 3))
     return params, direction, x

@@ -73,15 +73,20 @@ def conv_net(p, x):
 
 def _mlp_case():
     k = jax.random.split(jax.random.PRNGKey(0), 3)
-    p = {"w1": jax.random.normal(k[0], (6, 16), jnp.float32), "b1": jnp.zeros(16, jnp.float32),
-         "w2": jax.random.normal(k[1], (16, 3), jnp.float32) / 4}
+    p = {
+        "w1": jax.random.normal(k[0], (6, 16), jnp.float32),
+        "b1": jnp.zeros(16, jnp.float32),
+        "w2": jax.random.normal(k[1], (16, 3), jnp.float32) / 4,
+    }
     return mlp, p, jax.random.normal(k[2], (5, 6), jnp.float32)
 
 
 def _conv_case():
     k = jax.random.split(jax.random.PRNGKey(1), 3)
-    p = {"k": jax.random.normal(k[0], (3, 3, 2, 4), jnp.float32) / 4,
-         "w": jax.random.normal(k[1], (5 * 5 * 4, 2), jnp.float32) / 10}
+    p = {
+        "k": jax.random.normal(k[0], (3, 3, 2, 4), jnp.float32) / 4,
+        "w": jax.random.normal(k[1], (5 * 5 * 4, 2), jnp.float32) / 10,
+    }
     return conv_net, p, jax.random.normal(k[2], (3, 5, 5, 2), jnp.float32)
 
 
@@ -143,7 +148,7 @@ def test_nngp_and_kernel_fn():
 def test_structured_contributions_directly():
     f, p, x = _conv_case()
     axes = OutputAxes.make(2, (-1,), ())
-    parts = lambda prec: (lambda x: structured_contributions(f, p, x, None, axes, 0, precision=prec))
+    parts = lambda prec: lambda x: structured_contributions(f, p, x, None, axes, 0, precision=prec)
     assert_all_highest(product_precisions(parts("highest"), x))
     assert_some_default(product_precisions(parts("default"), x))
 
@@ -196,8 +201,9 @@ def test_float32_kernel_matches_float64(implementation, vmap_axes):
     f, p, x = _conv_case()
     ntk32 = np.asarray(empirical_ntk_fn(f, implementation=implementation, vmap_axes=vmap_axes)(x, None, p))
     p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), p)
-    ntk64 = np.asarray(empirical_ntk_fn(f, implementation=implementation, vmap_axes=vmap_axes)(
-        x.astype(jnp.float64), None, p64))
+    ntk64 = np.asarray(
+        empirical_ntk_fn(f, implementation=implementation, vmap_axes=vmap_axes)(x.astype(jnp.float64), None, p64)
+    )
     assert ntk32.dtype == np.float32 and ntk64.dtype == np.float64
     np.testing.assert_allclose(ntk32, ntk64, rtol=2e-5, atol=2e-5 * np.abs(ntk64).max())
 

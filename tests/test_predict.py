@@ -105,9 +105,7 @@ def test_diag_reg_is_ridge_scaled_by_mean_diagonal(problem):
     test = predict.gradient_descent_mse(k, y, diag_reg=reg)(None, None, 0.0, kt)
     np.testing.assert_allclose(test, kt @ np.linalg.solve(ridge, y), atol=1e-10)
     absolute = k + reg * np.eye(N)
-    test = predict.gradient_descent_mse(k, y, diag_reg=reg, diag_reg_absolute_scale=True)(
-        None, None, 0.0, kt
-    )
+    test = predict.gradient_descent_mse(k, y, diag_reg=reg, diag_reg_absolute_scale=True)(None, None, 0.0, kt)
     np.testing.assert_allclose(test, kt @ np.linalg.solve(absolute, y), atol=1e-10)
 
 
@@ -267,9 +265,15 @@ def linearized_run():
     lr = 0.01 * y.size / _lam_max_full(k_full)  # η'λ_max = 0.01: GD close to gradient flow
     p = _gd_on_linearized(params0, x, y, lr, steps)
     return dict(
-        y=y, lr=lr, steps=steps, k_full=k_full, kt_full=_jacobian_ntk(params0, xt, x),
-        f0=_linear(params0, params0, x), f0t=_linear(params0, params0, xt),
-        f_train=_linear(p, params0, x), f_test=_linear(p, params0, xt),
+        y=y,
+        lr=lr,
+        steps=steps,
+        k_full=k_full,
+        kt_full=_jacobian_ntk(params0, xt, x),
+        f0=_linear(params0, params0, x),
+        f0t=_linear(params0, params0, xt),
+        f_train=_linear(p, params0, x),
+        f_test=_linear(p, params0, xt),
     )
 
 
@@ -316,9 +320,7 @@ def test_per_output_kernel_matches_single_output_linearized_network():
 def test_max_learning_rate_separates_convergence_from_divergence(problem, momentum):
     k, y = problem["k"], problem["y"]
     lr_max = predict.max_learning_rate(k, y.size, momentum=momentum)
-    np.testing.assert_allclose(
-        lr_max, 2 * (1 + momentum) * y.size / np.linalg.eigvalsh(k).max(), rtol=1e-12
-    )
+    np.testing.assert_allclose(lr_max, 2 * (1 + momentum) * y.size / np.linalg.eigvalsh(k).max(), rtol=1e-12)
 
     def final_residual(lr, steps=400):
         # Heavy-ball GD on the linear model in function space, loss ½·mean over N·O entries.
@@ -336,14 +338,13 @@ def test_max_learning_rate_separates_convergence_from_divergence(problem, moment
 def test_max_learning_rate_full_kernel_default_size(problem):
     k = problem["k"]
     k_full = np.einsum("nm,op->nmop", k, np.eye(3))
-    np.testing.assert_allclose(
-        predict.max_learning_rate(k_full), 2 * N * 3 / np.linalg.eigvalsh(k).max(), rtol=1e-12
-    )
+    np.testing.assert_allclose(predict.max_learning_rate(k_full), 2 * N * 3 / np.linalg.eigvalsh(k).max(), rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
 # Infinite ensembles and GP inference
 # ---------------------------------------------------------------------------------------------
+
 
 def _relu_kernels(x1, x2, width, sw2=2.0, sv2=1.0):
     """NNGP and standard-parameterization NTK of f(x) = W2·relu(W1 x), written out by hand.
@@ -493,9 +494,7 @@ def test_ensemble_and_gp_with_full_kernels_equal_per_output(relu_setup):
     gp_per = predict.gp_inference(k_per, y, 0.01)("nngp", per_fn(xt, x), per_fn(xt))
     gp_full = predict.gp_inference(k_full, y, 0.01)("nngp", full_fn(xt, x), full_fn(xt))
     np.testing.assert_allclose(gp_full.mean, gp_per.mean, atol=1e-10)
-    np.testing.assert_allclose(
-        gp_full.covariance, np.einsum("nm,op->nmop", gp_per.covariance, eye), atol=1e-10
-    )
+    np.testing.assert_allclose(gp_full.covariance, np.einsum("nm,op->nmop", gp_per.covariance, eye), atol=1e-10)
 
 
 def _condition(joint, y, n_obs, noise):
@@ -515,9 +514,7 @@ def test_gp_inference_is_gaussian_conditioning_and_the_ensemble_limit(relu_setup
     x, xt, y = relu_setup
     kernel_fn = _kernel_fn_for(64)
     k_train, k_test_train, k_test = kernel_fn(x), kernel_fn(xt, x), kernel_fn(xt)
-    posterior = predict.gp_inference(k_train, y, diag_reg=diag_reg)(
-        ("nngp", "ntk", "ntkgp"), k_test_train, k_test
-    )
+    posterior = predict.gp_inference(k_train, y, diag_reg=diag_reg)(("nngp", "ntk", "ntkgp"), k_test_train, k_test)
     # 'nngp' and 'ntkgp' are GP posteriors with the NNGP / the NTK as prior covariance.
     for name, kernel in (("nngp", "nngp"), ("ntkgp", "ntk")):
         kk = getattr(k_train, kernel)

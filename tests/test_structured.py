@@ -51,13 +51,24 @@ def agree(model, x1, x2, params=None, cases=SETTINGS, ntvp=True, **kw):
     """
     want = empirical_ntk_fn(model, trace_axes=(), implementation="jacobian", **kw)(x1, x2, params)
     if ntvp:
-        np.testing.assert_allclose(empirical_ntk_fn(model, trace_axes=(), implementation="ntvp", **kw)(x1, x2, params),
-                                   want, **TOL)
+        np.testing.assert_allclose(
+            empirical_ntk_fn(model, trace_axes=(), implementation="ntvp", **kw)(x1, x2, params), want, **TOL
+        )
     for trace_axes, diagonal_axes, vmap_axes in cases:
-        got = empirical_ntk_fn(model, trace_axes=trace_axes, diagonal_axes=diagonal_axes, vmap_axes=vmap_axes,
-                               implementation="structured", **kw)(x1, x2, params)
-        np.testing.assert_allclose(got, reduce_full(want, trace_axes, diagonal_axes), **TOL,
-                                   err_msg=f"{trace_axes} {diagonal_axes} vmap_axes={vmap_axes}")
+        got = empirical_ntk_fn(
+            model,
+            trace_axes=trace_axes,
+            diagonal_axes=diagonal_axes,
+            vmap_axes=vmap_axes,
+            implementation="structured",
+            **kw,
+        )(x1, x2, params)
+        np.testing.assert_allclose(
+            got,
+            reduce_full(want, trace_axes, diagonal_axes),
+            **TOL,
+            err_msg=f"{trace_axes} {diagonal_axes} vmap_axes={vmap_axes}",
+        )
 
 
 def contributions(f, p, x1, x2, axes, vmap_axes, form):
@@ -110,8 +121,13 @@ def test_mlp_matches_jacobian_and_ntvp(xs, bias):
 def test_every_leaf_of_an_mlp_is_factorized(xs):
     params = init_mlp(jax.random.PRNGKey(0))
     kinds = factorized_leaves(mlp, params, xs[0], vmap_axes=0)
-    assert kinds == {"b1": "add", "b2": "add", "w1": "dot_general (gram-capable)",
-                     "w2": "dot_general (gram-capable)", "w3": "dot_general (gram-capable)"}
+    assert kinds == {
+        "b1": "add",
+        "b2": "add",
+        "w1": "dot_general (gram-capable)",
+        "w2": "dot_general (gram-capable)",
+        "w3": "dot_general (gram-capable)",
+    }
 
 
 def conv_net(strides, padding, bias=True):
@@ -188,8 +204,15 @@ def test_a_memory_budget_passes_over_forms_that_do_not_fit():
 @pytest.mark.float64
 def test_strided_dilated_convolution_in_nchw_layout():
     def conv(x, k):
-        return jax.lax.conv_general_dilated(x, k, (2, 1), ((1, 2), (0, 1)), lhs_dilation=(1, 2), rhs_dilation=(2, 1),
-                                            dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return jax.lax.conv_general_dilated(
+            x,
+            k,
+            (2, 1),
+            ((1, 2), (0, 1)),
+            lhs_dilation=(1, 2),
+            rhs_dilation=(2, 1),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )
 
     def f(p, x):
         return jnp.tanh(conv(x, p["k"])).reshape(x.shape[0], -1) @ p["w"]
@@ -217,7 +240,9 @@ def test_multi_axis_outputs_with_trace_and_diagonal_axes():
 
     k = jax.random.split(jax.random.PRNGKey(0), 5)
     p = {
-        "w1": jax.random.normal(k[0], (4, 5)), "b": jax.random.normal(k[1], (5,)), "w2": jax.random.normal(k[2], (5, 2))
+        "w1": jax.random.normal(k[0], (4, 5)),
+        "b": jax.random.normal(k[1], (5,)),
+        "w2": jax.random.normal(k[2], (5, 2)),
     }
     x1, x2 = jax.random.normal(k[3], (3, 3, 4)), jax.random.normal(k[4], (2, 3, 4))
     cases = [((1, 2), (), 0, "auto"), ((), (1,), None, "gram"), ((2,), (1,), 0, "gram"), ((1,), (2,), 0, "jacobian")]
@@ -281,11 +306,21 @@ def test_unfactorizable_leaves_fall_back_to_their_jacobian(xs):
         return jnp.concatenate([h @ p["out"], jnp.broadcast_to(p["direct"], (x.shape[0], 1))], 1)
 
     k = jax.random.split(jax.random.PRNGKey(0), 4)
-    p = {"w": jax.random.normal(k[0], (4, 4)), "log_b": 0.1 * jax.random.normal(k[1], (4,)),
-         "out": jax.random.normal(k[2], (4, 2)), "unused": jnp.ones(3), "direct": jax.random.normal(k[3], (1,))}
+    p = {
+        "w": jax.random.normal(k[0], (4, 4)),
+        "log_b": 0.1 * jax.random.normal(k[1], (4,)),
+        "out": jax.random.normal(k[2], (4, 2)),
+        "unused": jnp.ones(3),
+        "direct": jax.random.normal(k[3], (1,)),
+    }
     kinds = factorized_leaves(f, p, xs[0], vmap_axes=0)
-    assert kinds == {"direct": "jacobian", "log_b": "jacobian", "out": "dot_general (gram-capable)",
-                     "unused": "unused", "w": "jacobian"}
+    assert kinds == {
+        "direct": "jacobian",
+        "log_b": "jacobian",
+        "out": "dot_general (gram-capable)",
+        "unused": "unused",
+        "w": "jacobian",
+    }
     agree(f, *xs, p)
 
 
@@ -320,11 +355,18 @@ def test_weight_as_left_operand_head_axes_and_scan(xs):
         return h @ p["out"]
 
     k = jax.random.split(jax.random.PRNGKey(0), 4)
-    p = {"wl": jax.random.normal(k[0], (5, 4)), "heads": jax.random.normal(k[1], (2, 5, 3)),
-         "rnn": 0.3 * jax.random.normal(k[2], (6, 6)), "out": jax.random.normal(k[3], (6, 2))}
+    p = {
+        "wl": jax.random.normal(k[0], (5, 4)),
+        "heads": jax.random.normal(k[1], (2, 5, 3)),
+        "rnn": 0.3 * jax.random.normal(k[2], (6, 6)),
+        "out": jax.random.normal(k[3], (6, 2)),
+    }
     assert factorized_leaves(f, p, xs[0], vmap_axes=0) == {
-        "heads": "dot_general (gram-capable)", "out": "dot_general (gram-capable)", "rnn": "jacobian",
-        "wl": "dot_general (gram-capable)"}
+        "heads": "dot_general (gram-capable)",
+        "out": "dot_general (gram-capable)",
+        "rnn": "jacobian",
+        "wl": "dot_general (gram-capable)",
+    }
     agree(f, *xs, p, cases=[((), (), 0), ((-1,), (), None)], ntvp=False)
 
 
@@ -371,8 +413,9 @@ def test_by_layer_and_subset(linen_model):
     model, x1 = linen_model
     x2 = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 3))
     subset = ["Conv_0", "LayerNorm_0", "BatchNorm_0", "Dense_1"]
-    got = empirical_ntk_fn(model, trace_axes=(), vmap_axes=0, implementation="structured", by_layer=True,
-                           subset=subset)(x1, x2)
+    got = empirical_ntk_fn(
+        model, trace_axes=(), vmap_axes=0, implementation="structured", by_layer=True, subset=subset
+    )(x1, x2)
     want = empirical_ntk_fn(model, trace_axes=(), implementation="jacobian", by_layer=True, subset=subset)(x1, x2)
     assert set(got) == set(want) == set(subset)
     for name in want:
@@ -447,14 +490,27 @@ def test_auto_picks_structured_for_a_wide_mlp_with_vmap_axes(monkeypatch):
 
 def test_bad_form_is_rejected(xs):
     with pytest.raises(ValueError, match="form='fast'"):
-        structured_contributions(mlp_no_bias, init_mlp(jax.random.PRNGKey(0), bias=False), xs[0], None,
-                                 OutputAxes.make(2, (-1,), ()), 0, form="fast")
+        structured_contributions(
+            mlp_no_bias,
+            init_mlp(jax.random.PRNGKey(0), bias=False),
+            xs[0],
+            None,
+            OutputAxes.make(2, (-1,), ()),
+            0,
+            form="fast",
+        )
 
 
 @pytest.mark.float64
 @settings(max_examples=4, deadline=None)
-@given(widths=st.lists(st.integers(1, 6), min_size=2, max_size=4), n1=st.integers(1, 4), n2=st.integers(1, 3),
-       seed=st.integers(0, 1000), traced=st.booleans(), form=st.sampled_from(["gram", "jacobian", "auto"]))
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    n1=st.integers(1, 4),
+    n2=st.integers(1, 3),
+    seed=st.integers(0, 1000),
+    traced=st.booleans(),
+    form=st.sampled_from(["gram", "jacobian", "auto"]),
+)
 def test_property_random_mlps_match_the_jacobian(widths, n1, n2, seed, traced, form):
     params = init_mlp(jax.random.PRNGKey(seed), widths=(3,) + tuple(widths), bias=True)
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed + 1))

@@ -36,8 +36,10 @@ def mlp(p, x):
 
 def init(key, x):
     k1, k2 = jax.random.split(key)
-    return {"w1": jax.random.normal(k1, (x.shape[1], 8)) / np.sqrt(x.shape[1]),
-            "w2": jax.random.normal(k2, (8, 3)) / np.sqrt(8)}
+    return {
+        "w1": jax.random.normal(k1, (x.shape[1], 8)) / np.sqrt(x.shape[1]),
+        "w2": jax.random.normal(k2, (8, 3)) / np.sqrt(8),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +102,13 @@ def test_flax_batchnorm_in_training_mode_names_its_layer_and_gets_the_exact_kern
     # The whole-batch Jacobian written with jax.jacrev: an independent computation.
     jac = jax.jacrev(model.apply_fn)(model.params, x1)
     leaves = jax.tree_util.tree_leaves(jac)
-    by_hand = sum(jnp.einsum("ao...,bo...->ab", j.reshape(j.shape[:2] + (-1,)), j.reshape(j.shape[:2] + (-1,)))
-                  for j in leaves) / 2
+    by_hand = (
+        sum(
+            jnp.einsum("ao...,bo...->ab", j.reshape(j.shape[:2] + (-1,)), j.reshape(j.shape[:2] + (-1,)))
+            for j in leaves
+        )
+        / 2
+    )
     # Flax initializes float32 parameters: the kernels agree to float32 round-off.
     np.testing.assert_allclose(empirical_ntk_fn(model)(x1), by_hand, rtol=1e-5, atol=1e-6)
 
@@ -119,8 +126,18 @@ def test_compare_training_with_tuple_inputs_and_diag_reg_reaches_the_ridge_solut
 
     p = {"w1": jax.random.normal(KEY, (3, 16)), "w2": jax.random.normal(k[3], (16, 2)) / 4}
     lam = 0.5
-    result = compare_training(ntk_adapters.adapt(f, p), x, y, x_test, learning_rate=0.05, steps=4000,
-                              kernel="traced", diag_reg=lam, infinite=False, progress=False)
+    result = compare_training(
+        ntk_adapters.adapt(f, p),
+        x,
+        y,
+        x_test,
+        learning_rate=0.05,
+        steps=4000,
+        kernel="traced",
+        diag_reg=lam,
+        infinite=False,
+        progress=False,
+    )
     ntk = empirical_ntk_fn(f, vmap_axes=None, implementation="jacobian")
     k_tt, k_st = np.asarray(ntk(x, None, p)), np.asarray(ntk(x_test, x, p))
     reg = k_tt + lam * np.mean(np.diag(k_tt)) * np.eye(6)
@@ -130,5 +147,6 @@ def test_compare_training_with_tuple_inputs_and_diag_reg_reaches_the_ridge_solut
     # As in neural-tangents, the training outputs evolve under the regularized kernel: they reach y.
     np.testing.assert_allclose(result.outputs_train["ntk"][-1], y, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="diag_reg"):
-        compare_training(ntk_adapters.adapt(f, p), x, y, learning_rate=0.05, momentum=0.9, steps=2,
-                         diag_reg=lam, progress=False)
+        compare_training(
+            ntk_adapters.adapt(f, p), x, y, learning_rate=0.05, momentum=0.9, steps=2, diag_reg=lam, progress=False
+        )

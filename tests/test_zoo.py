@@ -38,26 +38,39 @@ NAMES = [entry.name for entry in catalog.ENTRIES]
 
 # What the infinite-width engine says where the catalog expects a refusal: the layer it names and
 # a pattern of the operation and the reason. Every refusal must name both.
-MAX_POOL = (r"at primitive reduce_window_max: max pooling has no exact infinite-width kernel .*; average pooling "
-            r"\(`nn\.avg_pool` / `hk\.avg_pool`\) has one")
+MAX_POOL = (
+    r"at primitive reduce_window_max: max pooling has no exact infinite-width kernel .*; average pooling "
+    r"\(`nn\.avg_pool` / `hk\.avg_pool`\) has one"
+)
 EMBEDDING = r"at primitive gather.*: an embedding lookup \(a parameter table indexed by integer ids\)"
 REFUSALS = {
     "flax_linen_resnet18_train": ("bn_init", "BatchNorm in training mode"),
     "flax_linen_resnet18_eval": ("ResNet", MAX_POOL),
-    "flax_linen_lm1b_transformer": ("decoder/posembed_output", r"at primitive add: adds a fixed array of shape "
-                                    r"\(1, 8, 8\) to an input-dependent value entry by entry \(sinusoidal "
-                                    r"positional encodings"),
-    "flax_linen_sst2_lstm": ("embedder", r"computed from input leaf x\[0\] .*" + EMBEDDING +
-                             r" outside every embedding layer with a rule"),
+    "flax_linen_lm1b_transformer": (
+        "decoder/posembed_output",
+        r"at primitive add: adds a fixed array of shape "
+        r"\(1, 8, 8\) to an input-dependent value entry by entry \(sinusoidal "
+        r"positional encodings",
+    ),
+    "flax_linen_sst2_lstm": (
+        "embedder",
+        r"computed from input leaf x\[0\] .*" + EMBEDDING + r" outside every embedding layer with a rule",
+    ),
     "flax_linen_vae_reconstruction": ("VAE", "at primitive mul: .*non-scalar constant"),
     "flax_nnx_mnist_cnn_train": ("batch_norm1", "BatchNorm in training mode"),
-    "flax_nnx_count_mlp": ("linear1", r"\(examples\.zoo\.flax_nnx_functional_api\.Linear\) at primitive dot_general: "
-                                      r"a matrix product outside every layer with a rule"),
+    "flax_nnx_count_mlp": (
+        "linear1",
+        r"\(examples\.zoo\.flax_nnx_functional_api\.Linear\) at primitive dot_general: "
+        r"a matrix product outside every layer with a rule",
+    ),
     "haiku_resnet18_train": ("res_net", MAX_POOL),
     "haiku_resnet18_eval": ("res_net", MAX_POOL),
-    "haiku_transformer_lm": ("language_model", r"at primitive add: adds a parameter array of shape \(1, 8, 8\) "
-                                               r"to an input-dependent value entry by entry \(a learned additive "
-                                               r"positional embedding"),
+    "haiku_transformer_lm": (
+        "language_model",
+        r"at primitive add: adds a parameter array of shape \(1, 8, 8\) "
+        r"to an input-dependent value entry by entry \(a learned additive "
+        r"positional embedding",
+    ),
 }
 
 # Kernels are float32 (the examples' parameters): agreement to float32 round-off of the largest entry.
@@ -135,8 +148,9 @@ def test_linearization_error_is_second_order(zoo):
     np.testing.assert_allclose(lin(params, x), f0, rtol=1e-6, atol=1e-6)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
-    direction = jax.tree_util.tree_unflatten(treedef, [
-        jax.random.normal(k, p.shape, p.dtype) * (jnp.std(p) + 0.1) for k, p in zip(keys, leaves)])
+    direction = jax.tree_util.tree_unflatten(
+        treedef, [jax.random.normal(k, p.shape, p.dtype) * (jnp.std(p) + 0.1) for k, p in zip(keys, leaves)]
+    )
 
     def error(scale):
         moved = jax.tree_util.tree_map(lambda p, d: p + scale * d, params, direction)
@@ -181,11 +195,12 @@ def test_compare_training_follows_the_linearization_for_a_few_small_steps(name):
     train, test = rows(x, slice(0, n - 1)), rows(x, slice(n - 1, n))
     y = jax.random.normal(jax.random.PRNGKey(1), (n - 1,) + entry.output_shape[1:])
     size = (n - 1) * int(np.prod(entry.output_shape[1:]))
-    full = np.asarray(empirical_ntk_fn(model, trace_axes=())(train))          # (N, N, O, O)
+    full = np.asarray(empirical_ntk_fn(model, trace_axes=())(train))  # (N, N, O, O)
     lam = np.linalg.eigvalsh(full.transpose(0, 2, 1, 3).reshape(size, size)).max()
-    eta = 0.1 * 2 * size / lam                                                # a tenth of η_max
-    result = compare_training(model, train, y, test, learning_rate=eta, steps=10, eval_every=1,
-                              infinite=False, progress=False)
+    eta = 0.1 * 2 * size / lam  # a tenth of η_max
+    result = compare_training(
+        model, train, y, test, learning_rate=eta, steps=10, eval_every=1, infinite=False, progress=False
+    )
     network = result.outputs_train["network"]
     first, moved = np.abs(network[1] - network[0]).max(), np.abs(network[-1] - network[0]).max()
     assert first > 0

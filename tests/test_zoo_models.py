@@ -60,17 +60,20 @@ def forward_fn(entry, built):
 
         def call(variables, x):
             args, xkw = _spread(x, inputs)
-            out = module.apply(variables, *args, method=opts.get("method"), rngs=opts.get("rngs"),
-                               mutable=mutable, **xkw, **kw)
+            out = module.apply(
+                variables, *args, method=opts.get("method"), rngs=opts.get("rngs"), mutable=mutable, **xkw, **kw
+            )
             return _select(out[0] if mutable is not False else out, output)
 
         if "axis_name" in opts:
             # As under the example's pmap: each example is one replica's batch, and BatchNorm
             # averages its statistics over the named axis.
             def named(variables, x):
-                per = jax.vmap(lambda xi: call(variables, jax.tree.map(lambda a: a[None], xi)),
-                               axis_name=opts["axis_name"])(x)
+                per = jax.vmap(
+                    lambda xi: call(variables, jax.tree.map(lambda a: a[None], xi)), axis_name=opts["axis_name"]
+                )(x)
                 return per[:, 0]
+
             return named
         return call
 
@@ -119,8 +122,7 @@ def _compile(entry, built):
     f = forward_fn(entry, built)
     x = built["x"]
     compiled = jax.jit(f).lower(_variables(entry, built), x).compile(_FAST_COMPILE)
-    return lambda variables: (jax.device_get(compiled(variables, x)),
-                              jax.device_get(compiled(variables, _shifted(x))))
+    return lambda variables: (jax.device_get(compiled(variables, x)), jax.device_get(compiled(variables, _shifted(x))))
 
 
 @pytest.fixture(scope="module", params=catalog.ENTRIES, ids=lambda e: e.name)
@@ -134,8 +136,7 @@ def zoo(request):
 def test_make_returns_what_an_adapter_call_needs(zoo):
     entry, built, _, _ = zoo
     assert set(built) == {"module", "variables", "x", "adapt_kwargs"}
-    kinds = {"flax.linen": nn.Module, "flax.nnx": nnx.Module,
-             "haiku": (hk.Transformed, hk.TransformedWithState)}
+    kinds = {"flax.linen": nn.Module, "flax.nnx": nnx.Module, "haiku": (hk.Transformed, hk.TransformedWithState)}
     assert isinstance(built["module"], kinds[entry.framework])
     if entry.framework == "flax.nnx":
         assert built["variables"] is None
@@ -164,8 +165,8 @@ def test_batch_independence_is_as_recorded(zoo):
         # hk.nets.ResNet zero-initializes its logits layer, so every output is 0 whatever the
         # batch; with nonzero readout weights the coupling of training-mode BatchNorm shows.
         params = hk.data_structures.map(
-            lambda m, n, p: np.ones(p.shape, p.dtype) if m.endswith("logits") and n == "w" else p,
-            built["variables"])
+            lambda m, n, p: np.ones(p.shape, p.dtype) if m.endswith("logits") and n == "w" else p, built["variables"]
+        )
         out, shifted = run(params)
         assert np.any(out != 0)
     moved, kept = shifted[:-1], out[1:]
@@ -209,8 +210,10 @@ def test_vae_entries_select_reconstruction_and_mean():
     @jax.jit
     def outputs(variables, x):
         full = module.apply(variables, x, recon["adapt_kwargs"]["z_rng"])
-        picked = (forward_fn(catalog.get("flax_linen_vae_reconstruction"), recon)(variables, x),
-                  forward_fn(catalog.get("flax_linen_vae_encoder_mean"), mean)(variables, x))
+        picked = (
+            forward_fn(catalog.get("flax_linen_vae_reconstruction"), recon)(variables, x),
+            forward_fn(catalog.get("flax_linen_vae_encoder_mean"), mean)(variables, x),
+        )
         return full, picked
 
     (recon_x, mean_x, logvar_x), (picked_recon, picked_mean) = outputs(recon["variables"], x)

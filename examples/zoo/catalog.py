@@ -161,8 +161,16 @@ def _make_linen_resnet18(train: bool) -> dict:
 
 
 LM1B_CONFIG = {
-    "vocab_size": 16, "output_vocab_size": 16, "emb_dim": 8, "num_heads": 2, "num_layers": 1,
-    "qkv_dim": 8, "mlp_dim": 16, "max_len": 8, "dropout_rate": 0.0, "attention_dropout_rate": 0.0,
+    "vocab_size": 16,
+    "output_vocab_size": 16,
+    "emb_dim": 8,
+    "num_heads": 2,
+    "num_layers": 1,
+    "qkv_dim": 8,
+    "mlp_dim": 16,
+    "max_len": 8,
+    "dropout_rate": 0.0,
+    "attention_dropout_rate": 0.0,
     "deterministic": True,
 }
 LM1B_LENGTHS = (8, 6, 3)
@@ -188,8 +196,12 @@ def _make_linen_sst2() -> dict:
     tokens = _tokens(4, 6, SST2_SIZES["vocab_size"], lengths)
     # As the example's train.py: model.init(rng, token_ids, lengths, deterministic=True).
     variables = _init(module.init, _init_key(0), tokens, lengths, deterministic=True)
-    return {"module": module, "variables": variables, "x": (tokens, lengths),
-            "adapt_kwargs": {"inputs": "args", "deterministic": True}}
+    return {
+        "module": module,
+        "variables": variables,
+        "x": (tokens, lengths),
+        "adapt_kwargs": {"inputs": "args", "deterministic": True},
+    }
 
 
 VAE_LATENTS = 2
@@ -223,6 +235,7 @@ def _nnx_cnn_view(train: bool) -> Callable[[nnx.Rngs], nnx.Module]:
     def build(rngs: nnx.Rngs) -> nnx.Module:
         model = flax_nnx_mnist_tutorial.CNN(rngs=rngs)
         return nnx.view(model, deterministic=not train, use_running_average=not train)
+
     return build
 
 
@@ -247,6 +260,7 @@ COUNT_MLP_SIZES = {"din": 1, "dhidden": 8, "dout": 1}
 def _make_nnx_count_mlp() -> dict:
     def init(rngs: nnx.Rngs) -> nnx.Module:
         return flax_nnx_functional_api.MLP(**COUNT_MLP_SIZES, rngs=rngs)
+
     x = jnp.asarray(np.linspace(-np.pi, np.pi, 4)[:, None], jnp.float32)  # as the script's X, (N, 1)
     return {"module": _nnx_build(init), "variables": None, "x": x, "adapt_kwargs": {"init": init}}
 
@@ -301,7 +315,7 @@ ENTRIES: tuple[ZooEntry, ...] = (
         name="flax_linen_mnist_cnn",
         framework="flax.linen",
         source=f"{FLAX} examples/mnist/train.py (class CNN), commit 772d99741458a843bb86c875ac3480bc1ac63656 "
-               "(the last linen version)",
+        "(the last linen version)",
         make=_make_linen_mnist_cnn,
         notes="Conv-ReLU-avg_pool twice, flatten, Dense-ReLU-Dense. x: (4, 8, 8, 1) images.",
         output_shape=(4, 3),
@@ -312,8 +326,8 @@ ENTRIES: tuple[ZooEntry, ...] = (
         source=f"{FLAX} examples/imagenet/models.py (ResNet18 = ResNet + ResNetBlock), {FLAX_V0_12_7}",
         make=lambda: _make_linen_resnet18(train=True),
         notes="BatchNorm(axis_name='batch') with batch statistics: needs mutable=['batch_stats'] and a "
-              "named 'batch' axis over the examples. Max-pool stem. Each block's last BatchNorm has "
-              "scale_init=zeros. x: (4, 16, 16, 3).",
+        "named 'batch' axis over the examples. Max-pool stem. Each block's last BatchNorm has "
+        "scale_init=zeros. x: (4, 16, 16, 3).",
         output_shape=(4, RESNET_NUM_CLASSES),
         batch_independent=False,
         infinite_width="BatchNorm in training mode",
@@ -324,7 +338,7 @@ ENTRIES: tuple[ZooEntry, ...] = (
         source=f"{FLAX} examples/imagenet/models.py (ResNet18 = ResNet + ResNetBlock), {FLAX_V0_12_7}",
         make=lambda: _make_linen_resnet18(train=False),
         notes="train=False: BatchNorm uses the running averages (a per-channel affine map). The stem "
-              "max-pools after conv_init and bn_init. x: (4, 16, 16, 3).",
+        "max-pools after conv_init and bn_init. x: (4, 16, 16, 3).",
         output_shape=(4, RESNET_NUM_CLASSES),
         infinite_width="max pooling",
     ),
@@ -334,12 +348,12 @@ ENTRIES: tuple[ZooEntry, ...] = (
         source=f"{FLAX} examples/lm1b/models.py (TransformerConfig, TransformerLM, Decoder), {FLAX_V0_12_7}",
         make=_make_linen_lm1b,
         notes="Decoder-only LM; every param is an nn.Partitioned box (nn.with_logical_partitioning). "
-              "Tokens are shifted right; 0 is padding and masked in the causal self-attention. "
-              "Infinite width: the nn.Embed lookup of the integer tokens has a rule; the fixed "
-              "sinusoidal position encodings added next are refused (a mean that differs between "
-              "channels), and the causal self-attention after them would be (standard "
-              "1/sqrt(head_dim) scaling with a fixed number of heads has no Gaussian limit). "
-              "x: (3, 8) int32 tokens in [0, 16).",
+        "Tokens are shifted right; 0 is padding and masked in the causal self-attention. "
+        "Infinite width: the nn.Embed lookup of the integer tokens has a rule; the fixed "
+        "sinusoidal position encodings added next are refused (a mean that differs between "
+        "channels), and the causal self-attention after them would be (standard "
+        "1/sqrt(head_dim) scaling with a fixed number of heads has no Gaussian limit). "
+        "x: (3, 8) int32 tokens in [0, 16).",
         output_shape=(3, LM1B_CONFIG["max_len"], LM1B_CONFIG["output_vocab_size"]),
         infinite_width="sinusoidal position encodings",
     ),
@@ -349,10 +363,10 @@ ENTRIES: tuple[ZooEntry, ...] = (
         source=f"{FLAX} examples/sst2/models.py (TextClassifier), {FLAX_V0_12_7}",
         make=_make_linen_sst2,
         notes="Called as model(token_ids, lengths, deterministic=True): x = (tokens (4, 6) int32, "
-              "lengths (4,) int32). Embedding, bidirectional LSTM (nn.scan over OptimizedLSTMCell), "
-              "keys-only MLP attention with a softmax over valid positions, MLP head. Infinite width: "
-              "the lookup of the integer tokens in the custom Embedder (a parameter table, not "
-              "nn.Embed) comes first, then the LSTM and the attention softmax.",
+        "lengths (4,) int32). Embedding, bidirectional LSTM (nn.scan over OptimizedLSTMCell), "
+        "keys-only MLP attention with a softmax over valid positions, MLP head. Infinite width: "
+        "the lookup of the integer tokens in the custom Embedder (a parameter table, not "
+        "nn.Embed) comes first, then the LSTM and the attention softmax.",
         output_shape=(4, SST2_SIZES["output_size"]),
         infinite_width="custom embedding lookup",
     ),
@@ -362,10 +376,10 @@ ENTRIES: tuple[ZooEntry, ...] = (
         source=f"{FLAX} examples/vae/models.py (VAE, Encoder, Decoder), {FLAX_V0_12_7}",
         make=lambda: _make_linen_vae("reconstruction"),
         notes="VAE.__call__(x, z_rng) returns (recon_x, mean, logvar); output=0 picks recon_x and z_rng "
-              "is a fixed call keyword. The noise eps = normal(z_rng, (N, latents)) depends on the batch "
-              "size and each example's row, so examples are not independent. Infinite width: "
-              "mean + eps * exp(0.5 * logvar) multiplies a Gaussian-process value by a fixed "
-              "non-scalar array and exponentiates another. x: (4, 16) pixels in [0, 1).",
+        "is a fixed call keyword. The noise eps = normal(z_rng, (N, latents)) depends on the batch "
+        "size and each example's row, so examples are not independent. Infinite width: "
+        "mean + eps * exp(0.5 * logvar) multiplies a Gaussian-process value by a fixed "
+        "non-scalar array and exponentiates another. x: (4, 16) pixels in [0, 1).",
         output_shape=(4, VAE_PIXELS),
         batch_independent=False,
         infinite_width="reparameterization",
@@ -376,19 +390,18 @@ ENTRIES: tuple[ZooEntry, ...] = (
         source=f"{FLAX} examples/vae/models.py (VAE, Encoder), {FLAX_V0_12_7}",
         make=lambda: _make_linen_vae("encoder_mean"),
         notes="method=a function calling vae.encoder(x) -> (mean, logvar); output=0 picks the fc2_mean "
-              "head (Dense-ReLU-Dense). x: (4, 16).",
+        "head (Dense-ReLU-Dense). x: (4, 16).",
         output_shape=(4, VAE_LATENTS),
     ),
     ZooEntry(
         name="flax_nnx_mnist_cnn_train",
         framework="flax.nnx",
-        source=f"{FLAX} docs_nnx/mnist_tutorial.md (class CNN; same model as examples/mnist/train.py), "
-               f"{FLAX_V0_12_7}",
+        source=f"{FLAX} docs_nnx/mnist_tutorial.md (class CNN; same model as examples/mnist/train.py), {FLAX_V0_12_7}",
         make=lambda: _make_nnx_cnn(train=True),
         notes="The tutorial's train view: nnx.view(model, deterministic=False, use_running_average=False). "
-              "Dropout(0.025) after conv1 and linear1 draws from the fixed key passed as rngs=; "
-              "BatchNorm normalizes with batch statistics (and updates its BatchStat variables). "
-              "x: (4, 8, 8, 1).",
+        "Dropout(0.025) after conv1 and linear1 draws from the fixed key passed as rngs=; "
+        "BatchNorm normalizes with batch statistics (and updates its BatchStat variables). "
+        "x: (4, 8, 8, 1).",
         output_shape=(4, 3),
         batch_independent=False,
         infinite_width="BatchNorm in training mode",
@@ -396,11 +409,10 @@ ENTRIES: tuple[ZooEntry, ...] = (
     ZooEntry(
         name="flax_nnx_mnist_cnn_eval",
         framework="flax.nnx",
-        source=f"{FLAX} docs_nnx/mnist_tutorial.md (class CNN; same model as examples/mnist/train.py), "
-               f"{FLAX_V0_12_7}",
+        source=f"{FLAX} docs_nnx/mnist_tutorial.md (class CNN; same model as examples/mnist/train.py), {FLAX_V0_12_7}",
         make=lambda: _make_nnx_cnn(train=False),
         notes="The tutorial's eval view: nnx.view(model, deterministic=True, use_running_average=True); "
-              "no rngs needed. Conv, BatchNorm (running averages), ReLU, avg_pool, Linear. x: (4, 8, 8, 1).",
+        "no rngs needed. Conv, BatchNorm (running averages), ReLU, avg_pool, Linear. x: (4, 8, 8, 1).",
         output_shape=(4, 3),
     ),
     ZooEntry(
@@ -409,8 +421,8 @@ ENTRIES: tuple[ZooEntry, ...] = (
         source=f"{FLAX} examples/nnx_toy_examples/01_functional_api.py (MLP, Linear, Count), {FLAX_V0_12_7}",
         make=_make_nnx_count_mlp,
         notes="A custom Count(nnx.Variable) incremented in __call__ (non-Param state that changes on "
-              "every call) and a hand-written Linear (x @ w + b) whose weights are jax.random.uniform "
-              "in [0, 1), not zero-mean. x: (4, 1).",
+        "every call) and a hand-written Linear (x @ w + b) whose weights are jax.random.uniform "
+        "in [0, 1), not zero-mean. x: (4, 1).",
         output_shape=(4, COUNT_MLP_SIZES["dout"]),
         infinite_width="custom Linear (jax.random.uniform weights)",
     ),
@@ -420,20 +432,20 @@ ENTRIES: tuple[ZooEntry, ...] = (
         source=f"{HAIKU} examples/mnist.py (net_fn), {HAIKU_COMMIT}",
         make=_make_haiku_mnist,
         notes="hk.without_apply_rng(hk.transform(net_fn)): x / 255, hk.Flatten, Linear-ReLU-Linear-ReLU-"
-              "Linear. x: (4, 8, 8, 1) pixel values in [0, 255].",
+        "Linear. x: (4, 8, 8, 1) pixel values in [0, 255].",
         output_shape=(4, haiku_mnist.NUM_CLASSES),
     ),
     ZooEntry(
         name="haiku_resnet18_train",
         framework="haiku",
         source=f"{HAIKU} examples/imagenet/train.py (_forward, forward) with hk.nets.ResNet "
-               f"CONFIGS[18], {HAIKU_COMMIT}",
+        f"CONFIGS[18], {HAIKU_COMMIT}",
         make=lambda: _make_haiku_resnet18(train=True),
         notes="hk.transform_with_state; _forward(batch, is_training) reads batch['images'], so x is the "
-              "dict {'images': (4, 16, 16, 3)} passed as one argument. resnet_v2=True (the example's "
-              "default flag): the stem max-pools right after the initial convolution, before any "
-              "BatchNorm; hk.BatchNorm in training mode uses the batch statistics. The logits layer "
-              "is zero-initialized (hk.nets.ResNet's default), so the outputs at init are 0.",
+        "dict {'images': (4, 16, 16, 3)} passed as one argument. resnet_v2=True (the example's "
+        "default flag): the stem max-pools right after the initial convolution, before any "
+        "BatchNorm; hk.BatchNorm in training mode uses the batch statistics. The logits layer "
+        "is zero-initialized (hk.nets.ResNet's default), so the outputs at init are 0.",
         output_shape=(4, haiku_imagenet_train.NUM_CLASSES),
         batch_independent=False,
         infinite_width="max pooling",
@@ -442,11 +454,11 @@ ENTRIES: tuple[ZooEntry, ...] = (
         name="haiku_resnet18_eval",
         framework="haiku",
         source=f"{HAIKU} examples/imagenet/train.py (_forward, forward) with hk.nets.ResNet "
-               f"CONFIGS[18], {HAIKU_COMMIT}",
+        f"CONFIGS[18], {HAIKU_COMMIT}",
         make=lambda: _make_haiku_resnet18(train=False),
         notes="As haiku_resnet18_train with is_training=False: BatchNorm uses the moving averages in "
-              "the state from forward.init(..., is_training=True) (init_kwargs). The logits layer is "
-              "zero-initialized, so the outputs at init are 0. x: {'images': (4, 16, 16, 3)}.",
+        "the state from forward.init(..., is_training=True) (init_kwargs). The logits layer is "
+        "zero-initialized, so the outputs at init are 0. x: {'images': (4, 16, 16, 3)}.",
         output_shape=(4, haiku_imagenet_train.NUM_CLASSES),
         infinite_width="max pooling",
     ),
@@ -454,15 +466,15 @@ ENTRIES: tuple[ZooEntry, ...] = (
         name="haiku_transformer_lm",
         framework="haiku",
         source=f"{HAIKU} examples/transformer/model.py (LanguageModel, Transformer) and "
-               f"examples/transformer/train.py (forward_pass), {HAIKU_COMMIT}",
+        f"examples/transformer/train.py (forward_pass), {HAIKU_COMMIT}",
         make=_make_haiku_transformer,
         notes="hk.transform(forward_pass): hk.dropout draws from hk.next_rng_key(), so apply needs an "
-              "rng even at dropout rate 0. Token 0 is padding (masked in the causal attention). "
-              "Learned positional embeddings of shape (T, D). Infinite width: the hk.Embed lookup "
-              "of the integer tokens has a rule; the learned positional embeddings added next "
-              "(hk.get_parameter, whose initializer is not visible at the addition) are refused, and "
-              "hk.MultiHeadAttention after them would be (standard 1/sqrt(key_size) scaling with a "
-              "fixed number of heads has no Gaussian limit). x: (3, 8) int32 tokens in [0, 16).",
+        "rng even at dropout rate 0. Token 0 is padding (masked in the causal attention). "
+        "Learned positional embeddings of shape (T, D). Infinite width: the hk.Embed lookup "
+        "of the integer tokens has a rule; the learned positional embeddings added next "
+        "(hk.get_parameter, whose initializer is not visible at the addition) are refused, and "
+        "hk.MultiHeadAttention after them would be (standard 1/sqrt(key_size) scaling with a "
+        "fixed number of heads has no Gaussian limit). x: (3, 8) int32 tokens in [0, 16).",
         output_shape=(3, HAIKU_LM_LENGTH, haiku_transformer_train.dataset.VOCAB_SIZE),
         infinite_width="learned positional embeddings",
     ),

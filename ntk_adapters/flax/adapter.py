@@ -146,7 +146,12 @@ def adapt_linen(
     def call(params: PyTree, x: PyTree, kwargs: Mapping[str, Any]) -> jax.Array:
         args, kw = spread(inputs, x, {**call_kwargs, **kwargs})
         out = module.apply(
-            {"params": params, **rest}, *args, method=method, rngs=rngs or None, mutable=mutable, **kw,
+            {"params": params, **rest},
+            *args,
+            method=method,
+            rngs=rngs or None,
+            mutable=mutable,
+            **kw,
         )
         if mutable is not False:
             out = out[0]
@@ -162,9 +167,23 @@ def adapt_linen(
 
     with _explaining_unbound_axes(where):
         return traced_model(
-            apply_fn, params, sample_x, where=where, init_fn=init_fn, framework="flax.linen", module=module,
-            info={"variables": rest, "method": method, "call_kwargs": call_kwargs, "rngs": rngs,
-                  "output": output, "mutable": mutable, "inputs": inputs, "axis_name": axis_name},
+            apply_fn,
+            params,
+            sample_x,
+            where=where,
+            init_fn=init_fn,
+            framework="flax.linen",
+            module=module,
+            info={
+                "variables": rest,
+                "method": method,
+                "call_kwargs": call_kwargs,
+                "rngs": rngs,
+                "output": output,
+                "mutable": mutable,
+                "inputs": inputs,
+                "axis_name": axis_name,
+            },
         )
 
 
@@ -258,15 +277,30 @@ def adapt_nnx(
 
     init_fn = None
     if init is not None:
+
         def init_fn(key: jax.Array, x: PyTree) -> PyTree:
             del x  # NNX modules are built from their constructor arguments, not from an input
             return nnx.to_pure_dict(nnx.split(init(nnx.Rngs(key)), nnx.Param, ...)[1])
 
     with _explaining_unbound_axes(where):
         return traced_model(
-            apply_fn, params, sample_x, where=where, init_fn=init_fn, framework="flax.nnx", module=module,
-            info={"graphdef": graphdef, "variables": rest, "call_kwargs": call_kwargs, "output": output,
-                  "init": init, "inputs": inputs, "rng_key": rng_key, "axis_name": axis_name},
+            apply_fn,
+            params,
+            sample_x,
+            where=where,
+            init_fn=init_fn,
+            framework="flax.nnx",
+            module=module,
+            info={
+                "graphdef": graphdef,
+                "variables": rest,
+                "call_kwargs": call_kwargs,
+                "output": output,
+                "init": init,
+                "inputs": inputs,
+                "rng_key": rng_key,
+                "axis_name": axis_name,
+            },
         )
 
 

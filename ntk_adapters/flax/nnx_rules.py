@@ -101,8 +101,12 @@ def _path_str(path: tuple) -> str:
 def _record(model, on_call) -> Iterator[None]:
     template = _template(model)
     configured = dict(template.iter_modules()) if template is not None else None
-    classes = {cls for _, sub in model.module.iter_modules() for cls in type(sub).__mro__
-               if "__call__" in vars(cls) and issubclass(cls, nnx.Module)}
+    classes = {
+        cls
+        for _, sub in model.module.iter_modules()
+        for cls in type(sub).__mro__
+        if "__call__" in vars(cls) and issubclass(cls, nnx.Module)
+    }
     # The model is rebuilt (nnx.merge) inside apply_fn, so calls are matched to paths by identity,
     # starting from whichever module is called first (the root).
     paths: dict[int, tuple] = {}

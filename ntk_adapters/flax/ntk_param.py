@@ -91,8 +91,7 @@ class Conv(nn.Module):
         spatial = "DHW"[-d:]
         layout = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, layout)
-        y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), strides, padding, rhs_dilation=dil,
-                                         dimension_numbers=dn)
+        y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), strides, padding, rhs_dilation=dil, dimension_numbers=dn)
         y = y * (self.w_std / math.sqrt(c * math.prod(window)))
         if self.b_std is not None:
             b = self.param("bias", nn.initializers.normal(1.0), (self.features,), jnp.float32)

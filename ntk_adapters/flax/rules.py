@@ -73,11 +73,20 @@ def _conv(k: Kernel, call: ModuleCall) -> Kernel:
     if isinstance(padding, str) and padding.upper() == "CAUSAL":
         padding = "CAUSAL"
     try:
-        return _layers.conv(k, window_shape=window, fan_in=fan_in, strides=m.strides, padding=padding,
-                            dilation=m.kernel_dilation, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias,
-                            input_dilation=m.input_dilation,
-                            # depthwise (one input channel per group): finite fan-in, not Gaussian
-                            gaussian=not (groups > 1 and groups == call.in_shape[-1]))
+        return _layers.conv(
+            k,
+            window_shape=window,
+            fan_in=fan_in,
+            strides=m.strides,
+            padding=padding,
+            dilation=m.kernel_dilation,
+            weight_var=s_w2,
+            bias_var=s_b2,
+            has_bias=has_bias,
+            input_dilation=m.input_dilation,
+            # depthwise (one input channel per group): finite fan-in, not Gaussian
+            gaussian=not (groups > 1 and groups == call.in_shape[-1]),
+        )
     except ValueError as e:
         raise call.error(str(e)) from None
 
@@ -88,10 +97,17 @@ _rules.register_rule(nn.Conv, _conv, linear=True)
 def _conv_transpose(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     if isinstance(m.padding, str) and m.padding.upper() == "CIRCULAR":
-        raise call.error("circular padding of a transposed convolution has no rule; use 'SAME', 'VALID' or "
-                         "explicit pads")
-    return _conv_calls.traced_conv(k, call, weight=call.params["kernel"], weight_init=m.kernel_init,
-                                   bias_init=m.bias_init, has_bias="bias" in call.params)
+        raise call.error(
+            "circular padding of a transposed convolution has no rule; use 'SAME', 'VALID' or explicit pads"
+        )
+    return _conv_calls.traced_conv(
+        k,
+        call,
+        weight=call.params["kernel"],
+        weight_init=m.kernel_init,
+        bias_init=m.bias_init,
+        has_bias="bias" in call.params,
+    )
 
 
 _rules.register_rule(nn.ConvTranspose, _conv_transpose, linear=True)
@@ -114,8 +130,15 @@ def _layer_norm(k: Kernel, call: ModuleCall) -> Kernel:
     scale0 = call.initial_value(m.scale_init, (c,), "LayerNorm scale") if m.use_scale else 1.0
     bias0 = call.initial_value(m.bias_init, (c,), "LayerNorm bias") if m.use_bias else 0.0
     try:
-        return _layers.layer_norm(k, epsilon=m.epsilon, use_scale=m.use_scale, use_bias=m.use_bias,
-                                  scale_init=scale0, bias_init=bias0, over_spatial=over_spatial)
+        return _layers.layer_norm(
+            k,
+            epsilon=m.epsilon,
+            use_scale=m.use_scale,
+            use_bias=m.use_bias,
+            scale_init=scale0,
+            bias_init=bias0,
+            over_spatial=over_spatial,
+        )
     except ValueError as e:
         raise call.error(str(e)) from None
 
@@ -134,11 +157,18 @@ _rules.register_rule(nn.Dropout, _dropout)
 
 def _batch_norm(k: Kernel, call: ModuleCall) -> Kernel:
     if call.reduces_over_batch():
-        raise call.error("BatchNorm in training mode normalizes with batch statistics, which couple the "
-                         "examples; call it with use_running_average=True (inference mode)")
+        raise call.error(
+            "BatchNorm in training mode normalizes with batch statistics, which couple the "
+            "examples; call it with use_running_average=True (inference mode)"
+        )
     a, b = call.per_channel_affine()
-    return _layers.channel_affine(k, a, b, scale=call.params.get("scale") if call.module.use_scale else None,
-                                  offset=call.params.get("bias") if call.module.use_bias else None)
+    return _layers.channel_affine(
+        k,
+        a,
+        b,
+        scale=call.params.get("scale") if call.module.use_scale else None,
+        offset=call.params.get("bias") if call.module.use_bias else None,
+    )
 
 
 _rules.register_rule(nn.BatchNorm, _batch_norm)
@@ -148,8 +178,14 @@ def _ntk_dense(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     fan_in = call.params["kernel"].shape[0]
     b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2
-    return _layers.dense(k, fan_in=fan_in, weight_var=float(m.w_std) ** 2, bias_var=b2, has_bias=m.b_std is not None,
-                         parameterization="ntk")
+    return _layers.dense(
+        k,
+        fan_in=fan_in,
+        weight_var=float(m.w_std) ** 2,
+        bias_var=b2,
+        has_bias=m.b_std is not None,
+        parameterization="ntk",
+    )
 
 
 def _ntk_conv(k: Kernel, call: ModuleCall) -> Kernel:
@@ -157,10 +193,18 @@ def _ntk_conv(k: Kernel, call: ModuleCall) -> Kernel:
     w = call.params["kernel"]
     b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2
     try:
-        return _layers.conv(k, window_shape=tuple(w.shape[:-2]), fan_in=int(np.prod(w.shape[:-1])),
-                            strides=m.strides, padding=m.padding, dilation=m.kernel_dilation,
-                            weight_var=float(m.w_std) ** 2, bias_var=b2, has_bias=m.b_std is not None,
-                            parameterization="ntk")
+        return _layers.conv(
+            k,
+            window_shape=tuple(w.shape[:-2]),
+            fan_in=int(np.prod(w.shape[:-1])),
+            strides=m.strides,
+            padding=m.padding,
+            dilation=m.kernel_dilation,
+            weight_var=float(m.w_std) ** 2,
+            bias_var=b2,
+            has_bias=m.b_std is not None,
+            parameterization="ntk",
+        )
     except ValueError as e:
         raise call.error(str(e)) from None
 
@@ -175,8 +219,10 @@ def _dense_general(k: Kernel, call: ModuleCall) -> Kernel:
     feats = tuple(np.atleast_1d(m.features))
     nd = len(call.in_shape)
     if tuple(a % (nd + 1) for a in axis) != (nd,) or len(feats) != 1 or tuple(m.batch_dims or ()):
-        raise call.error("only DenseGeneral as a plain projection of the last axis to one feature axis "
-                         "(axis=-1, integer features, no batch_dims) has a rule")
+        raise call.error(
+            "only DenseGeneral as a plain projection of the last axis to one feature axis "
+            "(axis=-1, integer features, no batch_dims) has a rule"
+        )
     return _dense(k, call)  # a plain projection has Dense's parameters and initializers
 
 
@@ -195,8 +241,9 @@ def _embed(k, call: ModuleCall) -> Kernel:
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = table.dtype
     ids1, ids2 = call.ids
-    return _embeddings.lookup(ids1, ids2, variance=var, layout=call.options.layout, dtype=dtype,
-                              vocab_size=table.shape[0])
+    return _embeddings.lookup(
+        ids1, ids2, variance=var, layout=call.options.layout, dtype=dtype, vocab_size=table.shape[0]
+    )
 
 
 _rules.register_rule(nn.Embed, _embed, linear=True, integer_input=True)

@@ -124,11 +124,18 @@ def adapt(
         fresh = initialize(key, x)
         return fresh[0] if with_state else fresh
 
-    info = {"state": state, "rng": rng, "call_kwargs": call_kwargs, "output": output, "with_state": with_state,
-            "inputs": inputs}
+    info = {
+        "state": state,
+        "rng": rng,
+        "call_kwargs": call_kwargs,
+        "output": output,
+        "with_state": with_state,
+        "inputs": inputs,
+    }
     try:
-        return traced_model(apply_fn, params, sample_x, where=where, init_fn=init_fn, framework="haiku",
-                            module=transformed, info=info)
+        return traced_model(
+            apply_fn, params, sample_x, where=where, init_fn=init_fn, framework="haiku", module=transformed, info=info
+        )
     except ValueError as err:
         # Haiku's MissingRNGError (a ValueError) is not part of its public API.
         if type(err).__name__ != "MissingRNGError":

@@ -26,8 +26,7 @@ __all__ = ["Linear", "Conv", "Conv1D", "Conv2D", "Conv3D"]
 class Linear(hk.Module):
     """``y = (w_std/√fan_in) · x W + b_std · b`` over the last axis; ``W``, ``b`` ~ N(0, 1)."""
 
-    def __init__(self, output_size: int, w_std: float = 1.0, b_std: Optional[float] = None,
-                 name: Optional[str] = None):
+    def __init__(self, output_size: int, w_std: float = 1.0, b_std: Optional[float] = None, name: Optional[str] = None):
         super().__init__(name=name)
         self.output_size = output_size
         self.w_std = w_std
@@ -46,9 +45,17 @@ class Linear(hk.Module):
 class Conv(hk.Module):
     """Channels-last N-D convolution in NTK parameterization (``'SAME'``, ``'VALID'``, ``'CIRCULAR'``)."""
 
-    def __init__(self, output_channels: int, kernel_shape: Sequence[int], stride: Union[int, Sequence[int]] = 1,
-                 padding: str = "SAME", rate: Union[int, Sequence[int]] = 1, w_std: float = 1.0,
-                 b_std: Optional[float] = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        output_channels: int,
+        kernel_shape: Sequence[int],
+        stride: Union[int, Sequence[int]] = 1,
+        padding: str = "SAME",
+        rate: Union[int, Sequence[int]] = 1,
+        w_std: float = 1.0,
+        b_std: Optional[float] = None,
+        name: Optional[str] = None,
+    ):
         super().__init__(name=name)
         self.output_channels = output_channels
         self.kernel_shape = tuple(kernel_shape)

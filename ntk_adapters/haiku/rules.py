@@ -88,10 +88,19 @@ def _conv(k: Kernel, call: ModuleCall) -> Kernel:
     if callable(padding) or (isinstance(padding, (list, tuple)) and any(callable(p) for p in padding)):
         raise call.error("padding functions have no rule; use 'SAME', 'VALID' or explicit pads")
     try:
-        return _layers.conv(k, window_shape=window, fan_in=fan_in, strides=m.stride, padding=padding,
-                            dilation=m.kernel_dilation, weight_var=s_w2, bias_var=s_b2, has_bias=has_bias,
-                            # depthwise (one input channel per group): finite fan-in, not Gaussian
-                            gaussian=not (1 < getattr(m, "feature_group_count", 1) == call.in_shape[-1]))
+        return _layers.conv(
+            k,
+            window_shape=window,
+            fan_in=fan_in,
+            strides=m.stride,
+            padding=padding,
+            dilation=m.kernel_dilation,
+            weight_var=s_w2,
+            bias_var=s_b2,
+            has_bias=has_bias,
+            # depthwise (one input channel per group): finite fan-in, not Gaussian
+            gaussian=not (1 < getattr(m, "feature_group_count", 1) == call.in_shape[-1]),
+        )
     except ValueError as e:
         raise call.error(str(e)) from None
 
@@ -129,8 +138,11 @@ def _layer_norm(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     nd = len(call.in_shape)
     axis = m.axis
-    axes = tuple(sorted(a % (nd + 1) for a in (axis if isinstance(axis, (tuple, list)) else [axis]))) \
-        if not isinstance(axis, slice) else tuple(range(nd + 1))[axis]
+    axes = (
+        tuple(sorted(a % (nd + 1) for a in (axis if isinstance(axis, (tuple, list)) else [axis])))
+        if not isinstance(axis, slice)
+        else tuple(range(nd + 1))[axis]
+    )
     if axes == (nd,):
         over_spatial = False
     elif axes == tuple(range(1, nd + 1)):
@@ -141,8 +153,15 @@ def _layer_norm(k: Kernel, call: ModuleCall) -> Kernel:
     scale0 = _const_init(call, m.scale_init, 1.0, (c,), "LayerNorm scale") if m.create_scale else 1.0
     off0 = _const_init(call, m.offset_init, 0.0, (c,), "LayerNorm offset") if m.create_offset else 0.0
     try:
-        return _layers.layer_norm(k, epsilon=m.eps, use_scale=m.create_scale, use_bias=m.create_offset,
-                                  scale_init=scale0, bias_init=off0, over_spatial=over_spatial)
+        return _layers.layer_norm(
+            k,
+            epsilon=m.eps,
+            use_scale=m.create_scale,
+            use_bias=m.create_offset,
+            scale_init=scale0,
+            bias_init=off0,
+            over_spatial=over_spatial,
+        )
     except ValueError as e:
         raise call.error(str(e)) from None
 
@@ -152,8 +171,10 @@ _rules.register_rule(hk.LayerNorm, _layer_norm)
 
 def _batch_norm(k: Kernel, call: ModuleCall) -> Kernel:
     if call.reduces_over_batch():
-        raise call.error("BatchNorm in training mode normalizes with batch statistics, which couple the "
-                         "examples; call it with is_training=False (inference mode)")
+        raise call.error(
+            "BatchNorm in training mode normalizes with batch statistics, which couple the "
+            "examples; call it with is_training=False (inference mode)"
+        )
     a, b = call.per_channel_affine()
     return _layers.channel_affine(k, a, b, scale=call.params.get("scale"), offset=call.params.get("offset"))
 
@@ -164,8 +185,14 @@ _rules.register_rule(hk.BatchNorm, _batch_norm)
 def _ntk_linear(k: Kernel, call: ModuleCall) -> Kernel:
     m = call.module
     b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2
-    return _layers.dense(k, fan_in=call.params["w"].shape[0], weight_var=float(m.w_std) ** 2, bias_var=b2,
-                         has_bias=m.b_std is not None, parameterization="ntk")
+    return _layers.dense(
+        k,
+        fan_in=call.params["w"].shape[0],
+        weight_var=float(m.w_std) ** 2,
+        bias_var=b2,
+        has_bias=m.b_std is not None,
+        parameterization="ntk",
+    )
 
 
 def _ntk_conv(k: Kernel, call: ModuleCall) -> Kernel:
@@ -173,10 +200,18 @@ def _ntk_conv(k: Kernel, call: ModuleCall) -> Kernel:
     w = call.params["w"]
     b2 = 0.0 if m.b_std is None else float(m.b_std) ** 2
     try:
-        return _layers.conv(k, window_shape=tuple(w.shape[:-2]), fan_in=int(np.prod(w.shape[:-1])),
-                            strides=m.stride, padding=m.padding, dilation=m.rate,
-                            weight_var=float(m.w_std) ** 2, bias_var=b2, has_bias=m.b_std is not None,
-                            parameterization="ntk")
+        return _layers.conv(
+            k,
+            window_shape=tuple(w.shape[:-2]),
+            fan_in=int(np.prod(w.shape[:-1])),
+            strides=m.stride,
+            padding=m.padding,
+            dilation=m.rate,
+            weight_var=float(m.w_std) ** 2,
+            bias_var=b2,
+            has_bias=m.b_std is not None,
+            parameterization="ntk",
+        )
     except ValueError as e:
         raise call.error(str(e)) from None
 
@@ -193,8 +228,9 @@ def _embed(k, call: ModuleCall) -> Kernel:
     table = call.params["embeddings"]
     var = call.weight_variance(call.module.w_init, table.shape, 1)
     ids1, ids2 = call.ids
-    return _embeddings.lookup(ids1, ids2, variance=var, layout=call.options.layout, dtype=table.dtype,
-                              vocab_size=table.shape[0])
+    return _embeddings.lookup(
+        ids1, ids2, variance=var, layout=call.options.layout, dtype=table.dtype, vocab_size=table.shape[0]
+    )
 
 
 _rules.register_rule(hk.Embed, _embed, linear=True, integer_input=True)

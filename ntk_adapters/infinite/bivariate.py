@@ -18,6 +18,7 @@ Array = jax.Array
 
 __all__ = ["bvn_upper", "norm_cdf", "norm_pdf"]
 
+
 def _safe_sqrt(x: Array) -> Array:
     """``sqrt(max(x, 0))`` with a zero (not NaN) gradient at 0."""
     pos = x > 0
@@ -38,7 +39,6 @@ def _corr(c: Array, q1: Array, q2: Array) -> tuple[Array, Array, Array]:
     return s, rho, positive
 
 
-
 def _angle(rho: Array) -> tuple[Array, Array]:
     """``(θ, sin θ)`` for ``θ = arccos ρ``, with finite gradients at ``ρ = ±1``.
 
@@ -56,7 +56,6 @@ def _arcsin(rho: Array) -> Array:
     """``arcsin ρ`` on ``[-1, 1]`` with a finite (zero) gradient at ``ρ = ±1``."""
     inside = jnp.abs(rho) < 1.0
     return jnp.where(inside, jnp.arcsin(jnp.where(inside, rho, 0.0)), jnp.sign(rho) * jnp.pi / 2)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,14 +134,26 @@ def bvn_upper(h: Array, k: Array, rho: Array) -> Array:
     b = jnp.abs(h - kk)  # not sqrt(bs): a finite gradient at h = k
     tail_ok = hkp > -160
     hk_safe = jnp.where(tail_ok, hkp, 0.0)
-    exact = exact - jnp.where(tail_ok, jnp.exp(-hk_safe / 2) * math.sqrt(two_pi) * norm_cdf(-b / a) * b
-                              * (1 - c * bs * (1 - d * bs / 5) / 3), 0.0)
+    exact = exact - jnp.where(
+        tail_ok,
+        jnp.exp(-hk_safe / 2) * math.sqrt(two_pi) * norm_cdf(-b / a) * b * (1 - c * bs * (1 - d * bs / 5) / 3),
+        0.0,
+    )
     # ... and the smooth remainder on 20 nodes of [0, a].
     xs = (a[..., None] / 2 * (x + 1)) ** 2
     rs = jnp.sqrt(1 - xs)
     bse, hke, ce, de = bs[..., None], hkp[..., None], c[..., None], d[..., None]
-    rest = (w * (jnp.exp(-bse / (2 * xs) - hke / (1 + rs)) / rs
-                 - jnp.exp(-(bse / xs + hke) / 2) * (1 + ce * xs * (1 + de * xs)))).sum(-1) * a / 2
+    rest = (
+        (
+            w
+            * (
+                jnp.exp(-bse / (2 * xs) - hke / (1 + rs)) / rs
+                - jnp.exp(-(bse / xs + hke) / 2) * (1 + ce * xs * (1 + de * xs))
+            )
+        ).sum(-1)
+        * a
+        / 2
+    )
     integral = (exact + rest) / two_pi  # ∫_{|ρ|}^1 φ2(h, ±k; r) dr
     integral = jnp.where(inside, integral, 0.0)
     upper_pos = norm_cdf(-jnp.maximum(h, kk)) - integral

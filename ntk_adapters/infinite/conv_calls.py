@@ -37,13 +37,16 @@ def _equation(call: ModuleCall):
         if e.primitive.name in ("pad", "gather", "dynamic_slice", "dynamic_update_slice"):
             # circular or reflect padding written around the convolution (a flipped kernel,
             # transpose_kernel=True, is harmless: its entries are i.i.d.)
-            raise call.error(f"primitive {e.primitive.name} around the convolution has no rule; use "
-                             "'SAME', 'VALID' or explicit padding")
+            raise call.error(
+                f"primitive {e.primitive.name} around the convolution has no rule; use "
+                "'SAME', 'VALID' or explicit padding"
+            )
     return eqn
 
 
-def traced_conv(kernel: Kernel, call: ModuleCall, *, weight: Any, weight_init: Any, bias_init: Any = None,
-                has_bias: bool) -> Kernel:
+def traced_conv(
+    kernel: Kernel, call: ModuleCall, *, weight: Any, weight_init: Any, bias_init: Any = None, has_bias: bool
+) -> Kernel:
     """The kernel after the module's one traced convolution (plus its bias), any groups and dilations.
 
     Args:
@@ -84,9 +87,18 @@ def traced_conv(kernel: Kernel, call: ModuleCall, *, weight: Any, weight_init: A
     s_w2 = call.weight_variance(weight_init, w_shape, fan_in)
     s_b2 = call.bias_variance(bias_init, (w_shape[dn.rhs_spec[0]],)) if has_bias else 0.0
     try:
-        return _layers.conv(kernel, window_shape=window, fan_in=fan_in, strides=tuple(p["window_strides"]),
-                            padding=[tuple(pad) for pad in p["padding"]], dilation=tuple(p["rhs_dilation"]),
-                            input_dilation=tuple(p["lhs_dilation"]), weight_var=s_w2, bias_var=s_b2,
-                            has_bias=has_bias, gaussian=not depthwise)
+        return _layers.conv(
+            kernel,
+            window_shape=window,
+            fan_in=fan_in,
+            strides=tuple(p["window_strides"]),
+            padding=[tuple(pad) for pad in p["padding"]],
+            dilation=tuple(p["rhs_dilation"]),
+            input_dilation=tuple(p["lhs_dilation"]),
+            weight_var=s_w2,
+            bias_var=s_b2,
+            has_bias=has_bias,
+            gaussian=not depthwise,
+        )
     except ValueError as e:
         raise call.error(str(e)) from None

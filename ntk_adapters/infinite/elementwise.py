@@ -184,7 +184,6 @@ def _factor_if_degenerate(value, positive, q1, q2, mean_pos, at_zero):
     return jnp.where(positive, value, m1 * m2)
 
 
-
 def _arccos_terms(c, q1, q2):
     s, rho, positive = _corr(c, q1, q2)
     theta, sin_t = _angle(rho)
@@ -359,9 +358,9 @@ def elementwise_fn(phi: Phi, **params: Any) -> Callable[[Array], Array]:
     return functools.partial(phi, **params) if params else phi
 
 
-
-def form_expectations(form: AnyForm, c: Array, q1: Array, q2: Array, derivative: bool = True
-                      ) -> tuple[Array, Optional[Array]]:
+def form_expectations(
+    form: AnyForm, c: Array, q1: Array, q2: Array, derivative: bool = True
+) -> tuple[Array, Optional[Array]]:
     """``E[phi(u) phi(v)]`` and ``E[phi'(u) phi'(v)]`` in closed form for a form from :func:`recognise`.
 
     ``c``, ``q1``, ``q2``: broadcastable arrays (the output shape). Where a variance is zero the
@@ -431,9 +430,11 @@ def _plan(phi, params: dict, method: str, n_points, rtol, dtype, label) -> tuple
         if form is not None:
             return ("form", form)
         if method == "closed_form":
-            raise ValueError(f"phi={getattr(phi, '__name__', phi)!r} has no closed form; closed forms exist for "
-                             f"{list(CLOSED_FORMS)} and for every function of the family described in "
-                             "ntk_adapters.infinite.forms (piecewise polynomials broken at 0, erf, x·Φ(c·x), ...)")
+            raise ValueError(
+                f"phi={getattr(phi, '__name__', phi)!r} has no closed form; closed forms exist for "
+                f"{list(CLOSED_FORMS)} and for every function of the family described in "
+                "ntk_adapters.infinite.forms (piecewise polynomials broken at 0, erf, x·Φ(c·x), ...)"
+            )
     if n_points is None or not 1 <= int(n_points) <= 300:
         raise ValueError(f"n_points must be between 1 and 300 (numpy's Hermite nodes overflow beyond); got {n_points}")
     f = elementwise_fn(phi, **params)
@@ -674,8 +675,9 @@ def _apply_impl(kernel: Kernel, *, phi, params, plan) -> Kernel:
         d2 = d1 if kernel.same_inputs else _full_diagonal(kernel.cov2)
         var1, var2 = _interleave(d1, True)[:, None], _interleave(d2, False)[None]
         cov1 = expect(kernel.cov1, _interleave(d1, True), _interleave(d1, False), False)[0]
-        cov2 = cov1 if kernel.same_inputs else expect(kernel.cov2, _interleave(d2, True), _interleave(d2, False),
-                                                      False)[0]
+        cov2 = (
+            cov1 if kernel.same_inputs else expect(kernel.cov2, _interleave(d2, True), _interleave(d2, False), False)[0]
+        )
     else:
         var1, var2 = kernel.cov1[:, None], kernel.cov2[None]
         cov1 = expect(kernel.cov1, kernel.cov1, kernel.cov1, False)[0]

@@ -104,8 +104,15 @@ def lookup(
         c1 = _same_row(a, a, 1, layout).astype(dtype)
         c2 = c1 if same else _same_row(b, b, 1, layout).astype(dtype)
     v = np.asarray(variance, dtype=np.dtype(dtype)).item()
-    return Kernel(nngp=v * eq, ntk=eq if ntk else None, cov1=v * c1, cov2=v * c2, layout=layout,
-                  is_gaussian=True, same_inputs=same)
+    return Kernel(
+        nngp=v * eq,
+        ntk=eq if ntk else None,
+        cov1=v * c1,
+        cov2=v * c2,
+        layout=layout,
+        is_gaussian=True,
+        same_inputs=same,
+    )
 
 
 def added_array_reason(shape: tuple, *, learned: bool) -> str:
@@ -115,11 +122,15 @@ def added_array_reason(shape: tuple, *, learned: bool) -> str:
     ``x + param``) rather than a fixed constant (sinusoidal encodings).
     """
     if learned:
-        return (f"adds a parameter array of shape {shape} to an input-dependent value entry by entry (a learned "
-                "additive positional embedding, or a bias written outside every layer with a rule): at "
-                "initialization it is an independent random term, but its initializer, whose variance the kernel "
-                "needs, is not visible at this operation")
-    return (f"adds a fixed array of shape {shape} to an input-dependent value entry by entry (sinusoidal "
-            "positional encodings, a per-unit shift): the sum has a mean that differs between channels and "
-            "positions, which a per-channel kernel does not describe (the normalizations and nonlinearities "
-            "after it depend on that mean)")
+        return (
+            f"adds a parameter array of shape {shape} to an input-dependent value entry by entry (a learned "
+            "additive positional embedding, or a bias written outside every layer with a rule): at "
+            "initialization it is an independent random term, but its initializer, whose variance the kernel "
+            "needs, is not visible at this operation"
+        )
+    return (
+        f"adds a fixed array of shape {shape} to an input-dependent value entry by entry (sinusoidal "
+        "positional encodings, a per-unit shift): the sum has a mean that differs between channels and "
+        "positions, which a per-channel kernel does not describe (the normalizations and nonlinearities "
+        "after it depend on that mean)"
+    )

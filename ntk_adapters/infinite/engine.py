@@ -95,8 +95,9 @@ def _trace(model: Model, x_struct):
     def on_call(module, path, params_path, method_name):
         if method_name != "__call__":
             return None
-        call = RecordedCall(index=len(calls), module=module, path=path, params_path=tuple(params_path),
-                            rule=_rules.lookup_rule(module))
+        call = RecordedCall(
+            index=len(calls), module=module, path=path, params_path=tuple(params_path), rule=_rules.lookup_rule(module)
+        )
         calls.append(call)
         return _programs.module_tag(call.index)
 
@@ -117,8 +118,9 @@ def _input_leaf(a1: jax.Array, a2: Optional[jax.Array], layout: str, name: str) 
         return input_value(a1, a2, layout, name)
     if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
         return _masks.input_leaf(name, a1, a2)
-    raise InfiniteWidthError(f"input leaf {name} has dtype {dtype}; the infinite-width engine takes float, "
-                             "integer and bool inputs")
+    raise InfiniteWidthError(
+        f"input leaf {name} has dtype {dtype}; the infinite-width engine takes float, integer and bool inputs"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,8 +259,9 @@ def infinite_kernel_fn(
         consts = [c for c in closed.consts]
         (out,) = interp.run(closed.jaxpr, consts, args)
         if isinstance(out, InputConstant):
-            raise InfiniteWidthError(f"the model returns {out.describe()}, a function of its integer inputs "
-                                     "alone, which has no kernel")
+            raise InfiniteWidthError(
+                f"the model returns {out.describe()}, a function of its integer inputs alone, which has no kernel"
+            )
         if not is_value(out):
             raise InfiniteWidthError("the model's output does not depend on its input")
         out = interp.context().materialize(out)
@@ -270,8 +273,11 @@ def infinite_kernel_fn(
         # Interpret the model once now, so that a layer without a rule is reported here and not at
         # the first evaluation. The recorded dtypes matter: integer leaves must reach the model as
         # integers (an embedding refuses floats).
-        jax.eval_shape(compute, jax.tree_util.tree_map(
-            lambda s: jax.ShapeDtypeStruct((2,) + tuple(s.shape), s.dtype), example), None)
+        jax.eval_shape(
+            compute,
+            jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((2,) + tuple(s.shape), s.dtype), example),
+            None,
+        )
 
     def kernel_fn(x1, x2=None, get=("nngp", "ntk")):
         check_pair(x1, x2)
@@ -301,8 +307,7 @@ def _example_spec(model: Model):
         return None
     is_shape = lambda s: isinstance(s, tuple) and all(isinstance(d, (int, np.integer)) for d in s)  # noqa: E731
     dtype = jnp.result_type(float)
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(tuple(s), dtype), model.input_shape,
-                                  is_leaf=is_shape)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(tuple(s), dtype), model.input_shape, is_leaf=is_shape)
 
 
 def _like(x1, x2):
@@ -314,7 +319,9 @@ def _like(x1, x2):
     for (name, a), b in zip(named1, leaves2):
         b = jnp.asarray(b)
         if not jnp.issubdtype(a.dtype, jnp.inexact) and jnp.issubdtype(b.dtype, jnp.inexact):
-            raise ValueError(f"{name} is {a.dtype} but its x2 counterpart is {b.dtype}; pass the same kind of "
-                             "values (integer, bool or float) for each input in x1 and x2")
+            raise ValueError(
+                f"{name} is {a.dtype} but its x2 counterpart is {b.dtype}; pass the same kind of "
+                "values (integer, bool or float) for each input in x1 and x2"
+            )
         out.append(b.astype(a.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

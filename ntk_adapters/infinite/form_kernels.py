@@ -57,7 +57,7 @@ class _Orthant:
         return self.cache[key]
 
     def _spow(self, k: int):
-        return 1.0 if k == 0 else self.s ** k
+        return 1.0 if k == 0 else self.s**k
 
     def _compute(self, j, k, sign):
         r = sign * self.rho
@@ -98,13 +98,13 @@ def _piecewise_polynomial_pair(f: _forms.Form, g: _forms.Form, orth: _Orthant, s
         for j, cj in fa.items():
             for b, gb in ((1, gp), (-1, gn)):
                 for k, ck in gb.items():
-                    coef = cj * ck * (a ** j) * (b ** k)
+                    coef = cj * ck * (a**j) * (b**k)
                     total = total + coef * orth(j, k, a * b) * _pow(s1, j) * _pow(s2, k)
     return total
 
 
 def _pow(x, k):
-    return 1.0 if k == 0 else x ** k
+    return 1.0 if k == 0 else x**k
 
 
 class _Cov:
@@ -142,6 +142,7 @@ def _gaussian_moment(m: int, n: int, inds: tuple, cov: _Cov, cache: dict, state:
     if key in cache:
         return cache[key]
     if m == 0 and n == 0:
+
         def r(a, b):
             saa, sbb = cov(a, a), cov(b, b)
             ok = (saa > 0) & (sbb > 0)
@@ -241,8 +242,9 @@ def _form_pair(f: _forms.Form, g: _forms.Form, q1, q2, c, rho, sin_t, theta, s1,
 _ONE = _forms.Form((_forms.Term(1.0, 0),), 1.0, 0.0)
 
 
-def form_expectations(form: _forms.Form, c: Array, q1: Array, q2: Array, derivative: bool = True
-                      ) -> tuple[Array, Optional[Array]]:
+def form_expectations(
+    form: _forms.Form, c: Array, q1: Array, q2: Array, derivative: bool = True
+) -> tuple[Array, Optional[Array]]:
     """``E[phi(u) phi(v)]`` and ``E[phi'(u) phi'(v)]`` in closed form for a :class:`~ntk_adapters.infinite.forms.Form`.
 
     Where a variance is zero that value is the constant 0 and the expectation factors,
@@ -269,4 +271,3 @@ def form_expectations(form: _forms.Form, c: Array, q1: Array, q2: Array, derivat
     nngp = expect(form, form.at_zero)
     dd = expect(form.derivative(), form.slope_at_zero) if derivative else None
     return nngp, dd
-

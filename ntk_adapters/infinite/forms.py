@@ -112,7 +112,7 @@ class Form:
         x = np.asarray(x, np.float64)
         total = np.zeros_like(x)
         for t in self.terms:
-            v = t.coef * x ** t.power * np.exp(-t.decay * x * x / 2)
+            v = t.coef * x**t.power * np.exp(-t.decay * x * x / 2)
             if t.step:
                 v = v * (t.step * x > 0)
             if t.phi is not None:
@@ -277,7 +277,7 @@ def _mul(a: _Sym, b: _Sym) -> _Sym:
 def _sign_on(poly: dict, s: int) -> Optional[int]:
     """Sign of ``Σ c_k x^k`` on the open half-line ``s·x > 0`` when it is the same everywhere there,
     else ``None``."""
-    coefs = [c * (s ** k) for k, c in poly.items() if c != 0.0]
+    coefs = [c * (s**k) for k, c in poly.items() if c != 0.0]
     if not coefs:
         return 0
     if all(c > 0 for c in coefs):
@@ -334,11 +334,23 @@ def _linear_sides(a: _Sym) -> Optional[tuple[float, float]]:
 
 
 _COMPARE = {
-    "ge": lambda s: s >= 0, "gt": lambda s: s > 0, "le": lambda s: s <= 0, "lt": lambda s: s < 0,
-    "eq": lambda s: s == 0, "ne": lambda s: s != 0,
+    "ge": lambda s: s >= 0,
+    "gt": lambda s: s > 0,
+    "le": lambda s: s <= 0,
+    "lt": lambda s: s < 0,
+    "eq": lambda s: s == 0,
+    "ne": lambda s: s != 0,
 }
-_IDENTITY = {"copy", "copy_p", "reduce_precision", "optimization_barrier", "squeeze", "expand_dims", "reshape",
-             "broadcast_in_dim"}
+_IDENTITY = {
+    "copy",
+    "copy_p",
+    "reduce_precision",
+    "optimization_barrier",
+    "squeeze",
+    "expand_dims",
+    "reshape",
+    "broadcast_in_dim",
+}
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "remat", "checkpoint"}
 
 
@@ -593,8 +605,11 @@ def _recording_eval(jaxpr, consts, args, record: list):
     for e in jaxpr.eqns:
         name = e.primitive.name
         ins = [read(v) for v in e.invars]
-        if name in _JUMPS or (name == "convert_element_type" and jnp.issubdtype(jnp.result_type(ins[0]), jnp.inexact)
-                              and not jnp.issubdtype(e.params["new_dtype"], jnp.inexact)):
+        if name in _JUMPS or (
+            name == "convert_element_type"
+            and jnp.issubdtype(jnp.result_type(ins[0]), jnp.inexact)
+            and not jnp.issubdtype(e.params["new_dtype"], jnp.inexact)
+        ):
             raise _Unresolvable(name)
         if name in _SWITCH_TWO and not jnp.issubdtype(jnp.result_type(ins[0]), jnp.bool_):
             record.append(jnp.asarray(ins[0], jnp.result_type(float)) - ins[1])
@@ -658,8 +673,9 @@ def find_kinks(fn: Callable, dtype: Any = None, max_kinks: int = 16) -> Optional
                 return None
             lo, hi = np.array(lo_list, dtype), np.array(hi_list, dtype)
             which = np.array(which_list)
-            lo_sign = np.array([np.sign(np.nan_to_num(np.asarray(rec[k]))[np.searchsorted(grid, l)])
-                                for k, l in zip(which, lo)])
+            lo_sign = np.array(
+                [np.sign(np.nan_to_num(np.asarray(rec[k]))[np.searchsorted(grid, l)]) for k, l in zip(which, lo)]
+            )
             for _ in range(64 if dtype.itemsize >= 8 else 32):
                 mid = ((lo + hi) / 2).astype(dtype)
                 vals = [np.asarray(r) for r in f(jnp.asarray(mid))]

@@ -104,18 +104,20 @@ class _Parameter(Concrete):
 #: Why an operation met outside every layer with a rule has no rule, where that is known.
 _NO_RULE = {
     "reduce_window_max": "max pooling has no exact infinite-width kernel (the expectation of a maximum of more "
-                         "than two correlated Gaussian values has no closed form); average pooling "
-                         "(`nn.avg_pool` / `hk.avg_pool`) has one",
+    "than two correlated Gaussian values has no closed form); average pooling "
+    "(`nn.avg_pool` / `hk.avg_pool`) has one",
     "reduce_window_min": "min pooling has no exact infinite-width kernel; average pooling "
-                         "(`nn.avg_pool` / `hk.avg_pool`) has one",
+    "(`nn.avg_pool` / `hk.avg_pool`) has one",
     "reduce_max": "a maximum over the entries of a value (max pooling written inline, a max over channels) "
-                  "has no exact infinite-width kernel",
+    "has no exact infinite-width kernel",
     "argmax": "an argmax has no infinite-width kernel",
 }
 
-_RESIDUAL = ("a nonlinearity of a sum of a non-Gaussian value and a Gaussian branch has no exact kernel (the "
-             "sum is not a zero-mean Gaussian process, so its kernel does not determine the result); the "
-             "pre-activation residual `x + f(relu(x))` (ResNet v2 ordering) has one")
+_RESIDUAL = (
+    "a nonlinearity of a sum of a non-Gaussian value and a Gaussian branch has no exact kernel (the "
+    "sum is not a zero-mean Gaussian process, so its kernel does not determine the result); the "
+    "pre-activation residual `x + f(relu(x))` (ResNet v2 ordering) has one"
+)
 
 
 class Interpreter:
@@ -151,8 +153,13 @@ class Interpreter:
 
     def context(self) -> PrimitiveContext:
         """The context given to primitive rules at the current nesting."""
-        return PrimitiveContext(batch=self.batch, options=self.options, outer=tuple(self.outer),
-                                _enter=self.call_program, _locate=self.layer)
+        return PrimitiveContext(
+            batch=self.batch,
+            options=self.options,
+            outer=tuple(self.outer),
+            _enter=self.call_program,
+            _locate=self.layer,
+        )
 
     def layer(self, eqn) -> str:
         """The innermost module call ``eqn`` belongs to, for messages: ``layer `path` (Type)``,
@@ -168,9 +175,11 @@ class Interpreter:
         """The refusal of an equation that uses integer inputs other than as a constant of the input."""
         at = f"{v.describe()} reaches {self.layer(eqn)} at {_programs.operation(self.outer, eqn)}"
         if eqn.primitive.name == "gather" and invals and isinstance(invals[0], _Parameter):
-            why = ("an embedding lookup (a parameter table indexed by integer ids) outside every embedding layer "
-                   "with a rule: nn.Embed, nnx.Embed and hk.Embed have one, and a custom embedding module can be "
-                   "given one with ntk_adapters.infinite.register_rule(..., integer_input=True)")
+            why = (
+                "an embedding lookup (a parameter table indexed by integer ids) outside every embedding layer "
+                "with a rule: nn.Embed, nnx.Embed and hk.Embed have one, and a custom embedding module can be "
+                "given one with ntk_adapters.infinite.register_rule(..., integer_input=True)"
+            )
         elif eqn.primitive.name == "gather" and invals and is_value(invals[0]):
             why = "indexing an input-dependent value by integer inputs has no infinite-width rule"
         else:
@@ -225,8 +234,9 @@ class Interpreter:
             while j < len(eqns) and call.index in _programs.tags(eqns[j]):
                 j += 1
             group = eqns[i:j]
-            if any(_input_dependent(env[v]) for e in group for v in e.invars
-                   if not _programs.is_literal(v) and v in env):
+            if any(
+                _input_dependent(env[v]) for e in group for v in e.invars if not _programs.is_literal(v) and v in env
+            ):
                 replaced: dict = {}
                 group = self.convert_module_inputs(group, env, replaced)
                 self.run_module(call, group, eqns[j:], outvars, env)
@@ -303,10 +313,14 @@ class Interpreter:
             return _NO_RULE[name]
         if name == "dot_general":
             if sum(is_value(v) for v in invals) == 2:
-                return ("a product of two input-dependent values (attention scores, bilinear gating) has no "
-                        "infinite-width rule")
-            return ("a matrix product outside every layer with a rule (a hand-written linear layer) has no "
-                    "infinite-width rule: register a rule for its module")
+                return (
+                    "a product of two input-dependent values (attention scores, bilinear gating) has no "
+                    "infinite-width rule"
+                )
+            return (
+                "a matrix product outside every layer with a rule (a hand-written linear layer) has no "
+                "infinite-width rule: register a rule for its module"
+            )
         return "this operation has no infinite-width rule"
 
     # -- messages about non-Gaussian values ----------------------------------------------------
@@ -346,13 +360,18 @@ class Interpreter:
         if kind == "residual":
             layer, op = where
             at = f"at {op}" if layer == self.layer(eqn) else f"at {layer} at {op}"
-            return ctx.error(eqn, f"{_RESIDUAL}. Its input is the sum {at}, one of whose terms is already "
-                                  "non-Gaussian (e.g. the output of an earlier nonlinearity)")
+            return ctx.error(
+                eqn,
+                f"{_RESIDUAL}. Its input is the sum {at}, one of whose terms is already "
+                "non-Gaussian (e.g. the output of an earlier nonlinearity)",
+            )
         message = str(error)
         if message.endswith(_programs.SUGGEST):
             message = message[: -len(_programs.SUGGEST)].rstrip("; ")
-        return InfiniteWidthError(f"{message}; its input is {where}, which is not a zero-mean Gaussian process "
-                                  f"with identically distributed channels; {_programs.SUGGEST}")
+        return InfiniteWidthError(
+            f"{message}; its input is {where}, which is not a zero-mean Gaussian process "
+            f"with identically distributed channels; {_programs.SUGGEST}"
+        )
 
     def is_elementwise(self, eqn) -> bool:
         name = eqn.primitive.name
@@ -375,8 +394,11 @@ class Interpreter:
             scalar = None
             if np.ndim(o) == 0:
                 scalar = o
-            elif eqn.primitive.name in ("broadcast_in_dim", "convert_element_type", "reshape") and \
-                    invals and invals[0].scalar is not None:
+            elif (
+                eqn.primitive.name in ("broadcast_in_dim", "convert_element_type", "reshape")
+                and invals
+                and invals[0].scalar is not None
+            ):
                 scalar = invals[0].scalar
                 if eqn.primitive.name == "convert_element_type":
                     scalar = o.reshape(-1)[0] if np.size(o) else None
@@ -437,10 +459,16 @@ class Interpreter:
                 env[var] = self.feature(leaf)
                 continue
             uses = [e for e in group if var in e.invars]
-            converts = [e for e in uses if e.primitive.name == "convert_element_type"
-                        and jnp.issubdtype(e.params["new_dtype"], jnp.floating)]
-            promoting = [e for e in uses if e.primitive.name in _PROMOTING_CONTRACTIONS
-                         and jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating)]
+            converts = [
+                e
+                for e in uses
+                if e.primitive.name == "convert_element_type" and jnp.issubdtype(e.params["new_dtype"], jnp.floating)
+            ]
+            promoting = [
+                e
+                for e in uses
+                if e.primitive.name in _PROMOTING_CONTRACTIONS and jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating)
+            ]
             if len(converts) + len(promoting) != len(uses):
                 continue  # another use: run_module names it
             for e in converts:
@@ -471,10 +499,16 @@ class Interpreter:
                 if _input_dependent(env[v]) and v not in inputs:
                     inputs.append(v)
         used_later = {v for e in rest for v in e.invars if not _programs.is_literal(v)} | {
-            v for v in outvars if not _programs.is_literal(v)}
+            v for v in outvars if not _programs.is_literal(v)
+        }
         outs = [v for e in group for v in e.outvars if v in used_later]
-        if rule.integer_input and len(inputs) == 1 and len(outs) == 1 \
-                and isinstance(env[inputs[0]], InputConstant) and not env[inputs[0]].is_float:
+        if (
+            rule.integer_input
+            and len(inputs) == 1
+            and len(outs) == 1
+            and isinstance(env[inputs[0]], InputConstant)
+            and not env[inputs[0]].is_float
+        ):
             self.run_integer_module(call, group, inputs[0], outs[0], env)
             return
         for v in inputs:
@@ -482,15 +516,19 @@ class Interpreter:
                 first = next(e for e in group if v in e.invars)
                 raise self.integer_error(first, env[v])
         if len(inputs) != 1 or len(outs) != 1:
-            raise call.error(f"the rule expects one input-dependent input and one output; the module has "
-                             f"{len(inputs)} and {len(outs)}")
+            raise call.error(
+                f"the rule expects one input-dependent input and one output; the module has "
+                f"{len(inputs)} and {len(outs)}"
+            )
         inp_var, out_var = inputs[0], outs[0]
         value = self.context().materialize(env[inp_var])
         k = value.kernel
         if value.flat:
             if rule.flat != "average":
-                raise call.error("its input is a flattened spatial value; register the rule with "
-                                 "flat='average' if the module is a linear layer with i.i.d. weights")
+                raise call.error(
+                    "its input is a flattened spatial value; register the rule with "
+                    "flat='average' if the module is a linear layer with i.i.d. weights"
+                )
             k = _layers.flatten(k)
 
         free = {v for e in group for v in e.invars if not _programs.is_literal(v) and v not in defined} - {inp_var}
@@ -512,16 +550,25 @@ class Interpreter:
             raise call.error(f"its rule returned {type(new).__name__}, not a Kernel")
         out_shape = module_call.out_shape
         if new.layout != "none" and len(new.spatial) != len(out_shape) - 1:
-            raise call.error(f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
-                             f"per-example shape {out_shape}")
+            raise call.error(
+                f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
+                f"per-example shape {out_shape}"
+            )
         lid = new_id()
-        out = Value(kernel=new, shape=out_shape, base=lid, fresh=lid if rule.linear else None,
-                    deps=value.deps | ({lid} if rule.linear else frozenset()))
+        out = Value(
+            kernel=new,
+            shape=out_shape,
+            base=lid,
+            fresh=lid if rule.linear else None,
+            deps=value.deps | ({lid} if rule.linear else frozenset()),
+        )
         if not new.is_gaussian:
-            self._origins[id(out)] = (out, "module", f"the output of layer `{call.path}` "
-                                                     f"({_rules.module_type_name(call.module)})")
+            self._origins[id(out)] = (
+                out,
+                "module",
+                f"the output of layer `{call.path}` ({_rules.module_type_name(call.module)})",
+            )
         env[out_var] = out
-
 
     def run_integer_module(self, call: RecordedCall, group, inp_var, out_var, env) -> None:
         """A module whose rule takes integer inputs (an embedding) applied to an integer input constant:
@@ -533,10 +580,16 @@ class Interpreter:
         free = {v for e in group for v in e.invars if not _programs.is_literal(v) and v not in defined} - {inp_var}
         consts = {v: env[v].value for v in free if isinstance(env.get(v), Concrete)}
         module_call = ModuleCall(
-            module=call.module, path=call.path, params=_lookup(self.params, call.params_path) or {},
-            in_shape=tuple(inp_var.aval.shape[1:]), out_shape=tuple(out_var.aval.shape[1:]),
-            in_dtype=inp_var.aval.dtype, batch=int(inp_var.aval.shape[0]), options=self.options,
-            eqns=tuple(group), apply=_module_function(tuple(group), inp_var, out_var, consts),
+            module=call.module,
+            path=call.path,
+            params=_lookup(self.params, call.params_path) or {},
+            in_shape=tuple(inp_var.aval.shape[1:]),
+            out_shape=tuple(out_var.aval.shape[1:]),
+            in_dtype=inp_var.aval.dtype,
+            batch=int(inp_var.aval.shape[0]),
+            options=self.options,
+            eqns=tuple(group),
+            apply=_module_function(tuple(group), inp_var, out_var, consts),
             ids=(ids.x1, ids.x2),
         )
         # register_rule documents kernel=None for integer_input rules; ModuleRule types the usual call.
@@ -544,12 +597,19 @@ class Interpreter:
         if not isinstance(new, Kernel):
             raise call.error(f"its rule returned {type(new).__name__}, not a Kernel")
         if new.layout != "none" and len(new.spatial) != len(module_call.out_shape) - 1:
-            raise call.error(f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
-                             f"per-example shape {module_call.out_shape}")
+            raise call.error(
+                f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
+                f"per-example shape {module_call.out_shape}"
+            )
         lid = new_id()
         linear = rule.linear
-        env[out_var] = Value(kernel=new, shape=module_call.out_shape, base=lid, fresh=lid if linear else None,
-                             deps=frozenset({lid}) if linear else frozenset())
+        env[out_var] = Value(
+            kernel=new,
+            shape=module_call.out_shape,
+            base=lid,
+            fresh=lid if linear else None,
+            deps=frozenset({lid}) if linear else frozenset(),
+        )
 
 
 def _array_shift(eqn, invals) -> Optional[str]:
@@ -578,13 +638,13 @@ def _gaussian(v: Value) -> bool:
 
 
 def _as_dtype(c: InputConstant, dtype) -> InputConstant:
-    return dataclasses.replace(c, x1=c.x1.astype(dtype), x2=None if c.x2 is None else c.x2.astype(dtype),
-                               leaf=False)
+    return dataclasses.replace(c, x1=c.x1.astype(dtype), x2=None if c.x2 is None else c.x2.astype(dtype), leaf=False)
 
 
 def _module_function(group: tuple, inp_var, out_var, consts: dict):
     """``x -> y``: a module's equations evaluated eagerly on a concrete input, with the concrete
     values (parameters, constants) they read."""
+
     def apply(x):
         local = {inp_var: x}
 

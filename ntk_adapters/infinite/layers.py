@@ -148,8 +148,9 @@ def _check_parameterization(parameterization: str) -> None:
         raise ValueError(f"parameterization must be 'standard' or 'ntk'; got {parameterization!r}")
 
 
-def _linear_layer(kernel, mapped_nngp, mapped_ntk, mapped_cov1, mapped_cov2, fan_in, weight_var, bias_var,
-                  has_bias, parameterization):
+def _linear_layer(
+    kernel, mapped_nngp, mapped_ntk, mapped_cov1, mapped_cov2, fan_in, weight_var, bias_var, has_bias, parameterization
+):
     _check_parameterization(parameterization)
     bias_var = bias_var if has_bias else 0.0
     nngp = weight_var * mapped_nngp + bias_var
@@ -204,8 +205,18 @@ def dense(
 
 @functools.partial(jax.jit, static_argnames=("has_bias", "parameterization"))
 def _dense_jit(kernel, fan_in, weight_var, bias_var, *, has_bias, parameterization):
-    return _linear_layer(kernel, kernel.nngp, kernel.ntk, kernel.cov1, kernel.cov2, fan_in, weight_var,
-                         bias_var, has_bias, parameterization)
+    return _linear_layer(
+        kernel,
+        kernel.nngp,
+        kernel.ntk,
+        kernel.cov1,
+        kernel.cov2,
+        fan_in,
+        weight_var,
+        bias_var,
+        has_bias,
+        parameterization,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,18 +290,42 @@ def conv(
         raise ValueError(f"padding {padding!r} with input dilation {input_dilation} is not supported")
     for i in range(d):  # fail here, with the sizes, rather than inside the traced map
         _output_size(dilated[i] + sum(pads[i]), window[i], strides[i], dilation[i])
-    k = _conv_jit(kernel, fan_in, weight_var, bias_var, window=window, strides=strides, dilation=dilation,
-                  pads=tuple(tuple(p) for p in pads), mode=mode, has_bias=bool(has_bias),
-                  parameterization=parameterization, input_dilation=input_dilation)
+    k = _conv_jit(
+        kernel,
+        fan_in,
+        weight_var,
+        bias_var,
+        window=window,
+        strides=strides,
+        dilation=dilation,
+        pads=tuple(tuple(p) for p in pads),
+        mode=mode,
+        has_bias=bool(has_bias),
+        parameterization=parameterization,
+        input_dilation=input_dilation,
+    )
     return k if gaussian else k.replace(is_gaussian=False)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("window", "strides", "dilation", "pads", "mode", "has_bias", "parameterization",
-                              "input_dilation")
+    jax.jit,
+    static_argnames=("window", "strides", "dilation", "pads", "mode", "has_bias", "parameterization", "input_dilation"),
 )
-def _conv_jit(kernel, fan_in, weight_var, bias_var, *, window, strides, dilation, pads, mode, has_bias,
-              parameterization, input_dilation):
+def _conv_jit(
+    kernel,
+    fan_in,
+    weight_var,
+    bias_var,
+    *,
+    window,
+    strides,
+    dilation,
+    pads,
+    mode,
+    has_bias,
+    parameterization,
+    input_dilation,
+):
     d = len(window)
     size = math.prod(window)
 
@@ -414,8 +449,15 @@ def layer_norm(
             "the kernel does not track channel means, which the mean subtraction needs. rms_norm has no mean "
             "subtraction and accepts any input."
         )
-    return _normalize(kernel, epsilon=float(epsilon), use_scale=bool(use_scale), use_bias=bool(use_bias),
-                      scale_init=float(scale_init), bias_init=float(bias_init), over_spatial=bool(over_spatial))
+    return _normalize(
+        kernel,
+        epsilon=float(epsilon),
+        use_scale=bool(use_scale),
+        use_bias=bool(use_bias),
+        scale_init=float(scale_init),
+        bias_init=float(bias_init),
+        over_spatial=bool(over_spatial),
+    )
 
 
 def rms_norm(
@@ -432,8 +474,15 @@ def rms_norm(
     any input, Gaussian or not: ``nngp ← γ0² K̂``, ``ntk ← γ0² Θ/sqrt(...) (+ K̂ if use_scale)`` as in
     :func:`layer_norm`. Keeps ``is_gaussian``.
     """
-    return _normalize(kernel, epsilon=float(epsilon), use_scale=bool(use_scale), use_bias=False,
-                      scale_init=float(scale_init), bias_init=0.0, over_spatial=bool(over_spatial))
+    return _normalize(
+        kernel,
+        epsilon=float(epsilon),
+        use_scale=bool(use_scale),
+        use_bias=False,
+        scale_init=float(scale_init),
+        bias_init=0.0,
+        over_spatial=bool(over_spatial),
+    )
 
 
 def channel_affine(
@@ -498,9 +547,7 @@ def _same_entry_mask(kernel: Kernel, batch_axes: int, shape: tuple[int, ...]) ->
     if kernel.layout == "full":
         for i in range(d):
             s = shape[batch_axes + 2 * i]
-            e = jnp.eye(s).reshape(
-                (1,) * (batch_axes + 2 * i) + (s, s) + (1,) * (len(shape) - batch_axes - 2 * i - 2)
-            )
+            e = jnp.eye(s).reshape((1,) * (batch_axes + 2 * i) + (s, s) + (1,) * (len(shape) - batch_axes - 2 * i - 2))
             mask = mask * e
     return mask
 
@@ -595,8 +642,7 @@ def concatenate(kernels: Sequence[Kernel], channels: Sequence[float]) -> Kernel:
             return None
         return sum(wi * v for wi, v in zip(w, vals))
 
-    return kernels[0].replace(nngp=mix("nngp"), ntk=mix("ntk"), cov1=mix("cov1"), cov2=mix("cov2"),
-                              is_gaussian=False)
+    return kernels[0].replace(nngp=mix("nngp"), ntk=mix("ntk"), cov1=mix("cov1"), cov2=mix("cov2"), is_gaussian=False)
 
 
 def add(*kernels: Kernel) -> Kernel:

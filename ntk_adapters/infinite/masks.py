@@ -97,8 +97,17 @@ def _unit_axes(shape: Sequence[int]) -> frozenset:
 # ----------------------------------------------------------------------------------------------
 # Equations on input constants.
 
-_REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor",
-               "argmax", "argmin"}
+_REDUCTIONS = {
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "reduce_and",
+    "reduce_or",
+    "reduce_xor",
+    "argmax",
+    "argmin",
+}
 _CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
 
 
@@ -150,11 +159,19 @@ def _acts_per_example(eqn, invals, batch: int) -> bool:
         # a lookup in a constant table at per-example indices (``table[ids]``): the output's leading
         # axis is the indices' batch axis
         dn = p["dimension_numbers"]
-        return (isinstance(invals[0], Concrete) and isinstance(invals[1], InputConstant)
-                and 0 not in tuple(dn.offset_dims) and not tuple(dn.operand_batching_dims))
+        return (
+            isinstance(invals[0], Concrete)
+            and isinstance(invals[1], InputConstant)
+            and 0 not in tuple(dn.offset_dims)
+            and not tuple(dn.operand_batching_dims)
+        )
     if name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min"):
-        return (p["window_dimensions"][0] == 1 and p["window_strides"][0] == 1
-                and tuple(p["padding"][0]) == (0, 0) and p["base_dilation"][0] == 1)
+        return (
+            p["window_dimensions"][0] == 1
+            and p["window_strides"][0] == 1
+            and tuple(p["padding"][0]) == (0, 0)
+            and p["base_dilation"][0] == 1
+        )
     if name == "sort":
         return p["dimension"] != 0
     if name == "split":
@@ -264,15 +281,24 @@ def evaluate(eqn, invals: Sequence[Any], batch: int) -> Optional[list[InputConst
             # A constant with the traced batch axis (lax operands of elementwise equations are
             # full-shaped) serves every chunk of x2's rows: only right if its rows are equal,
             # otherwise it depends on an example's position in the batch, not on the example.
-            if isinstance(v, Concrete) and np.ndim(v.value) > 0 and np.shape(v.value)[0] == batch \
-                    and not _rows_equal(v.value):
+            if (
+                isinstance(v, Concrete)
+                and np.ndim(v.value) > 0
+                and np.shape(v.value)[0] == batch
+                and not _rows_equal(v.value)
+            ):
                 return None
     out1 = _programs.bind(eqn, [v.x1 if isinstance(v, InputConstant) else v.value for v in invals])
     out2 = None
     if consts[0].x2 is not None:
         n2 = consts[0].x2.shape[0]
-        out2 = _bind_rows(eqn, [v.x2 if isinstance(v, InputConstant) else v.value for v in invals],
-                          [isinstance(v, InputConstant) for v in invals], n2, batch)
+        out2 = _bind_rows(
+            eqn,
+            [v.x2 if isinstance(v, InputConstant) else v.value for v in invals],
+            [isinstance(v, InputConstant) for v in invals],
+            n2,
+            batch,
+        )
     if not eqn.primitive.multiple_results:
         out1, out2 = [out1], [out2]
     elif out2 is None:
@@ -378,14 +404,18 @@ def mask_rule(eqn, invals, ctx: _rules.PrimitiveContext) -> Optional[list]:
     channel = len(v.shape) - 1
     if v.shape and channel not in m.const_axes:
         leaves = f"{v.source} and {m.name}" if v.source else f"an input-dependent value and {m.name}"
-        raise ctx.error(eqn, f"combines {leaves} entry by entry with a constant of the input that varies along "
-                             f"the channel axis ({where}): the channels would no longer be identically distributed. "
-                             "Only masks that are the same for every channel (a per-position mask[..., None]) "
-                             "have an exact kernel")
+        raise ctx.error(
+            eqn,
+            f"combines {leaves} entry by entry with a constant of the input that varies along "
+            f"the channel axis ({where}): the channels would no longer be identically distributed. "
+            "Only masks that are the same for every channel (a per-position mask[..., None]) "
+            "have an exact kernel",
+        )
     v = ctx.materialize(v, eqn)
     if len(v.kernel.spatial) != max(len(v.shape) - 1, 0):
-        raise ctx.error(eqn, f"masks a value of per-example shape {v.shape} whose kernel has spatial shape "
-                             f"{v.kernel.spatial}")
+        raise ctx.error(
+            eqn, f"masks a value of per-example shape {v.shape} whose kernel has spatial shape {v.kernel.spatial}"
+        )
 
     def factors(a):
         if a is None:

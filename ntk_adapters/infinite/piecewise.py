@@ -80,15 +80,17 @@ class PiecewiseForm:
         total = np.zeros_like(x)
         for lo, hi, piece in self.intervals():
             inside = (x > lo) & (x <= hi)
-            val = sum(coef * x ** m * np.exp(a * np.where(inside, x, 0.0)) for m, a, coef in piece) if piece else 0.0
+            val = sum(coef * x**m * np.exp(a * np.where(inside, x, 0.0)) for m, a, coef in piece) if piece else 0.0
             total = np.where(inside, val, total)
         return total
 
     def __str__(self) -> str:
         parts = []
         for lo, hi, piece in self.intervals():
-            body = " + ".join(f"{c:.6g}" + (f"·x^{m}" if m else "") + (f"·e^({a:.6g}x)" if a else "")
-                              for m, a, c in piece) or "0"
+            body = (
+                " + ".join(f"{c:.6g}" + (f"·x^{m}" if m else "") + (f"·e^({a:.6g}x)" if a else "") for m, a, c in piece)
+                or "0"
+            )
             parts.append(f"({lo:.6g}, {hi:.6g}): {body}")
         return "; ".join(parts)
 
@@ -156,8 +158,7 @@ def _pw(breaks, pieces) -> _PW:
 
 def _same(a: dict, b: dict) -> bool:
     keys = set(a) | set(b)
-    return all(abs(a.get(k, 0.0) - b.get(k, 0.0)) <= 1e-13 * max(abs(a.get(k, 0.0)), abs(b.get(k, 0.0)))
-               for k in keys)
+    return all(abs(a.get(k, 0.0) - b.get(k, 0.0)) <= 1e-13 * max(abs(a.get(k, 0.0)), abs(b.get(k, 0.0))) for k in keys)
 
 
 def _as_pw(v) -> _PW:
@@ -220,8 +221,11 @@ def _signs(d: _PW):
             if lo < root < hi:
                 parts = [(root, -np.sign(al)), (None, np.sign(al))]
             else:
-                mid = (max(lo, -1e300) + min(hi, 1e300)) / 2 if math.isfinite(lo) and math.isfinite(hi) else (
-                    lo + 1.0 if math.isfinite(lo) else (hi - 1.0 if math.isfinite(hi) else 0.0))
+                mid = (
+                    (max(lo, -1e300) + min(hi, 1e300)) / 2
+                    if math.isfinite(lo) and math.isfinite(hi)
+                    else (lo + 1.0 if math.isfinite(lo) else (hi - 1.0 if math.isfinite(hi) else 0.0))
+                )
                 parts = [(None, np.sign(al * mid + be))]
         for root, s in parts:
             signs.append(int(s))
@@ -232,8 +236,14 @@ def _signs(d: _PW):
     return tuple(breaks), tuple(signs)
 
 
-_COMPARE = {"ge": lambda s: s >= 0, "gt": lambda s: s > 0, "le": lambda s: s <= 0, "lt": lambda s: s < 0,
-            "eq": lambda s: s == 0, "ne": lambda s: s != 0}
+_COMPARE = {
+    "ge": lambda s: s >= 0,
+    "gt": lambda s: s > 0,
+    "le": lambda s: s <= 0,
+    "lt": lambda s: s < 0,
+    "eq": lambda s: s == 0,
+    "ne": lambda s: s != 0,
+}
 
 
 def _compare(name, a, b) -> _PB:
@@ -395,8 +405,9 @@ def analyze_piecewise(fn: Callable, dtype: Any = None) -> Optional[PiecewiseForm
         with jax.ensure_compile_time_eval():
             zero = jnp.zeros((), dtype)
             v0, d0 = jax.jvp(lambda x: jnp.asarray(fn(x), dtype), (zero,), (jnp.ones((), dtype),))
-        form = PiecewiseForm(tuple(float(b) for b in pw.breaks), tuple(_canonical(p) for p in pw.pieces),
-                             float(v0), float(d0))
+        form = PiecewiseForm(
+            tuple(float(b) for b in pw.breaks), tuple(_canonical(p) for p in pw.pieces), float(v0), float(d0)
+        )
         if not _agrees(fn, form, dtype):
             return None
     except (_Refused, TypeError, ValueError, jax.errors.ConcretizationTypeError, OverflowError, KeyError):

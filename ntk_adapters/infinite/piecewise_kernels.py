@@ -57,7 +57,7 @@ def _truncated(kmax: int, mean, var, ind) -> list:
 
 
 def _pow(x, k):
-    return 1.0 if k == 0 else x ** k
+    return 1.0 if k == 0 else x**k
 
 
 def _indicators(lo, hi) -> list:
@@ -274,8 +274,9 @@ def _expect(f: PiecewiseForm, g: PiecewiseForm, c, q1, q2, at_zero_f, at_zero_g)
     return jnp.where(positive, full, m1 * m2)
 
 
-def piecewise_expectations(form: PiecewiseForm, c: Array, q1: Array, q2: Array, derivative: bool = True
-                           ) -> tuple[Array, Optional[Array]]:
+def piecewise_expectations(
+    form: PiecewiseForm, c: Array, q1: Array, q2: Array, derivative: bool = True
+) -> tuple[Array, Optional[Array]]:
     """``E[phi(u) phi(v)]`` and ``E[phi'(u) phi'(v)]`` in closed form for a :class:`PiecewiseForm`.
 
     ``c``, ``q1``, ``q2`` broadcast together. Where a variance is zero the expectation factors,

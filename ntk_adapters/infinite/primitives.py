@@ -88,12 +88,17 @@ def _reduce_sum_rule(eqn, invals, ctx: PrimitiveContext):
     axes = tuple(a - 1 for a in eqn.params["axes"])  # per-example axes
     nsp = len(v.shape) - 1
     if v.flat or -1 in axes or (len(v.shape) - 1) in axes or nsp == 0:
-        raise ctx.error(eqn, "a sum over the channel axis or the batch axis (e.g. a normalization or "
-                             "softmax written inline) has no infinite-width rule outside a recognised module")
+        raise ctx.error(
+            eqn,
+            "a sum over the channel axis or the batch axis (e.g. a normalization or "
+            "softmax written inline) has no infinite-width rule outside a recognised module",
+        )
     v = ctx.materialize(v, eqn)
     if v.kernel.layout != "full":
-        raise ctx.error(eqn, "pooling over spatial axes needs the covariance between positions; pass "
-                             "spatial_layout='full' (or 'auto')")
+        raise ctx.error(
+            eqn,
+            "pooling over spatial axes needs the covariance between positions; pass spatial_layout='full' (or 'auto')",
+        )
     k = _layers.spatial_sum(v.kernel, axes=tuple(a + 1 for a in axes))
     new_shape = tuple(s for d, s in enumerate(v.shape[:-1]) if d not in axes) + (v.shape[-1],)
     return [Value(kernel=k, shape=new_shape, base=new_id(), fresh=v.fresh, deps=v.deps)]
@@ -112,8 +117,7 @@ def _reduce_window_sum_rule(eqn, invals, ctx: PrimitiveContext):
     v = ctx.materialize(v, eqn)
     window = tuple(dims[1:-1])
     if v.kernel.layout != "full" and math.prod(window) > 1:
-        raise ctx.error(eqn, "pooling needs the covariance between positions; pass spatial_layout='full' "
-                             "(or 'auto')")
+        raise ctx.error(eqn, "pooling needs the covariance between positions; pass spatial_layout='full' (or 'auto')")
     try:
         k = _layers.sum_pool(v.kernel, window, strides=tuple(strides[1:-1]), padding=[tuple(x) for x in pads[1:-1]])
     except ValueError as e:
@@ -222,8 +226,9 @@ def elementwise_program(jaxpr) -> bool:
         name = e.primitive.name
         if name in _rules.ELEMENTWISE_PRIMITIVES:
             continue
-        if name == "broadcast_in_dim" and all(len(getattr(getattr(v, "aval", None), "shape", ())) == 0
-                                              for v in e.invars):
+        if name == "broadcast_in_dim" and all(
+            len(getattr(getattr(v, "aval", None), "shape", ())) == 0 for v in e.invars
+        ):
             continue
         if name in _programs.CALL_PRIMITIVES:
             sub = _programs.sub_jaxpr(e)
@@ -300,17 +305,22 @@ def _residual(eqn, invals, ctx: PrimitiveContext) -> Value:
     if not all(is_value(v) for v in invals):
         raise ctx.error(eqn, "adds a constant to a sum of branches")
     a, b = invals
-    independent = (a.fresh is not None and a.fresh not in b.deps) or (
-        b.fresh is not None and b.fresh not in a.deps)
+    independent = (a.fresh is not None and a.fresh not in b.deps) or (b.fresh is not None and b.fresh not in a.deps)
     if not independent and a.source and b.source and a.source != b.source:
-        raise ctx.error(eqn, f"adds input leaves {a.source} and {b.source} (or functions of them) entry "
-                             "by entry: the kernel of the sum needs the products between the two leaves, "
-                             "which the engine does not track. Concatenate the leaves on the channel axis, "
-                             "or give each its own Dense layer and add their outputs")
+        raise ctx.error(
+            eqn,
+            f"adds input leaves {a.source} and {b.source} (or functions of them) entry "
+            "by entry: the kernel of the sum needs the products between the two leaves, "
+            "which the engine does not track. Concatenate the leaves on the channel axis, "
+            "or give each its own Dense layer and add their outputs",
+        )
     if not independent:
-        raise ctx.error(eqn, "adds two branches that are not independent Gaussian processes (neither ends "
-                             "in a fresh random linear layer that the other does not use), so their "
-                             "cross-covariance is unknown")
+        raise ctx.error(
+            eqn,
+            "adds two branches that are not independent Gaussian processes (neither ends "
+            "in a fresh random linear layer that the other does not use), so their "
+            "cross-covariance is unknown",
+        )
     a, b = ctx.materialize(a, eqn), ctx.materialize(b, eqn)
     if a.shape != b.shape or a.flat != b.flat:
         raise ctx.error(eqn, f"adds values of per-example shapes {a.shape} and {b.shape}")
@@ -336,19 +346,26 @@ def _elementwise(eqn, invals, ctx: PrimitiveContext) -> Value:
     if len({v.base for v in values}) > 1:
         if name in ("add", "sub", "add_any"):
             return _residual(eqn, invals, ctx)
-        raise ctx.error(eqn, "combines two different input-dependent values"
-                             f"{_sources(values)} entry by entry (only sums of independent "
-                             "branches are supported)")
+        raise ctx.error(
+            eqn,
+            "combines two different input-dependent values"
+            f"{_sources(values)} entry by entry (only sums of independent "
+            "branches are supported)",
+        )
     v0 = values[0]
     positional = _positional_scale(eqn, invals, v0)
     if positional is not None:
         return positional
     for c in invals:
         if isinstance(c, Concrete) and c.scalar is None and np.size(c.value) != 1:
-            raise ctx.error(eqn, f"an elementwise operation with a non-scalar constant of shape "
-                                 f"{np.shape(c.value)} (per-unit constants make channels non-identical)")
-    scalars = [None if is_value(c) else (c.scalar if c.scalar is not None else jnp.reshape(c.value, ()))
-               for c in invals]
+            raise ctx.error(
+                eqn,
+                f"an elementwise operation with a non-scalar constant of shape "
+                f"{np.shape(c.value)} (per-unit constants make channels non-identical)",
+            )
+    scalars = [
+        None if is_value(c) else (c.scalar if c.scalar is not None else jnp.reshape(c.value, ())) for c in invals
+    ]
     one_value = len(values) == len(invals) - 1 or len(invals) == 1
     factor = _linear_scale(eqn, invals, scalars) if one_value else None
     if factor is not None and factor == 1.0 and (v0.phi is None or v0.phi.linear is not None):
@@ -364,10 +381,13 @@ def _elementwise(eqn, invals, ctx: PrimitiveContext) -> Value:
         phi = Phi(fn=lambda u: total * u, linear=total, where=_label(eqn, ctx))
         return dataclasses.replace(v0, phi=phi)
     if not v0.kernel.is_gaussian:
-        raise ctx.error(eqn, "an elementwise nonlinearity applied to a value that is not a zero-mean "
-                             "Gaussian process (two nonlinearities in a row, a nonlinearity of the raw "
-                             "input, or after a residual sum / concatenation); its kernel does not "
-                             "determine the result")
+        raise ctx.error(
+            eqn,
+            "an elementwise nonlinearity applied to a value that is not a zero-mean "
+            "Gaussian process (two nonlinearities in a row, a nonlinearity of the raw "
+            "input, or after a residual sum / concatenation); its kernel does not "
+            "determine the result",
+        )
     recognised = None
     if all(v.phi is None for v in values) and len(values) == 1:
         recognised = _recognise(eqn, invals)
@@ -387,8 +407,11 @@ def _elementwise(eqn, invals, ctx: PrimitiveContext) -> Value:
     try:
         out = jax.eval_shape(fn, jax.ShapeDtypeStruct((), v0.kernel.nngp.dtype))
     except Exception as e:  # noqa: BLE001  (any failure of the user's function is reported with its place)
-        raise ctx.error(eqn, f"the elementwise function of the Gaussian value built up to here cannot be "
-                             f"evaluated ({type(e).__name__}: {e})") from None
+        raise ctx.error(
+            eqn,
+            f"the elementwise function of the Gaussian value built up to here cannot be "
+            f"evaluated ({type(e).__name__}: {e})",
+        ) from None
     if not jnp.issubdtype(out.dtype, jnp.number) and not jnp.issubdtype(out.dtype, jnp.bool_):
         raise ctx.error(eqn, f"the elementwise function returns {out.dtype}")
     label = _label(eqn, ctx)

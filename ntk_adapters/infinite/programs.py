@@ -33,8 +33,20 @@ SUGGEST = (
 )
 
 #: Primitives that call a traced program of their own (``jax.jit``, ``custom_jvp``, ``remat``, ...).
-CALL_PRIMITIVES = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-                             "custom_vjp_call_jaxpr", "remat", "checkpoint", "custom_lin"})
+CALL_PRIMITIVES = frozenset(
+    {
+        "pjit",
+        "jit",
+        "closed_call",
+        "core_call",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+        "remat",
+        "checkpoint",
+        "custom_lin",
+    }
+)
 
 _TAG = re.compile(r"^ntkcall(\d+)$")
 
@@ -106,6 +118,7 @@ def function_name(eqn) -> Optional[str]:
 
 def describe_primitive(outer: Sequence[Any], eqn) -> str:
     """``eqn``'s primitive with the calls it sits in, e.g. ``lt inside jit(_take)``."""
+
     def name(e):
         fn = function_name(e)
         return f"{e.primitive.name}({fn})" if fn else e.primitive.name

@@ -85,8 +85,9 @@ def _canonical(c, q1, q2):
     return _safe_sqrt(qa), _safe_sqrt(qb), rho, _angle(rho)[1]
 
 
-def _quadrature(f: Callable, c: Array, q1: Array, q2: Array, n: int, derivative: bool, scan: bool = True
-                ) -> tuple[Array, Optional[Array]]:
+def _quadrature(
+    f: Callable, c: Array, q1: Array, q2: Array, n: int, derivative: bool, scan: bool = True
+) -> tuple[Array, Optional[Array]]:
     """``E[f(u) f(v)]`` (and ``E[f'(u) f'(v)]``) by ``n × n`` Gauss–Hermite quadrature.
 
     ``u = σa z1``, ``v = σb (ρ z1 + sqrt(1 − ρ²) z2)`` (Cholesky). ``c``, ``q1``, ``q2`` share one
@@ -162,8 +163,9 @@ def _hermite_coefficients(f, q, terms: int, derivative: bool):
     return v @ basis, (dv @ basis if derivative else None)
 
 
-def _hermite_series(f: Callable, c: Array, q1: Array, q2: Array, terms: int, derivative: bool, scan: bool = True
-                    ) -> tuple[Array, Optional[Array]]:
+def _hermite_series(
+    f: Callable, c: Array, q1: Array, q2: Array, terms: int, derivative: bool, scan: bool = True
+) -> tuple[Array, Optional[Array]]:
     """``E[f(u) f(v)] = Σ_k a_k(q1) a_k(q2) ρ^k`` (and the same for ``f'``), truncated to ``terms``.
 
     Mehler's formula: for standard normals with correlation ``ρ``, ``E[h_j(z1) h_k(z2)] = δ_jk ρ^k``,
@@ -199,8 +201,9 @@ def _hermite_series(f: Callable, c: Array, q1: Array, q2: Array, terms: int, der
 _NEAR_KINK = (-64.0, -16.0, -4.0, -1.0, 1.0, 4.0, 16.0, 64.0)
 
 
-def _piecewise_quadrature(f: Callable, c: Array, q1: Array, q2: Array, kinks: tuple, n: int, derivative: bool,
-                          scan: bool = True) -> tuple[Array, Optional[Array]]:
+def _piecewise_quadrature(
+    f: Callable, c: Array, q1: Array, q2: Array, kinks: tuple, n: int, derivative: bool, scan: bool = True
+) -> tuple[Array, Optional[Array]]:
     """``E[f(u) f(v)]`` (and ``E[f'(u) f'(v)]``) by Gauss–Legendre panels split at the kinks.
 
     ``u = σa z1``, ``v = σb (ρ z1 + s z2)``. The inner integral over ``z2`` (given ``z1``) has panels
@@ -237,8 +240,9 @@ def _piecewise_quadrature(f: Callable, c: Array, q1: Array, q2: Array, kinks: tu
     z1, w1 = _panels(edges(*outer), n, dtype)
 
     def step(z, w):  # z, w: (..., m) outer nodes
-        inner_e = edges(zb[None], (xb / sb_safe[..., None, None] - rho[..., None, None] * z[..., None])
-                        / s_safe[..., None, None])
+        inner_e = edges(
+            zb[None], (xb / sb_safe[..., None, None] - rho[..., None, None] * z[..., None]) / s_safe[..., None, None]
+        )
         z2, w2 = _panels(inner_e, n, dtype)  # (..., m, P n)
         fi, dfi = both(sb[..., None, None] * (rho[..., None, None] * z[..., None] + sin_t[..., None, None] * z2))
         fo, dfo = both(sa[..., None] * z)
@@ -320,8 +324,14 @@ def _program_key(f, dtype):
     return (str(closed.jaxpr), consts, jnp.dtype(dtype).str)
 
 
-def quadrature_scheme(f: Callable, dtype=None, *, n_points: int = DEFAULT_QUADRATURE_POINTS,
-                      rtol: float = DEFAULT_RTOL, label: Optional[str] = None) -> QuadratureScheme:
+def quadrature_scheme(
+    f: Callable,
+    dtype=None,
+    *,
+    n_points: int = DEFAULT_QUADRATURE_POINTS,
+    rtol: float = DEFAULT_RTOL,
+    label: Optional[str] = None,
+) -> QuadratureScheme:
     """Choose, once and concretely (at trace time), how to integrate ``f`` to relative accuracy ``rtol``.
 
     The rule is chosen on representative covariances (variances 0.25, 1 and 4, correlations
@@ -377,8 +387,13 @@ def _choose_scheme(f, dtype, n_points, rtol) -> QuadratureScheme:
     if good:
         return good[0]
     last = panels[-1] if last is None or panels[-1].error < last.error else last
-    reason = ("it has jumps or more kinks than the quadrature can split at" if kinks is None else
-              f"it has kinks at {', '.join(f'{k:.6g}' for k in kinks)}" if kinks else "it is too steep")
+    reason = (
+        "it has jumps or more kinks than the quadrature can split at"
+        if kinks is None
+        else f"it has kinks at {', '.join(f'{k:.6g}' for k in kinks)}"
+        if kinks
+        else "it is too steep"
+    )
     return dataclasses.replace(last, reason=reason)
 
 
@@ -436,6 +451,7 @@ def _series_choice(f, dtype, rtol) -> QuadratureScheme:
 
 def _errors(f, family, grid, dtype) -> list:
     """Each rule of ``family`` but the last, with its ``error``: the largest change to the next rule."""
+
     def estimates(c, q1, q2):
         return [s.integrate(f, c, q1, q2, derivative=True, scan=False) for s in family], _scales(f, q1, q2, dtype)
 
@@ -460,5 +476,6 @@ def _warn_inaccurate(scheme, rtol, label):
         f"quadrature with {scheme.n} nodes. Write the "
         "function with closed-form pieces (ReLU-like maxima at 0, erf, x·Φ(c·x), polynomials) or check the "
         "kernel against ntk_adapters.monte_carlo_kernel_fn",
-        QuadratureWarning, stacklevel=4)
-
+        QuadratureWarning,
+        stacklevel=4,
+    )

@@ -221,8 +221,10 @@ class ModuleCall:
         """``(a, b)``, ``(C,)`` each, of a module that maps each channel affinely, ``y_c = a_c x_c + b_c``
         (BatchNorm in inference mode), read by evaluating it on zeros and on ones."""
         if self.apply is None:
-            raise InfiniteWidthError(f"layer `{self.path}` ({self.type_name}): reading its per-channel affine map "
-                                     "needs call.apply, the module's traced equations")
+            raise InfiniteWidthError(
+                f"layer `{self.path}` ({self.type_name}): reading its per-channel affine map "
+                "needs call.apply, the module's traced equations"
+            )
         c = self.in_shape[-1]
         with jax.ensure_compile_time_eval():
             x0 = jnp.zeros((self.batch, *self.in_shape), self.in_dtype)
@@ -232,6 +234,7 @@ class ModuleCall:
 
     def reduces_over_batch(self) -> bool:
         """Whether the module's traced equations reduce over the batch axis (batch statistics)."""
+
         def walk(eqns):
             for e in eqns:
                 axes = e.params.get("axes")
@@ -241,6 +244,7 @@ class ModuleCall:
                 if sub is not None and walk(sub[0].eqns):
                     return True
             return False
+
         return walk(self.eqns)
 
     def equations(self, primitive: str) -> list:
@@ -279,16 +283,17 @@ def _unbox(init: Any) -> Any:
 class ModuleRule(Protocol):
     """The signature of a module rule: the Kernel of the module's output from that of its input."""
 
-    def __call__(self, kernel: Kernel, call: ModuleCall, /) -> Kernel:
-        ...
+    def __call__(self, kernel: Kernel, call: ModuleCall, /) -> Kernel: ...
 
 
 # ----------------------------------------------------------------------------------------------
 # What a primitive rule receives.
 
-_NON_GAUSSIAN = ("an elementwise nonlinearity is applied to a value that is not a zero-mean Gaussian process "
-                 "(two nonlinearities in a row, a nonlinearity of the raw input, or after a residual sum, "
-                 "concatenation or normalization); its kernel does not determine the result")
+_NON_GAUSSIAN = (
+    "an elementwise nonlinearity is applied to a value that is not a zero-mean Gaussian process "
+    "(two nonlinearities in a row, a nonlinearity of the raw input, or after a residual sum, "
+    "concatenation or normalization); its kernel does not determine the result"
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -347,9 +352,9 @@ class PrimitiveContext:
 class PrimitiveRule(Protocol):
     """The signature of a primitive rule: one interpreted value per output variable of ``eqn``."""
 
-    def __call__(self, eqn: Any, invals: Sequence[_values.Interpreted], ctx: PrimitiveContext, /
-                 ) -> Sequence[_values.Interpreted]:
-        ...
+    def __call__(
+        self, eqn: Any, invals: Sequence[_values.Interpreted], ctx: PrimitiveContext, /
+    ) -> Sequence[_values.Interpreted]: ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,19 +375,73 @@ class RegisteredModuleRule:
 _MODULE_RULES: dict[Any, RegisteredModuleRule] = {}
 _PRIMITIVE_RULES: dict[str, PrimitiveRule] = {}
 FRAMEWORKS: dict[str, Callable] = {}
-_FRAMEWORK_PACKAGES = {"flax.linen": "ntk_adapters.flax.rules", "flax.nnx": "ntk_adapters.flax.nnx_rules",
-                       "haiku": "ntk_adapters.haiku.rules"}
+_FRAMEWORK_PACKAGES = {
+    "flax.linen": "ntk_adapters.flax.rules",
+    "flax.nnx": "ntk_adapters.flax.nnx_rules",
+    "haiku": "ntk_adapters.haiku.rules",
+}
 
 #: The key of the primitive rule used for every elementwise primitive without a rule of its own.
 ELEMENTWISE = "<elementwise>"
 
 ELEMENTWISE_PRIMITIVES: set[str] = {
-    "neg", "sin", "cos", "tan", "tanh", "logistic", "exp", "exp2", "log", "log1p", "expm1", "abs",
-    "sign", "erf", "erfc", "erf_inv", "max", "min", "add", "sub", "mul", "div", "integer_pow", "pow",
-    "sqrt", "rsqrt", "cbrt", "square", "select_n", "ge", "gt", "lt", "le", "eq", "ne", "and", "or",
-    "not", "convert_element_type", "clamp", "atan", "asinh", "sinh", "cosh", "atanh", "copy",
-    "copy_p", "stop_gradient", "floor", "ceil", "round", "is_finite", "nextafter", "rem",
-    "reduce_precision", "logaddexp", "atan2",
+    "neg",
+    "sin",
+    "cos",
+    "tan",
+    "tanh",
+    "logistic",
+    "exp",
+    "exp2",
+    "log",
+    "log1p",
+    "expm1",
+    "abs",
+    "sign",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "max",
+    "min",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "integer_pow",
+    "pow",
+    "sqrt",
+    "rsqrt",
+    "cbrt",
+    "square",
+    "select_n",
+    "ge",
+    "gt",
+    "lt",
+    "le",
+    "eq",
+    "ne",
+    "and",
+    "or",
+    "not",
+    "convert_element_type",
+    "clamp",
+    "atan",
+    "asinh",
+    "sinh",
+    "cosh",
+    "atanh",
+    "copy",
+    "copy_p",
+    "stop_gradient",
+    "floor",
+    "ceil",
+    "round",
+    "is_finite",
+    "nextafter",
+    "rem",
+    "reduce_precision",
+    "logaddexp",
+    "atan2",
 }
 
 
@@ -415,8 +474,9 @@ def register_rule(
     """
     if flat not in ("average", "error"):
         raise ValueError(f"flat must be 'average' or 'error'; got {flat!r}")
-    _MODULE_RULES[module_type] = RegisteredModuleRule(rule, linear=linear, flat=flat,
-                                                      integer_input=bool(integer_input), precheck=precheck)
+    _MODULE_RULES[module_type] = RegisteredModuleRule(
+        rule, linear=linear, flat=flat, integer_input=bool(integer_input), precheck=precheck
+    )
 
 
 def lookup_rule(module: Any) -> Optional[RegisteredModuleRule]:

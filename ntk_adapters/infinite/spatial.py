@@ -109,8 +109,9 @@ def _output_size(padded: int, k: int, stride: int, dilation: int) -> int:
     return out
 
 
-def _window_sum(x: Array, axes: Sequence[int], k: int, stride: int, dilation: int, pad: tuple[int, int],
-                mode: str) -> Array:
+def _window_sum(
+    x: Array, axes: Sequence[int], k: int, stride: int, dilation: int, pad: tuple[int, int], mode: str
+) -> Array:
     """``out[i] = Σ_t xpad[i·stride + t·dilation]`` along all ``axes`` *simultaneously* (diagonal shift).
 
     With one axis this is an ordinary window sum; with two axes (a position pair of a 'full'
@@ -174,8 +175,15 @@ def _pool(kernel, window_shape, strides, padding, count_include_pad, average, na
     pads, mode = resolve_padding(padding, spatial, window, strides, dilation)
     for i in range(d):
         _output_size(spatial[i] + sum(pads[i]), window[i], strides[i], 1)
-    return _pool_jit(kernel, window=window, strides=strides, pads=tuple(tuple(p) for p in pads), mode=mode,
-                     count_include_pad=bool(count_include_pad), average=bool(average))
+    return _pool_jit(
+        kernel,
+        window=window,
+        strides=strides,
+        pads=tuple(tuple(p) for p in pads),
+        mode=mode,
+        count_include_pad=bool(count_include_pad),
+        average=bool(average),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("window", "strides", "pads", "mode", "count_include_pad", "average"))
@@ -379,6 +387,7 @@ def unflatten(kernel: Kernel, spatial: Sequence[int], *, layout: str = "diagonal
     d = len(spatial)
 
     if layout == "full":
+
         def place(x, batch_axes):
             out = x.reshape(x.shape + (1,) * (2 * d))
             for i, size in enumerate(spatial):
@@ -388,6 +397,7 @@ def unflatten(kernel: Kernel, spatial: Sequence[int], *, layout: str = "diagonal
                 out = out * jnp.eye(size, dtype=x.dtype).reshape(shape)
             return out
     else:
+
         def place(x, batch_axes):
             return jnp.broadcast_to(x.reshape(x.shape + (1,) * d), x.shape + spatial)
 

@@ -175,6 +175,8 @@ def apply_phi(v: Value, n_points: int) -> Value:
     except (TypeError, ValueError) as e:
         from ntk_adapters.infinite.rules import InfiniteWidthError  # rules imports this module
 
-        raise InfiniteWidthError(f"{label or 'an elementwise function'}: its Gaussian expectations cannot be "
-                                 f"computed ({type(e).__name__}: {e})") from None
+        raise InfiniteWidthError(
+            f"{label or 'an elementwise function'}: its Gaussian expectations cannot be "
+            f"computed ({type(e).__name__}: {e})"
+        ) from None
     return Value(kernel=k, shape=v.shape, flat=v.flat, base=new_id(), fresh=None, deps=v.deps)

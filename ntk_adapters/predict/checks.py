@@ -151,8 +151,7 @@ def train_layout(
     if k.ndim == 2:
         if k.shape[0] != k.shape[1]:
             raise ValueError(
-                f"{k_name} must be square, (N, N) per output or (N, N, O, O) over outputs; "
-                f"got shape {tuple(k.shape)}"
+                f"{k_name} must be square, (N, N) per output or (N, N, O, O) over outputs; got shape {tuple(k.shape)}"
             )
         n = k.shape[0]
         if y.ndim == 0 or y.shape[0] != n:
@@ -212,9 +211,7 @@ def broadcast_outputs(f0: Any, shape: tuple[int, ...], dtype: Any, name: str) ->
     try:
         return jnp.broadcast_to(f0, shape)
     except ValueError:
-        raise ValueError(
-            f"{name} of shape {tuple(f0.shape)} does not broadcast to the output shape {shape}"
-        ) from None
+        raise ValueError(f"{name} of shape {tuple(f0.shape)} does not broadcast to the output shape {shape}") from None
 
 
 def times(t: Any, dtype: Any, allow_inf: bool = True) -> jax.Array:

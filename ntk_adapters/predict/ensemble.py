@@ -123,8 +123,18 @@ def _train_limit_traced(k, chol, y_flat, prior, name, compute_cov, route: EighRo
 
     def singular(_):
         eig = _eigen(k, _cond_eps(chol), route, always)
-        mean, cov = _moments_at(eig, 1.0, jnp.full((1,), jnp.inf, k.dtype), y_flat, None, None, None, prior,
-                                name=name, compute_cov=compute_cov)
+        mean, cov = _moments_at(
+            eig,
+            1.0,
+            jnp.full((1,), jnp.inf, k.dtype),
+            y_flat,
+            None,
+            None,
+            None,
+            prior,
+            name=name,
+            compute_cov=compute_cov,
+        )
         return mean[0], (cov[0] if compute_cov else None)
 
     return jax.lax.cond(chol.nonsingular, regular, singular, None)
@@ -208,11 +218,12 @@ def gp_inference(
     present = ("nngp", "ntk") if bare else tuple(n for n in ("nngp", "ntk") if has_kernel(k_train_train, n))
     if not present:
         raise ValueError(
-            "k_train_train must be an array or carry .nngp and/or .ntk; got "
-            f"{type(k_train_train).__name__}"
+            f"k_train_train must be an array or carry .nngp and/or .ntk; got {type(k_train_train).__name__}"
         )
-    raw = {n: as_float(pick(k_train_train, n, "k_train_train"), "k_train_train" if bare else f"k_train_train.{n}")
-           for n in present}
+    raw = {
+        n: as_float(pick(k_train_train, n, "k_train_train"), "k_train_train" if bare else f"k_train_train.{n}")
+        for n in present
+    }
     dtype = working_dtype(y.dtype, *(v.dtype for v in raw.values()))
     y = y.astype(dtype)
     raw = {n: v.astype(dtype) for n, v in raw.items()}
@@ -265,8 +276,11 @@ def gp_inference(
             k_xX = k_xx = prior = None
             if compute_cov:
                 if n == "ntk":
-                    if bare or "nngp" not in present or not has_kernel(k_test_train, "nngp") or isinstance(
-                        k_test_train, (jax.Array, np.ndarray)
+                    if (
+                        bare
+                        or "nngp" not in present
+                        or not has_kernel(k_test_train, "nngp")
+                        or isinstance(k_test_train, (jax.Array, np.ndarray))
                     ):
                         raise ValueError(
                             "the 'ntk' covariance (the trained ensemble) needs the NNGP as well as the "
@@ -404,8 +418,9 @@ def gradient_descent_mse_ensemble(
             elif steps is None:
                 mean, cov = _test_limit(kernels[n], *args, n, compute_cov)
             else:
-                mean, cov = _moments_at(kernels[n].eigen(), rate * lr, steps.reshape(-1), *args,
-                                        name=n, compute_cov=compute_cov)
+                mean, cov = _moments_at(
+                    kernels[n].eigen(), rate * lr, steps.reshape(-1), *args, name=n, compute_cov=compute_cov
+                )
                 mean = mean.reshape(steps.shape + mean.shape[1:])
                 if compute_cov:
                     cov = cov.reshape(steps.shape + cov.shape[1:])

@@ -228,9 +228,7 @@ def _solve_traced(k: jax.Array, chol: Cholesky, b: jax.Array, route: EighRoute, 
         k, chol, b = operands
         return _pinv_solve(_eigen(k, _cond_eps(chol), route, always), b)
 
-    return jax.lax.cond(
-        chol.nonsingular, lambda o: _cho_solve(o[1].factor, o[2]), fallback, (k, chol, b)
-    )
+    return jax.lax.cond(chol.nonsingular, lambda o: _cho_solve(o[1].factor, o[2]), fallback, (k, chol, b))
 
 
 def _cond_eps(chol: Cholesky) -> jax.Array:
@@ -251,9 +249,7 @@ class TrainKernel:
     recomputed per use and never cached (a cached tracer would outlive its trace).
     """
 
-    def __init__(
-        self, k: jax.Array, diag_reg: Any, absolute: bool, name: str, eigh_precision: EighPrecision = "auto"
-    ):
+    def __init__(self, k: jax.Array, diag_reg: Any, absolute: bool, name: str, eigh_precision: EighPrecision = "auto"):
         p = k.shape[0]
         if p == 0:
             raise ValueError(f"{name} is empty (no training points)")
@@ -364,9 +360,7 @@ class TrainKernel:
         scale = float(self.scale) if float(self.scale) > 0 else 1.0
         needed = 100 * self.eps * top / scale
         advice = (
-            f"diag_reg={reg_value:g} is too small for {dtype}; "
-            if regularized
-            else ""
+            f"diag_reg={reg_value:g} is too small for {dtype}; " if regularized else ""
         ) + f"diag_reg ≥ {needed:.2g} (relative to the mean diagonal) makes cond·eps ≤ 1e-2"
         if jnp.dtype(self.dtype) != jnp.float64:
             advice += ", or compute the kernel in float64"

@@ -143,8 +143,15 @@ def gradient_descent_mse(
         else:
             steps = times(t, dtype)
             train, test = _mse_at(
-                kernel.eigen(), rate * lr, steps.reshape(-1), y_flat, init.f0, init.ft0, init.kt,
-                train=init.train, test=init.test,
+                kernel.eigen(),
+                rate * lr,
+                steps.reshape(-1),
+                y_flat,
+                init.f0,
+                init.ft0,
+                init.kt,
+                train=init.train,
+                test=init.test,
             )
             train = train.reshape(steps.shape + train.shape[1:])
             test = test.reshape(steps.shape + test.shape[1:])

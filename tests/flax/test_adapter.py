@@ -126,8 +126,11 @@ def test_training_mode_batchnorm_needs_mutable(x):
 def test_method_and_selectors(x):
     variables = TwoHeads().init(jax.random.PRNGKey(0), x)
     feats = ntk_flax.adapt(TwoHeads(), variables, x, method="features")
-    np.testing.assert_allclose(feats(feats.params, x), jnp.tanh(x @ variables["params"]["trunk"]["kernel"]
-                                                               + variables["params"]["trunk"]["bias"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        feats(feats.params, x),
+        jnp.tanh(x @ variables["params"]["trunk"]["kernel"] + variables["params"]["trunk"]["bias"]),
+        rtol=1e-6,
+    )
     by_fn = ntk_flax.adapt(TwoHeads(), variables, x, output=lambda out: out["value"])
     assert by_fn.output_shape == (1,)
     with pytest.raises(TypeError, match=r"TwoHeads.__call__ must return a single array"):

@@ -26,18 +26,22 @@ def _batch_norm_by_hand(h, scale, bias):
 
 def _ntk_by_hand(f, params, x1, x2):
     """Θ[n, m, o, p] = Σ_θ ∂f(x1)[n, o]/∂θ · ∂f(x2)[m, p]/∂θ, from jax.jacrev of ``f``."""
+
     def flat(x):
         jac = jax.tree_util.tree_leaves(jax.jacrev(f)(params, x))
         return jnp.concatenate([j.reshape(j.shape[:2] + (-1,)) for j in jac], axis=-1)
+
     return jnp.einsum("noa,mpa->nmop", flat(x1), flat(x2))
 
 
 def _state_arrays(module):
     """Every leaf of the module's full state as numpy (PRNG keys as their key data)."""
+
     def as_numpy(a):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a = jax.random.key_data(a)
         return np.asarray(a)
+
     return jax.tree_util.tree_map(as_numpy, nnx.state(module))
 
 
@@ -132,8 +136,10 @@ def test_nnx_train_mode_batchnorm_uses_the_batch_statistics(x, dtype):
     x = x.astype(dtype)
     model = ntk_flax.adapt(module, None, x)
     key1, key2 = jax.random.split(jax.random.PRNGKey(1))
-    params = {**model.params, "norm": {"scale": 1.0 + jax.random.normal(key1, (4,)),
-                                       "bias": jax.random.normal(key2, (4,))}}
+    params = {
+        **model.params,
+        "norm": {"scale": 1.0 + jax.random.normal(key1, (4,)), "bias": jax.random.normal(key2, (4,))},
+    }
     lin = params["linear"]
     expected = _batch_norm_by_hand(x @ lin["kernel"] + lin["bias"], params["norm"]["scale"], params["norm"]["bias"])
     rtol = 1e-5 if dtype == jnp.float32 else 1e-10
@@ -189,8 +195,9 @@ def test_nnx_batchnorm_over_a_named_axis_needs_axis_name(x):
         ntk_flax.adapt(module, None, x)
     model = ntk_flax.adapt(module, None, x, axis_name="batch")
     lin = model.params["linear"]
-    np.testing.assert_allclose(model(model.params, x), _batch_norm_by_hand(x @ lin["kernel"] + lin["bias"], 1.0, 0.0),
-                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        model(model.params, x), _batch_norm_by_hand(x @ lin["kernel"] + lin["bias"], 1.0, 0.0), rtol=1e-10, atol=1e-10
+    )
 
 
 class LinenBatchNormNet(nn.Module):
@@ -208,11 +215,14 @@ def test_linen_train_mode_batchnorm_with_axis_name_uses_the_batch_statistics(x, 
     module = LinenBatchNormNet()
     variables = module.init(jax.random.PRNGKey(0), x)
     key1, key2 = jax.random.split(jax.random.PRNGKey(1))
-    params = {**variables["params"], "BatchNorm_0": {"scale": 1.0 + jax.random.normal(key1, (4,)),
-                                                     "bias": jax.random.normal(key2, (4,))}}
+    params = {
+        **variables["params"],
+        "BatchNorm_0": {"scale": 1.0 + jax.random.normal(key1, (4,)), "bias": jax.random.normal(key2, (4,))},
+    }
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
-    model = ntk_flax.adapt(module, {**variables, "params": params}, x, train=True,
-                           mutable=["batch_stats"], axis_name="batch")
+    model = ntk_flax.adapt(
+        module, {**variables, "params": params}, x, train=True, mutable=["batch_stats"], axis_name="batch"
+    )
 
     def by_hand(p, x):
         dense, bn = p["Dense_0"], p["BatchNorm_0"]
@@ -221,8 +231,12 @@ def test_linen_train_mode_batchnorm_with_axis_name_uses_the_batch_statistics(x, 
     rtol = 1e-5 if dtype == jnp.float32 else 1e-10
     np.testing.assert_allclose(model(params, x), by_hand(params, x), rtol=rtol, atol=rtol)
     if dtype == jnp.float64:
-        np.testing.assert_allclose(empirical_ntk_fn(model, implementation="jacobian", trace_axes=())(x),
-                                   _ntk_by_hand(by_hand, params, x, x), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(
+            empirical_ntk_fn(model, implementation="jacobian", trace_axes=())(x),
+            _ntk_by_hand(by_hand, params, x, x),
+            rtol=1e-8,
+            atol=1e-10,
+        )
     # Evaluation mode reads the running averages and reduces over no axis.
     evaluated = ntk_flax.adapt(module, variables, x, train=False)
     np.testing.assert_allclose(evaluated(variables["params"], x), module.apply(variables, x, train=False), rtol=1e-6)
@@ -231,8 +245,11 @@ def test_linen_train_mode_batchnorm_with_axis_name_uses_the_batch_statistics(x, 
 def test_unbound_axis_name_is_a_clear_error(x):
     module = LinenBatchNormNet()
     variables = module.init(jax.random.PRNGKey(0), x)
-    with pytest.raises(ValueError, match=r"LinenBatchNormNet.__call__ reduces over the axis name 'batch'.*"
-                                         r"pass axis_name='batch'"):
+    with pytest.raises(
+        ValueError,
+        match=r"LinenBatchNormNet.__call__ reduces over the axis name 'batch'.*"
+        r"pass axis_name='batch'",
+    ):
         ntk_flax.adapt(module, variables, x, mutable=["batch_stats"])
     with pytest.raises(TypeError, match="axis_name must be a str or a tuple of str"):
         ntk_flax.adapt(module, variables, x, mutable=["batch_stats"], axis_name=3)
@@ -257,10 +274,14 @@ class Partitioned(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Dense(6, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("mlp",)))(x)
+        h = nn.Dense(
+            6,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("mlp",)),
+        )(x)
         return nn.Dense(2, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model")))(
-            jnp.tanh(h))
+            jnp.tanh(h)
+        )
 
 
 def _leaf_names(tree):
@@ -322,8 +343,9 @@ def test_linen_classifier_takes_tokens_and_lengths_as_args_or_kwargs(text):
     as_args = ntk_flax.adapt(module, variables, (tokens, lengths), inputs="args")
     as_kwargs = ntk_flax.adapt(module, variables, {"tokens": tokens, "lengths": lengths}, inputs="kwargs")
     p = variables["params"]
-    expected = _classifier_by_hand(p["Embed_0"]["embedding"], p["Dense_0"]["kernel"], p["Dense_0"]["bias"],
-                                   tokens, lengths)
+    expected = _classifier_by_hand(
+        p["Embed_0"]["embedding"], p["Dense_0"]["kernel"], p["Dense_0"]["bias"], tokens, lengths
+    )
     np.testing.assert_allclose(as_args(p, (tokens, lengths)), expected, rtol=1e-6)
     np.testing.assert_allclose(as_kwargs(p, {"tokens": tokens, "lengths": lengths}), expected, rtol=1e-6)
     assert as_args.output_shape == (3,)

@@ -78,8 +78,9 @@ def test_classifier_takes_tokens_and_lengths_as_args_or_kwargs(text):
     expected = _by_hand(params, tokens, lengths)
     np.testing.assert_allclose(as_args(params, (tokens, lengths)), expected, rtol=1e-6)
     np.testing.assert_allclose(as_args(params, (tokens, lengths)), net.apply(params, None, tokens, lengths))
-    as_kwargs = ntk_haiku.adapt(hk.without_apply_rng(net), params, {"tokens": tokens, "lengths": lengths},
-                                inputs="kwargs")
+    as_kwargs = ntk_haiku.adapt(
+        hk.without_apply_rng(net), params, {"tokens": tokens, "lengths": lengths}, inputs="kwargs"
+    )
     np.testing.assert_allclose(as_kwargs(params, {"tokens": tokens, "lengths": lengths}), expected, rtol=1e-6)
     assert as_args.output_shape == (3,)
     # init_fn spreads the inputs too; the token ids stay integers, as hk.Embed requires.
@@ -103,8 +104,7 @@ def test_stateful_classifier_spreads_inputs_after_state_and_rng(text):
     assert int(updated["~"]["calls"]) == int(state["~"]["calls"]) + 1
     np.testing.assert_array_equal(model.info["state"]["~"]["calls"], 0)
     kept = np.asarray(direct) != 0
-    np.testing.assert_allclose(np.asarray(direct)[kept], 2 * _by_hand(model.params, tokens, lengths)[kept],
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(direct)[kept], 2 * _by_hand(model.params, tokens, lengths)[kept], rtol=1e-5)
 
 
 def test_inputs_is_checked_against_the_sample(text):

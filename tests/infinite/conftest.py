@@ -32,10 +32,13 @@ def _mc_chunk(apply_fn, init_fn, keys, x1, x2, want_ntk):
             return nngp, jnp.zeros_like(nngp)
         j1 = jax.jacrev(lambda q: _flat_out(apply_fn(q, x1)))(p)
         j2 = jax.jacrev(lambda q: _flat_out(apply_fn(q, x2)))(p)
-        ntk = sum(
-            jnp.einsum("ia...,ja...->ij", a, b)
-            for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2))
-        ) / o
+        ntk = (
+            sum(
+                jnp.einsum("ia...,ja...->ij", a, b)
+                for a, b in zip(jax.tree_util.tree_leaves(j1), jax.tree_util.tree_leaves(j2))
+            )
+            / o
+        )
         return nngp, ntk
 
     nngp, ntk = jax.lax.map(one, keys)
@@ -48,7 +51,7 @@ def monte_carlo(model, x1, x2=None, *, n_samples=64, seed=0, want_ntk=True, chun
     keys = jax.random.split(jax.random.PRNGKey(seed), n_samples)
     tot_n = tot_k = 0.0
     for s in range(0, n_samples, chunk):
-        a, b = _mc_chunk(model.apply_fn, model.init_fn, keys[s:s + chunk], x1, x2, want_ntk)
+        a, b = _mc_chunk(model.apply_fn, model.init_fn, keys[s : s + chunk], x1, x2, want_ntk)
         tot_n, tot_k = tot_n + a, tot_k + b
     return np.asarray(tot_n) / n_samples, np.asarray(tot_k) / n_samples
 

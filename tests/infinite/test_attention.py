@@ -43,8 +43,9 @@ class LinenCrossMasked(nn.Module):
     def __call__(self, ids):
         h = nn.Embed(5, 8)(ids)
         mask = nn.make_attention_mask(ids > 0, ids > 0)
-        return nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(h, nn.Dense(8)(h), mask=mask,
-                                                                            deterministic=True)
+        return nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(
+            h, nn.Dense(8)(h), mask=mask, deterministic=True
+        )
 
 
 class NnxSelf(nnx.Module):
@@ -58,18 +59,35 @@ class NnxSelf(nnx.Module):
 def _haiku_causal(x):
     mask = jnp.tril(jnp.ones((1, 1, T, T)))
     return hk.MultiHeadAttention(num_heads=2, key_size=4, w_init=hk.initializers.VarianceScaling(1.0))(
-        x, x, x, mask=mask)
+        x, x, x, mask=mask
+    )
 
 
 CASES = {
-    "linen-self": (lambda: nflax.adapt(LinenSelf(), None, X), X, "SelfAttention_0",
-                   "flax.linen.attention.SelfAttention"),
-    "linen-cross-masked": (lambda: nflax.adapt(LinenCrossMasked(), None, IDS), IDS, "MultiHeadDotProductAttention_0",
-                           "flax.linen.attention.MultiHeadDotProductAttention"),
-    "nnx": (lambda: nflax.adapt(NnxSelf(nnx.Rngs(0)), None, X, init=NnxSelf), X, "attn",
-            "flax.nnx.nn.attention.MultiHeadAttention"),
-    "haiku-causal": (lambda: nhaiku.adapt(hk.without_apply_rng(hk.transform(_haiku_causal)), None, X), X,
-                     "multi_head_attention", "haiku._src.attention.MultiHeadAttention"),
+    "linen-self": (
+        lambda: nflax.adapt(LinenSelf(), None, X),
+        X,
+        "SelfAttention_0",
+        "flax.linen.attention.SelfAttention",
+    ),
+    "linen-cross-masked": (
+        lambda: nflax.adapt(LinenCrossMasked(), None, IDS),
+        IDS,
+        "MultiHeadDotProductAttention_0",
+        "flax.linen.attention.MultiHeadDotProductAttention",
+    ),
+    "nnx": (
+        lambda: nflax.adapt(NnxSelf(nnx.Rngs(0)), None, X, init=NnxSelf),
+        X,
+        "attn",
+        "flax.nnx.nn.attention.MultiHeadAttention",
+    ),
+    "haiku-causal": (
+        lambda: nhaiku.adapt(hk.without_apply_rng(hk.transform(_haiku_causal)), None, X),
+        X,
+        "multi_head_attention",
+        "haiku._src.attention.MultiHeadAttention",
+    ),
 }
 
 

@@ -22,6 +22,7 @@ from ntk_adapters.infinite import InfiniteWidthError, infinite_kernel_fn
 def _first_layer_reference(apply_fn, params, x, weight_name, weight_var):
     """NNGP and NTK per output channel, ``(N, N, H, H', W, W')``, from the weight Jacobian
     (``weight_var`` = Var(W); no bias)."""
+
     def f(w):
         p = jax.tree_util.tree_map(lambda a: a, params)
         p = _set(p, weight_name, w)
@@ -45,6 +46,7 @@ def _get(params, name):
 def _set(params, name, value):
     def put(path, leaf):
         return value if jax.tree_util.keystr(path).endswith(f"['{name}']") else leaf
+
     return jax.tree_util.tree_map_with_path(put, params)
 
 
@@ -56,18 +58,26 @@ STD = 0.7
 @pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 2), (0, 1))])
 @pytest.mark.parametrize("strides", [(2, 2), (1, 2)])
 def test_flax_conv_transpose_first_layer_is_exact(padding, strides):
-    module = nn.ConvTranspose(5, (3, 2), strides=strides, padding=padding, use_bias=False,
-                              kernel_init=nn.initializers.normal(STD / np.sqrt(3 * 2 * 3)))
+    module = nn.ConvTranspose(
+        5,
+        (3, 2),
+        strides=strides,
+        padding=padding,
+        use_bias=False,
+        kernel_init=nn.initializers.normal(STD / np.sqrt(3 * 2 * 3)),
+    )
     model = nflax.adapt(module, module.init(jax.random.PRNGKey(0), X), X)
     k = infinite_kernel_fn(model, spatial_layout="full")(X, get="kernel")
-    nngp, ntk = _first_layer_reference(model.apply_fn, model.params, X, "kernel", STD ** 2 / (3 * 2 * 3))
+    nngp, ntk = _first_layer_reference(model.apply_fn, model.params, X, "kernel", STD**2 / (3 * 2 * 3))
     np.testing.assert_allclose(k.nngp, nngp, rtol=2e-5, atol=1e-9)
     np.testing.assert_allclose(k.ntk, ntk, rtol=2e-5, atol=1e-9)
 
 
 def test_haiku_conv_transpose_and_depthwise_first_layers_are_exact():
-    for make, fan_in in [(lambda: hk.Conv2DTranspose(4, (2, 3), stride=2, padding="SAME", with_bias=False), 2 * 3 * 3),
-                         (lambda: hk.DepthwiseConv2D(2, (3, 3), with_bias=False), 3 * 3)]:
+    for make, fan_in in [
+        (lambda: hk.Conv2DTranspose(4, (2, 3), stride=2, padding="SAME", with_bias=False), 2 * 3 * 3),
+        (lambda: hk.DepthwiseConv2D(2, (3, 3), with_bias=False), 3 * 3),
+    ]:
         f = hk.without_apply_rng(hk.transform(lambda x, make=make: make()(x)))
         model = nhaiku.adapt(f, f.init(jax.random.PRNGKey(1), X), X)
         k = infinite_kernel_fn(model, spatial_layout="full")(X, get="kernel")
@@ -80,11 +90,12 @@ def test_haiku_conv_transpose_and_depthwise_first_layers_are_exact():
 
 
 def test_grouped_convolution_first_layer_is_exact():
-    module = nn.Conv(6, (3, 3), feature_group_count=3, use_bias=False,
-                     kernel_init=nn.initializers.normal(STD / np.sqrt(3 * 3 * 1)))
+    module = nn.Conv(
+        6, (3, 3), feature_group_count=3, use_bias=False, kernel_init=nn.initializers.normal(STD / np.sqrt(3 * 3 * 1))
+    )
     model = nflax.adapt(module, module.init(jax.random.PRNGKey(0), X), X)
     k = infinite_kernel_fn(model, spatial_layout="full")(X, get="kernel")
-    nngp, ntk = _first_layer_reference(model.apply_fn, model.params, X, "kernel", STD ** 2 / (3 * 3 * 1))
+    nngp, ntk = _first_layer_reference(model.apply_fn, model.params, X, "kernel", STD**2 / (3 * 3 * 1))
     np.testing.assert_allclose(k.nngp, nngp, rtol=2e-5, atol=1e-9)
     np.testing.assert_allclose(k.ntk, ntk, rtol=2e-5, atol=1e-9)
 
@@ -125,12 +136,14 @@ def _haiku_decoder(width, x):
         h = jax.nn.relu(hk.Conv2DTranspose(width, 3, stride=2, padding="VALID")(x))
         h = hk.DepthwiseConv2D(2, 3)(h)
         return hk.Linear(8)(h.reshape(h.shape[0], -1))
+
     return nhaiku.adapt(hk.without_apply_rng(hk.transform(f)), None, x)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [lambda w, x: nflax.adapt(_Decoder(w), None, x), _haiku_decoder],
-                         ids=["flax", "haiku"])
+@pytest.mark.parametrize(
+    "build", [lambda w, x: nflax.adapt(_Decoder(w), None, x), _haiku_decoder], ids=["flax", "haiku"]
+)
 @pytest.mark.xdist_group("conv_calls_monte_carlo")
 def test_transposed_grouped_depthwise_networks_agree_with_monte_carlo(mc, build):
     # The finite-width bias of these small networks is already within the Monte Carlo noise at

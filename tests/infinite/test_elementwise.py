@@ -24,12 +24,20 @@ FUNCTIONS = [
     ("identity", {}, lambda x: x, lambda x: np.ones_like(x)),
     ("affine", dict(a=1.5, b=0.3), lambda x: 1.5 * x + 0.3, lambda x: np.full_like(x, 1.5)),
     ("relu", {}, lambda x: np.maximum(x, 0), lambda x: (x > 0).astype(float)),
-    ("leaky_relu", dict(negative_slope=0.2), lambda x: np.where(x > 0, x, 0.2 * x),
-     lambda x: np.where(x > 0, 1.0, 0.2)),
+    (
+        "leaky_relu",
+        dict(negative_slope=0.2),
+        lambda x: np.where(x > 0, x, 0.2 * x),
+        lambda x: np.where(x > 0, 1.0, 0.2),
+    ),
     ("abs", {}, np.abs, np.sign),
     ("sign", {}, np.sign, lambda x: np.zeros_like(x)),
-    ("erf", dict(a=0.7), lambda x: special.erf(0.7 * x),
-     lambda x: 0.7 * 2 / math.sqrt(math.pi) * np.exp(-0.49 * x * x)),
+    (
+        "erf",
+        dict(a=0.7),
+        lambda x: special.erf(0.7 * x),
+        lambda x: 0.7 * 2 / math.sqrt(math.pi) * np.exp(-0.49 * x * x),
+    ),
     ("sin", dict(a=1.3, b=0.4), lambda x: np.sin(1.3 * x + 0.4), lambda x: 1.3 * np.cos(1.3 * x + 0.4)),
     ("cos", dict(a=0.8, b=-0.3), lambda x: np.cos(0.8 * x - 0.3), lambda x: -0.8 * np.sin(0.8 * x - 0.3)),
     ("exp", dict(a=0.5), lambda x: np.exp(0.5 * x), lambda x: 0.5 * np.exp(0.5 * x)),
@@ -115,22 +123,33 @@ def test_quadrature_relu_is_close():
 def test_quadrature_accuracy_table():
     """The figures quoted in the module docstring (plain Gauss–Hermite, n_points=32, q1 = q2 = 1)."""
     bounds = {  # (rho, name): (nngp error bound, derivative error bound)
-        (0.3, "sin"): (1e-14, 1e-14), (0.99, "sin"): (1e-14, 1e-14), (-0.999, "sin"): (1e-14, 1e-14),
-        (0.3, "erf"): (1e-10, 1e-9), (0.99, "erf"): (2e-7, 4e-6), (-0.999, "erf"): (2e-7, 4e-6),
-        (0.3, "relu"): (2e-3, 3e-2), (0.99, "relu"): (2e-4, 2e-2), (-0.999, "relu"): (1e-5, 1e-2),
+        (0.3, "sin"): (1e-14, 1e-14),
+        (0.99, "sin"): (1e-14, 1e-14),
+        (-0.999, "sin"): (1e-14, 1e-14),
+        (0.3, "erf"): (1e-10, 1e-9),
+        (0.99, "erf"): (2e-7, 4e-6),
+        (-0.999, "erf"): (2e-7, 4e-6),
+        (0.3, "relu"): (2e-3, 3e-2),
+        (0.99, "relu"): (2e-4, 2e-2),
+        (-0.999, "relu"): (1e-5, 1e-2),
     }
     for (rho, name), (b0, b1) in bounds.items():
         cf = E.gaussian_expectations(name, rho, 1.0, 1.0)
-        qd = E.gaussian_expectations(name, rho, 1.0, 1.0, method="quadrature", n_points=E.DEFAULT_QUADRATURE_POINTS,
-                                     rtol=None)
+        qd = E.gaussian_expectations(
+            name, rho, 1.0, 1.0, method="quadrature", n_points=E.DEFAULT_QUADRATURE_POINTS, rtol=None
+        )
         assert abs(float(qd[0] - cf[0])) < b0, (rho, name)
         assert abs(float(qd[1] - cf[1])) < b1, (rho, name)
 
 
 QUAD_FUNCTIONS = [
     ("tanh", {}, np.tanh, lambda x: 1 - np.tanh(x) ** 2),
-    ("gelu", dict(approximate=False), lambda x: 0.5 * x * (1 + special.erf(x / math.sqrt(2))),
-     lambda x: 0.5 * (1 + special.erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)),
+    (
+        "gelu",
+        dict(approximate=False),
+        lambda x: 0.5 * x * (1 + special.erf(x / math.sqrt(2))),
+        lambda x: 0.5 * (1 + special.erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi),
+    ),
     ("softplus", {}, lambda x: np.logaddexp(0, x), special.expit),
 ]
 
@@ -248,8 +267,15 @@ def _dense_kernel(x1, x2=None, layout="none"):
     nngp = np.einsum("i...c,j...c->ij...", x1, x2) / d
     cov1 = np.einsum("i...c,i...c->i...", x1, x1) / d
     cov2 = np.einsum("i...c,i...c->i...", x2, x2) / d
-    return Kernel(nngp=jnp.asarray(nngp), ntk=jnp.asarray(nngp), cov1=jnp.asarray(cov1), cov2=jnp.asarray(cov2),
-                  layout=layout, is_gaussian=True, same_inputs=same)
+    return Kernel(
+        nngp=jnp.asarray(nngp),
+        ntk=jnp.asarray(nngp),
+        cov1=jnp.asarray(cov1),
+        cov2=jnp.asarray(cov2),
+        layout=layout,
+        is_gaussian=True,
+        same_inputs=same,
+    )
 
 
 def test_apply_elementwise_matches_wide_random_layer():
@@ -278,8 +304,14 @@ def test_apply_elementwise_full_layout_entrywise():
     nngp = np.einsum("ahwc,bHWc->abhHwW", x1, x2) / d
     cov1 = np.einsum("ahwc,aHWc->ahHwW", x1, x1) / d
     cov2 = np.einsum("ahwc,aHWc->ahHwW", x2, x2) / d
-    k = Kernel(nngp=jnp.asarray(nngp), ntk=jnp.asarray(2 * nngp), cov1=jnp.asarray(cov1), cov2=jnp.asarray(cov2),
-               layout="full", is_gaussian=True)
+    k = Kernel(
+        nngp=jnp.asarray(nngp),
+        ntk=jnp.asarray(2 * nngp),
+        cov1=jnp.asarray(cov1),
+        cov2=jnp.asarray(cov2),
+        layout="full",
+        is_gaussian=True,
+    )
     out = E.apply_elementwise(k, "erf", a=0.5)
 
     def erf_k(c, q1, q2):  # Williams' formula, written again here

@@ -43,12 +43,12 @@ def _sigmoid(x):
 
 def _gelu_tanh(x):
     k = math.sqrt(2 / math.pi)
-    return 0.5 * x * (1 + np.tanh(k * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(k * (x + 0.044715 * x**3)))
 
 
 def _dgelu_tanh(x):
     k = math.sqrt(2 / math.pi)
-    g = np.tanh(k * (x + 0.044715 * x ** 3))
+    g = np.tanh(k * (x + 0.044715 * x**3))
     return 0.5 * (1 + g) + 0.5 * x * (1 - g * g) * k * (1 + 3 * 0.044715 * x * x)
 
 
@@ -58,51 +58,122 @@ def _npdf(x):
 
 # name: (phi as the model writes it, phi in numpy, phi' in numpy, kinks)
 CASES = {
-    "leaky_relu_0.01": (nn.leaky_relu, lambda x: np.where(x > 0, x, 0.01 * x), lambda x: np.where(x > 0, 1.0, 0.01),
-                        (0.0,)),
-    "leaky_relu_0.2": (lambda h: nn.leaky_relu(h, negative_slope=0.2), lambda x: np.where(x > 0, x, 0.2 * x),
-                       lambda x: np.where(x > 0, 1.0, 0.2), (0.0,)),
-    "abrelu": (lambda h: -0.4 * jnp.minimum(h, 0) + 1.3 * jnp.maximum(h, 0),
-               lambda x: np.where(x > 0, 1.3 * x, -0.4 * x), lambda x: np.where(x > 0, 1.3, -0.4), (0.0,)),
+    "leaky_relu_0.01": (
+        nn.leaky_relu,
+        lambda x: np.where(x > 0, x, 0.01 * x),
+        lambda x: np.where(x > 0, 1.0, 0.01),
+        (0.0,),
+    ),
+    "leaky_relu_0.2": (
+        lambda h: nn.leaky_relu(h, negative_slope=0.2),
+        lambda x: np.where(x > 0, x, 0.2 * x),
+        lambda x: np.where(x > 0, 1.0, 0.2),
+        (0.0,),
+    ),
+    "abrelu": (
+        lambda h: -0.4 * jnp.minimum(h, 0) + 1.3 * jnp.maximum(h, 0),
+        lambda x: np.where(x > 0, 1.3 * x, -0.4 * x),
+        lambda x: np.where(x > 0, 1.3, -0.4),
+        (0.0,),
+    ),
     "3relu": (lambda h: 3.0 * nn.relu(h), lambda x: 3 * np.maximum(x, 0), lambda x: 3.0 * (x > 0), (0.0,)),
     "relu_plus_1": (lambda h: nn.relu(h) + 1, lambda x: np.maximum(x, 0) + 1, lambda x: 1.0 * (x > 0), (0.0,)),
     "abs": (jnp.abs, np.abs, np.sign, (0.0,)),
-    "gelu_exact_flax": (lambda h: nn.gelu(h, approximate=False), lambda x: x * special.ndtr(x),
-                        lambda x: special.ndtr(x) + x * _npdf(x), ()),
-    "gelu_exact_jax": (lambda h: jax.nn.gelu(h, approximate=False), lambda x: x * special.ndtr(x),
-                       lambda x: special.ndtr(x) + x * _npdf(x), ()),
+    "gelu_exact_flax": (
+        lambda h: nn.gelu(h, approximate=False),
+        lambda x: x * special.ndtr(x),
+        lambda x: special.ndtr(x) + x * _npdf(x),
+        (),
+    ),
+    "gelu_exact_jax": (
+        lambda h: jax.nn.gelu(h, approximate=False),
+        lambda x: x * special.ndtr(x),
+        lambda x: special.ndtr(x) + x * _npdf(x),
+        (),
+    ),
     "gelu_tanh": (nn.gelu, _gelu_tanh, _dgelu_tanh, ()),
-    "x_sigmoid_1.702x": (lambda h: h * nn.sigmoid(1.702 * h), lambda x: x * _sigmoid(1.702 * x),
-                         lambda x: _sigmoid(1.702 * x) + 1.702 * x * _sigmoid(1.702 * x) * _sigmoid(-1.702 * x), ()),
-    "step_times_square": (lambda h: (h >= 0) * h ** 2, lambda x: (x > 0) * x * x, lambda x: 2 * x * (x > 0), (0.0,)),
+    "x_sigmoid_1.702x": (
+        lambda h: h * nn.sigmoid(1.702 * h),
+        lambda x: x * _sigmoid(1.702 * x),
+        lambda x: _sigmoid(1.702 * x) + 1.702 * x * _sigmoid(1.702 * x) * _sigmoid(-1.702 * x),
+        (),
+    ),
+    "step_times_square": (lambda h: (h >= 0) * h**2, lambda x: (x > 0) * x * x, lambda x: 2 * x * (x > 0), (0.0,)),
     "tanh": (jnp.tanh, np.tanh, lambda x: 1 - np.tanh(x) ** 2, ()),
     "erf": (jax.scipy.special.erf, special.erf, lambda x: 2 / math.sqrt(math.pi) * np.exp(-x * x), ()),
     "hard_tanh": (nn.hard_tanh, lambda x: np.clip(x, -1, 1), lambda x: 1.0 * (np.abs(x) < 1), (-1.0, 1.0)),
-    "x_norm_cdf_2x": (lambda h: h * jax.scipy.stats.norm.cdf(2.0 * h), lambda x: x * special.ndtr(2 * x),
-                      lambda x: special.ndtr(2 * x) + 2 * x * _npdf(2 * x), ()),
-    "elu": (nn.elu, lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))),
-            lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0))), (0.0,)),
-    "selu": (nn.selu, lambda x: _SELU_L * np.where(x > 0, x, _SELU_A * np.expm1(np.minimum(x, 0))),
-             lambda x: _SELU_L * np.where(x > 0, 1.0, _SELU_A * np.exp(np.minimum(x, 0))), (0.0,)),
-    "celu_0.5": (lambda h: nn.celu(h, 0.5), lambda x: np.where(x > 0, x, 0.5 * np.expm1(np.minimum(x, 0) / 0.5)),
-                 lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0) / 0.5)), (0.0,)),
-    "where_elu_1.3": (lambda h: jnp.where(h > 0, h, 1.3 * (jnp.exp(h) - 1)),
-                      lambda x: np.where(x > 0, x, 1.3 * np.expm1(np.minimum(x, 0))),
-                      lambda x: np.where(x > 0, 1.0, 1.3 * np.exp(np.minimum(x, 0))), (0.0,)),
+    "x_norm_cdf_2x": (
+        lambda h: h * jax.scipy.stats.norm.cdf(2.0 * h),
+        lambda x: x * special.ndtr(2 * x),
+        lambda x: special.ndtr(2 * x) + 2 * x * _npdf(2 * x),
+        (),
+    ),
+    "elu": (
+        nn.elu,
+        lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))),
+        lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0))),
+        (0.0,),
+    ),
+    "selu": (
+        nn.selu,
+        lambda x: _SELU_L * np.where(x > 0, x, _SELU_A * np.expm1(np.minimum(x, 0))),
+        lambda x: _SELU_L * np.where(x > 0, 1.0, _SELU_A * np.exp(np.minimum(x, 0))),
+        (0.0,),
+    ),
+    "celu_0.5": (
+        lambda h: nn.celu(h, 0.5),
+        lambda x: np.where(x > 0, x, 0.5 * np.expm1(np.minimum(x, 0) / 0.5)),
+        lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0) / 0.5)),
+        (0.0,),
+    ),
+    "where_elu_1.3": (
+        lambda h: jnp.where(h > 0, h, 1.3 * (jnp.exp(h) - 1)),
+        lambda x: np.where(x > 0, x, 1.3 * np.expm1(np.minimum(x, 0))),
+        lambda x: np.where(x > 0, 1.0, 1.3 * np.exp(np.minimum(x, 0))),
+        (0.0,),
+    ),
     "relu6": (jax.nn.relu6, lambda x: np.clip(x, 0, 6), lambda x: 1.0 * ((x > 0) & (x < 6)), (0.0, 6.0)),
-    "clip": (lambda h: jnp.clip(h, -0.3, 0.7), lambda x: np.clip(x, -0.3, 0.7),
-             lambda x: 1.0 * ((x > -0.3) & (x < 0.7)), (-0.3, 0.7)),
-    "shifted_square_decay": (lambda h: jnp.maximum(h - 1, 0) ** 2 * jnp.exp(-h),
-                             lambda x: np.maximum(x - 1, 0) ** 2 * np.exp(-x),
-                             lambda x: (x > 1) * (2 * (x - 1) - (x - 1) ** 2) * np.exp(-x), (1.0,)),
+    "clip": (
+        lambda h: jnp.clip(h, -0.3, 0.7),
+        lambda x: np.clip(x, -0.3, 0.7),
+        lambda x: 1.0 * ((x > -0.3) & (x < 0.7)),
+        (-0.3, 0.7),
+    ),
+    "shifted_square_decay": (
+        lambda h: jnp.maximum(h - 1, 0) ** 2 * jnp.exp(-h),
+        lambda x: np.maximum(x - 1, 0) ** 2 * np.exp(-x),
+        lambda x: (x > 1) * (2 * (x - 1) - (x - 1) ** 2) * np.exp(-x),
+        (1.0,),
+    ),
     # no closed form: a logarithm beyond a jump at 1
-    "log1p_jump": (lambda h: jnp.where(h > 1, jnp.log1p(h), h * jnp.abs(h) / 2),
-                   lambda x: np.where(x > 1, np.log1p(np.maximum(x, 0)), x * np.abs(x) / 2),
-                   lambda x: np.where(x > 1, 1 / (1 + np.maximum(x, 0)), np.abs(x)), (0.0, 1.0)),
+    "log1p_jump": (
+        lambda h: jnp.where(h > 1, jnp.log1p(h), h * jnp.abs(h) / 2),
+        lambda x: np.where(x > 1, np.log1p(np.maximum(x, 0)), x * np.abs(x) / 2),
+        lambda x: np.where(x > 1, 1 / (1 + np.maximum(x, 0)), np.abs(x)),
+        (0.0, 1.0),
+    ),
 }
-CLOSED = {"leaky_relu_0.01", "leaky_relu_0.2", "abrelu", "3relu", "relu_plus_1", "abs", "gelu_exact_flax",
-          "gelu_exact_jax", "step_times_square", "erf", "x_norm_cdf_2x", "elu", "selu", "celu_0.5",
-          "where_elu_1.3", "relu6", "clip", "hard_tanh", "shifted_square_decay"}
+CLOSED = {
+    "leaky_relu_0.01",
+    "leaky_relu_0.2",
+    "abrelu",
+    "3relu",
+    "relu_plus_1",
+    "abs",
+    "gelu_exact_flax",
+    "gelu_exact_jax",
+    "step_times_square",
+    "erf",
+    "x_norm_cdf_2x",
+    "elu",
+    "selu",
+    "celu_0.5",
+    "where_elu_1.3",
+    "relu6",
+    "clip",
+    "hard_tanh",
+    "shifted_square_decay",
+}
 
 
 def _panels(edges, m=12):
@@ -150,10 +221,14 @@ def test_reference_integrator_against_hand_values():
         th = math.acos(rho)
         relu = lambda x: np.maximum(x, 0)
         step = lambda x: 1.0 * (x > 0)
-        np.testing.assert_allclose(bivariate(relu, relu, 2.0, 2.0, 2.0 * rho, (0.0,)),
-                                   2.0 * (math.sin(th) + (math.pi - th) * math.cos(th)) / (2 * math.pi), atol=1e-12)
-        np.testing.assert_allclose(bivariate(step, step, 2.0, 2.0, 2.0 * rho, (0.0,)), (math.pi - th) / (2 * math.pi),
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            bivariate(relu, relu, 2.0, 2.0, 2.0 * rho, (0.0,)),
+            2.0 * (math.sin(th) + (math.pi - th) * math.cos(th)) / (2 * math.pi),
+            atol=1e-12,
+        )
+        np.testing.assert_allclose(
+            bivariate(step, step, 2.0, 2.0, 2.0 * rho, (0.0,)), (math.pi - th) / (2 * math.pi), atol=1e-12
+        )
     q = 1.7
     gelu = lambda x: x * special.ndtr(x)
     ref = q * (0.25 + (math.asin(q / (1 + q)) + 2 * q / ((1 + q) * math.sqrt(1 + 2 * q))) / (2 * math.pi))
@@ -162,8 +237,8 @@ def test_reference_integrator_against_hand_values():
 
 def _inputs():
     x = np.random.default_rng(7).standard_normal((5, 6))
-    x[3] = -x[0]                 # correlation −1
-    x[4] = x[1] + 0.01 * x[2]    # correlation close to 1
+    x[3] = -x[0]  # correlation −1
+    x[4] = x[1] + 0.01 * x[2]  # correlation close to 1
     return x
 
 
@@ -255,19 +330,21 @@ def test_rectified_monomials_are_arc_cosine_kernels():
     """``(x ≥ 0)·x^k``: Cho & Saul's arc-cosine kernel of degree k, ``q^k J_k(θ) / (2π)``, with
     ``J_0 = π − θ``, ``J_1 = sin θ + (π − θ) cos θ``, ``J_2 = 3 sin θ cos θ + (π − θ)(1 + 2 cos²θ)``;
     degree 3 against the reference integrator."""
-    J = {0: lambda t: math.pi - t,
-         1: lambda t: math.sin(t) + (math.pi - t) * math.cos(t),
-         2: lambda t: 3 * math.sin(t) * math.cos(t) + (math.pi - t) * (1 + 2 * math.cos(t) ** 2)}
+    J = {
+        0: lambda t: math.pi - t,
+        1: lambda t: math.sin(t) + (math.pi - t) * math.cos(t),
+        2: lambda t: 3 * math.sin(t) * math.cos(t) + (math.pi - t) * (1 + 2 * math.cos(t) ** 2),
+    }
     q = 1.6
     for k in (0, 1, 2, 3):
-        phi = lambda h, k=k: (h >= 0) * h ** k
+        phi = lambda h, k=k: (h >= 0) * h**k
         for rho in (-0.9, 0.0, 0.4, 1.0):
             nngp, _ = E.gaussian_expectations(phi, rho * q, q, q)
             th = math.acos(rho)
             if k in J:
-                ref = q ** k * J[k](th) / (2 * math.pi)
+                ref = q**k * J[k](th) / (2 * math.pi)
             else:
-                ref = bivariate(lambda x: (x > 0) * x ** 3, lambda x: (x > 0) * x ** 3, q, q, rho * q, (0.0,))
+                ref = bivariate(lambda x: (x > 0) * x**3, lambda x: (x > 0) * x**3, q, q, rho * q, (0.0,))
             np.testing.assert_allclose(float(nngp), ref, rtol=1e-12, atol=1e-15)
 
 
@@ -281,6 +358,7 @@ def test_old_failures_now_have_kernels():
 
 def test_refusals_are_infinite_width_errors_naming_the_layer_and_primitive():
     """Functions of two different Gaussian values are refused, never a raw error."""
+
     class TwoValues(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -336,7 +414,7 @@ def test_zero_variance_uses_jax_values_at_zero():
     nngp, dd = E.gaussian_expectations(step, 0.0, jnp.array([0.0, 0.0, 2.0]), jnp.array([0.0, 2.0, 0.0]))
     np.testing.assert_allclose(nngp, [1.0, 0.5, 0.5])
     np.testing.assert_allclose(dd, [0.0, 0.0, 0.0])
-    relu_sq = lambda h: jax.nn.relu(h) + h ** 2
+    relu_sq = lambda h: jax.nn.relu(h) + h**2
     _, dd = E.gaussian_expectations(relu_sq, 0.0, jnp.array([0.0, 0.0]), jnp.array([0.0, 3.0]))
     np.testing.assert_allclose(dd, [0.0, 0.0])  # relu'(0) + 2·0 = 0
     g = jax.grad(lambda c: E.gaussian_expectations(CASES["gelu_exact_flax"][0], c, 1.0, 1.0)[0])(1.0)
@@ -345,8 +423,8 @@ def test_zero_variance_uses_jax_values_at_zero():
 
 def test_forms_reject_what_they_cannot_represent():
     assert F.analyze(jnp.tanh) is None
-    assert F.analyze(lambda h: jnp.maximum(h, 1.0)) is None           # break away from 0
-    assert F.analyze(lambda h: jax.lax.stop_gradient(h) * h) is None   # derivative is not the value's
+    assert F.analyze(lambda h: jnp.maximum(h, 1.0)) is None  # break away from 0
+    assert F.analyze(lambda h: jax.lax.stop_gradient(h) * h) is None  # derivative is not the value's
     assert F.find_kinks(lambda h: jnp.maximum(h, 1.0)) == (1.0,)
 
     @jax.custom_jvp

@@ -30,7 +30,7 @@ def test_lookup_by_hand():
     ids2 = jnp.array([[2, 0]])
     k = lookup(ids1, ids2, variance=0.5, dtype=jnp.float64)
     want = np.zeros((2, 1, 2, 2))
-    want[0, 0, 1, 0] = 0.5          # example 0 position 1 (token 2) vs example 0' position 0 (token 2)
+    want[0, 0, 1, 0] = 0.5  # example 0 position 1 (token 2) vs example 0' position 0 (token 2)
     want[1, 0, 0, 0] = want[1, 0, 1, 0] = 0.5
     np.testing.assert_array_equal(k.nngp, want)
     np.testing.assert_array_equal(k.ntk, want / 0.5)
@@ -79,8 +79,11 @@ def test_flax_default_initializer_has_variance_one_over_features():
     # variance_scaling(1, 'fan_in', 'normal', out_axis=0) on a (V, D) table: fan_in = D
     ids = jnp.array([0, 3, 3], jnp.int32)
     for d in (4, 32):
-        model = nflax.adapt(Readout(features=d, table_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal",
-                                                                                         out_axis=0)), None, ids)
+        model = nflax.adapt(
+            Readout(features=d, table_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)),
+            None,
+            ids,
+        )
         k = infinite_kernel_fn(model)(ids)
         same = np.asarray(ids[:, None] == ids[None, :], float)
         np.testing.assert_allclose(k.nngp, same / d, rtol=1e-6)
@@ -137,8 +140,7 @@ def _build(framework, width, ids):
     if framework == "linen":
         return nflax.adapt(SeqModel(width), None, ids)
     if framework == "nnx":
-        return nflax.adapt(NnxSeqModel(nnx.Rngs(0), width), None, ids,
-                           init=lambda rngs: NnxSeqModel(rngs, width))
+        return nflax.adapt(NnxSeqModel(nnx.Rngs(0), width), None, ids, init=lambda rngs: NnxSeqModel(rngs, width))
     return nhaiku.adapt(_haiku_seq(width, framework.split("-")[1]), None, ids)
 
 

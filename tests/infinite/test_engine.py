@@ -83,8 +83,7 @@ def test_he_normal_and_bias_variance_and_no_bias(xs):
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.relu(nn.Dense(8, kernel_init=nn.initializers.he_normal(),
-                                 bias_init=nn.initializers.normal(0.5))(x))
+            x = nn.relu(nn.Dense(8, kernel_init=nn.initializers.he_normal(), bias_init=nn.initializers.normal(0.5))(x))
             return nn.Dense(2, use_bias=False, kernel_init=nn.initializers.he_normal())(x)
 
     model = nflax.adapt(Net(), None, x1)

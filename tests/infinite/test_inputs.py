@@ -154,10 +154,13 @@ def test_two_leaves_through_a_hidden_relu_layer_match_hand_formula_and_monte_car
     assert mc.rel_err(mc_ntk, ntk) < 0.1
 
 
-@pytest.mark.parametrize("combine, leaves", [
-    (lambda a, b: a + b, "x[0] and x[1]"),
-    (lambda a, b: a * b, "x[0] and x[1]"),
-])
+@pytest.mark.parametrize(
+    "combine, leaves",
+    [
+        (lambda a, b: a + b, "x[0] and x[1]"),
+        (lambda a, b: a * b, "x[0] and x[1]"),
+    ],
+)
 def test_entrywise_combinations_of_two_leaves_are_refused(combine, leaves):
     a = jax.random.normal(jax.random.PRNGKey(0), (3, DA))
 
@@ -221,8 +224,9 @@ def test_haiku_embed_of_token_ids_has_the_lookup_kernel():
 
 def test_integer_leaf_refused_at_first_call_without_recorded_inputs():
     emb = jax.random.normal(jax.random.PRNGKey(0), (10, 4))
-    model = ntk_adapters.adapt(lambda p, x: jnp.take(p["emb"], x["ids"], axis=0)[:, 0] @ p["w"],
-                               {"emb": emb, "w": jnp.ones((4, 2))})
+    model = ntk_adapters.adapt(
+        lambda p, x: jnp.take(p["emb"], x["ids"], axis=0)[:, 0] @ p["w"], {"emb": emb, "w": jnp.ones((4, 2))}
+    )
     kernel_fn = infinite_kernel_fn(model)  # no input specs: nothing is traced yet
     with pytest.raises(InfiniteWidthError, match=r"x\['ids'\].*primitive") as info:
         kernel_fn({"ids": jnp.array([[1], [2]])})

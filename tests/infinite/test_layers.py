@@ -52,8 +52,15 @@ def feature_kernel(f1, f2=None, layout="full", gaussian=False):
     f2 = f1 if same else f2
     full = layout == "full"
     nngp = _pair_products(f1, f2, full)
-    return Kernel(nngp=jnp.asarray(nngp), ntk=jnp.zeros(nngp.shape), cov1=jnp.asarray(_self_products(f1, full)),
-                  cov2=jnp.asarray(_self_products(f2, full)), layout=layout, is_gaussian=gaussian, same_inputs=same)
+    return Kernel(
+        nngp=jnp.asarray(nngp),
+        ntk=jnp.zeros(nngp.shape),
+        cov1=jnp.asarray(_self_products(f1, full)),
+        cov2=jnp.asarray(_self_products(f2, full)),
+        layout=layout,
+        is_gaussian=gaussian,
+        same_inputs=same,
+    )
 
 
 def identity_conv_patches(x, window, strides, padding, dilation):
@@ -61,8 +68,9 @@ def identity_conv_patches(x, window, strides, padding, dilation):
     c = x.shape[-1]
     k = math.prod(window)
     bank = np.eye(k * c).reshape(*window, c, k * c)
-    conv = nn.Conv(features=k * c, kernel_size=window, strides=strides, padding=padding,
-                   kernel_dilation=dilation, use_bias=False)
+    conv = nn.Conv(
+        features=k * c, kernel_size=window, strides=strides, padding=padding, kernel_dilation=dilation, use_bias=False
+    )
     return np.asarray(conv.apply({"params": {"kernel": jnp.asarray(bank)}}, jnp.asarray(x)))
 
 
@@ -98,8 +106,16 @@ def test_conv_first_layer_exact(shape, window, strides, padding, dilation):
     ref_ntk = ref.nngp * (k * c) + 1.0
     for layout in ("full", "diagonal"):
         kin = feature_kernel(x1, x2, layout=layout)
-        out = L.conv(kin, window_shape=window, fan_in=c * k, strides=strides, padding=padding, dilation=dilation,
-                     weight_var=weight_var, bias_var=bias_var)
+        out = L.conv(
+            kin,
+            window_shape=window,
+            fan_in=c * k,
+            strides=strides,
+            padding=padding,
+            dilation=dilation,
+            weight_var=weight_var,
+            bias_var=bias_var,
+        )
         exp_nngp, exp_ntk, exp_cov1 = ref_nngp, ref_ntk, weight_var * ref.cov1 + bias_var
         if layout == "diagonal":
             d = len(window)
@@ -144,8 +160,15 @@ def test_conv_propagates_ntk_like_loop_reference(padding, stride, dilation):
     K = a @ a.T / 5
     b = rng.standard_normal((n_in, 5))
     T = b @ b.T / 5 + 0.1
-    kin = Kernel(nngp=jnp.asarray(K)[None, None], ntk=jnp.asarray(T)[None, None], cov1=jnp.asarray(K)[None],
-                 cov2=jnp.asarray(K)[None], layout="full", is_gaussian=True, same_inputs=True)
+    kin = Kernel(
+        nngp=jnp.asarray(K)[None, None],
+        ntk=jnp.asarray(T)[None, None],
+        cov1=jnp.asarray(K)[None],
+        cov2=jnp.asarray(K)[None],
+        layout="full",
+        is_gaussian=True,
+        same_inputs=True,
+    )
     span = (window - 1) * dilation + 1
     if padding == "SAME":
         out_n = -(-n_in // stride)
@@ -157,14 +180,31 @@ def test_conv_propagates_ntk_like_loop_reference(padding, stride, dilation):
     else:
         pads, mode = ((span - 1) // 2, span // 2), "wrap"
         out_n = (n_in + span - 1 - span) // stride + 1
-    out = L.conv(kin, window_shape=(window,), fan_in=4 * window, strides=stride, padding=padding, dilation=dilation,
-                 weight_var=2.0, bias_var=0.5)
+    out = L.conv(
+        kin,
+        window_shape=(window,),
+        fan_in=4 * window,
+        strides=stride,
+        padding=padding,
+        dilation=dilation,
+        weight_var=2.0,
+        bias_var=0.5,
+    )
     aK = _loop_window_average(K, n_in, window, stride, dilation, pads, mode, out_n)
     aT = _loop_window_average(T, n_in, window, stride, dilation, pads, mode, out_n)
     np.testing.assert_allclose(out.nngp[0, 0], 2.0 * aK + 0.5, rtol=1e-12)
     np.testing.assert_allclose(out.ntk[0, 0], 4 * window * aK + 2.0 * aT + 1.0, rtol=1e-12)
-    out_ntkp = L.conv(kin, window_shape=(window,), fan_in=4 * window, strides=stride, padding=padding,
-                      dilation=dilation, weight_var=2.0, bias_var=0.5, parameterization="ntk")
+    out_ntkp = L.conv(
+        kin,
+        window_shape=(window,),
+        fan_in=4 * window,
+        strides=stride,
+        padding=padding,
+        dilation=dilation,
+        weight_var=2.0,
+        bias_var=0.5,
+        parameterization="ntk",
+    )
     np.testing.assert_allclose(out_ntkp.ntk[0, 0], 2.0 * aK + 0.5 + 2.0 * aT, rtol=1e-12)
 
 
@@ -174,8 +214,9 @@ def test_conv_relu_monte_carlo():
     x = rng.standard_normal((2, 5, 4, 3))
     width = 20000
     w1 = rng.standard_normal((3, 3, 3, width)) * math.sqrt(2.0 / 27)
-    h = jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(w1), (2, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.lax.conv_general_dilated(
+        jnp.asarray(x), jnp.asarray(w1), (2, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     y = np.maximum(np.asarray(h), 0)
     emp = feature_kernel(y)
     k = feature_kernel(x, layout="full")
@@ -211,8 +252,12 @@ def test_diagonal_and_full_layouts_agree_through_a_network():
 
 @pytest.mark.parametrize(
     "window,strides,padding,count_include_pad",
-    [((2, 2), (2, 2), "VALID", True), ((3, 2), (1, 1), "SAME", True), ((3, 3), (2, 1), "SAME", False),
-     ((2, 3), (1, 2), ((1, 1), (0, 2)), False)],
+    [
+        ((2, 2), (2, 2), "VALID", True),
+        ((3, 2), (1, 1), "SAME", True),
+        ((3, 3), (2, 1), "SAME", False),
+        ((2, 3), (1, 2), ((1, 1), (0, 2)), False),
+    ],
 )
 def test_avg_pool_matches_flax(window, strides, padding, count_include_pad):
     rng = np.random.default_rng(4)
@@ -221,8 +266,15 @@ def test_avg_pool_matches_flax(window, strides, padding, count_include_pad):
     k = feature_kernel(x1, x2)
     k = k.replace(ntk=2.0 * k.nngp)
     out = L.avg_pool(k, window, strides=strides, padding=padding, count_include_pad=count_include_pad)
-    pool = lambda x: np.asarray(nn.avg_pool(jnp.asarray(x), window, strides=strides, padding=padding,  # noqa: E731
-                                            count_include_pad=count_include_pad))
+    pool = lambda x: np.asarray(
+        nn.avg_pool(
+            jnp.asarray(x),
+            window,
+            strides=strides,
+            padding=padding,  # noqa: E731
+            count_include_pad=count_include_pad,
+        )
+    )
     ref = feature_kernel(pool(x1), pool(x2))
     np.testing.assert_allclose(out.nngp, ref.nngp, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(out.ntk, 2.0 * ref.nngp, rtol=1e-10, atol=1e-13)
@@ -304,8 +356,9 @@ def test_layer_norm_nngp_and_ntk_monte_carlo():
     rng = np.random.default_rng(8)
     d, n, eps = 4, 8192, 1e-3
     x = jnp.asarray(rng.standard_normal((3, d)) * np.array([[1.0], [0.5], [2.0]]))
-    params = dict(w=jnp.asarray(rng.standard_normal((d, n)) / math.sqrt(d)), b=jnp.zeros(n),
-                  g=jnp.full(n, 1.5), beta=jnp.zeros(n))
+    params = dict(
+        w=jnp.asarray(rng.standard_normal((d, n)) / math.sqrt(d)), b=jnp.zeros(n), g=jnp.full(n, 1.5), beta=jnp.zeros(n)
+    )
     v = jnp.asarray(rng.choice([-1.0, 1.0], n))  # ±1 readout: Σ v²/n = 1 exactly, cross terms average out
 
     def ln_out(p, x):
@@ -355,8 +408,14 @@ def test_dropout_monte_carlo(layout):
     x = rng.standard_normal(shape)
     k = feature_kernel(x, layout=layout if layout != "none" else "full")
     if layout == "none":
-        k = Kernel(nngp=jnp.asarray(x @ x.T / 4), ntk=jnp.asarray(x @ x.T / 4), cov1=jnp.asarray((x * x).mean(1)),
-                   cov2=jnp.asarray((x * x).mean(1)), layout="none", same_inputs=True)
+        k = Kernel(
+            nngp=jnp.asarray(x @ x.T / 4),
+            ntk=jnp.asarray(x @ x.T / 4),
+            cov1=jnp.asarray((x * x).mean(1)),
+            cov2=jnp.asarray((x * x).mean(1)),
+            layout="none",
+            same_inputs=True,
+        )
     else:
         k = k.replace(ntk=k.nngp)
     out = L.dropout(k, rate)

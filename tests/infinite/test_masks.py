@@ -45,11 +45,13 @@ def _masked_mean_by_hand(in1, in2, hidden, weight_var=1.0, weights=None):
     other per-position factors ``w`` and divisors ``c`` than the mask ``ids != 0`` and its count."""
     x1, x2 = np.asarray(in1["x"], float), np.asarray(in2["x"], float)
     if weights is None:
+
         def weights(ids):
             m = ids != 0
             return m, np.maximum(m.sum(1), 1)
+
     (m1, c1), (m2, c2) = weights(np.asarray(in1["ids"])), weights(np.asarray(in2["ids"]))
-    q12 = weight_var * np.einsum("atd,bsd->atbs", x1, x2) / D          # (N1, T, N2, T)
+    q12 = weight_var * np.einsum("atd,bsd->atbs", x1, x2) / D  # (N1, T, N2, T)
     q11 = weight_var * np.einsum("atd,atd->at", x1, x1) / D
     q22 = weight_var * np.einsum("bsd,bsd->bs", x2, x2) / D
     s = np.sqrt(q11[:, :, None, None] * q22[None, None])

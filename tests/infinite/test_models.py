@@ -103,7 +103,6 @@ def test_residual_layernorm_batchnorm_converges(mc, x_vec):
 # Rule coverage: each model below exercises several rules on the real modules.
 
 
-
 class FlaxConv1D(nn.Module):
     """1-D circular dilated conv, strided VALID conv, leaky ReLU, NTK-param Dense on a flatten."""
 
@@ -244,8 +243,9 @@ def flax_dropout_masks(width, x):
         seed = jax.random.randint(k_seed, (), 0, 2**30).astype(x.dtype)
         return {"net": model.init_fn(k_net, x), "mask_seed": seed}
 
-    return model.replace(apply_fn=apply_fn, init_fn=init_fn,
-                         params={"net": model.params, "mask_seed": jnp.zeros((), x.dtype)})
+    return model.replace(
+        apply_fn=apply_fn, init_fn=init_fn, params={"net": model.params, "mask_seed": jnp.zeros((), x.dtype)}
+    )
 
 
 @pytest.mark.slow

@@ -48,8 +48,9 @@ class NnxCNN(nnx.Module):
 def test_nnx_mlp_equals_the_same_linen_mlp(x_vec, kernel_init):
     nnx_init = getattr(nnx.initializers, kernel_init)()
     linen_init = getattr(nn.initializers, kernel_init)()
-    model = nflax.adapt(NnxMLP(nnx.Rngs(0), kernel_init=nnx_init), None, x_vec,
-                        init=lambda rngs: NnxMLP(rngs, kernel_init=nnx_init))
+    model = nflax.adapt(
+        NnxMLP(nnx.Rngs(0), kernel_init=nnx_init), None, x_vec, init=lambda rngs: NnxMLP(rngs, kernel_init=nnx_init)
+    )
     k = infinite_kernel_fn(model)(x_vec, x_vec[:2] + 0.5)
     ref = infinite_kernel_fn(nflax.adapt(LinenMLP(linen_init), None, x_vec))(x_vec, x_vec[:2] + 0.5)
     np.testing.assert_allclose(k.nngp, ref.nngp, rtol=1e-12)
@@ -79,12 +80,12 @@ def test_factory_of_another_architecture_is_rejected(x_vec):
 def test_nnx_models_converge_to_the_engine(mc, x_vec, x_img, case):
     if case == "mlp":
         x, build = x_vec, lambda w: NnxMLP(nnx.Rngs(0), width=w)
-        factory = lambda w: (lambda rngs: NnxMLP(rngs, width=w))
+        factory = lambda w: lambda rngs: NnxMLP(rngs, width=w)
         widths = (8, 256)
     else:
         x = x_img[:, :4, :4]
         build = lambda w: NnxCNN(nnx.Rngs(0), width=w)
-        factory = lambda w: (lambda rngs: NnxCNN(rngs, width=w))
+        factory = lambda w: lambda rngs: NnxCNN(rngs, width=w)
         widths = (4, 128)
     errs = []
     for w in widths:

@@ -22,15 +22,19 @@ from ntk_adapters.infinite.bivariate import bvn_upper
 from ntk_adapters.infinite.piecewise import analyze_piecewise
 
 _spec = importlib.util.spec_from_file_location(
-    "_elementwise_exact_reference", pathlib.Path(__file__).with_name("test_elementwise_exact.py"))
+    "_elementwise_exact_reference", pathlib.Path(__file__).with_name("test_elementwise_exact.py")
+)
 _ref = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_ref)
 CASES, bivariate = _ref.CASES, _ref.bivariate
 
 PIECEWISE = ["elu", "selu", "celu_0.5", "where_elu_1.3", "relu6", "clip", "hard_tanh", "shifted_square_decay"]
 # variances 0.01–25 (also unequal), correlations including ±1 and 0.99999
-COVS = [(q1, q2, r) for q1, q2 in ((0.01, 0.01), (1.0, 1.0), (25.0, 25.0), (0.01, 25.0), (2.0, 0.3))
-        for r in (-1.0, -0.999, -0.5, 0.0, 0.3, 0.99, 0.99999, 1.0)]
+COVS = [
+    (q1, q2, r)
+    for q1, q2 in ((0.01, 0.01), (1.0, 1.0), (25.0, 25.0), (0.01, 25.0), (2.0, 0.3))
+    for r in (-1.0, -0.999, -0.5, 0.0, 0.3, 0.99, 0.99999, 1.0)
+]
 #: Bounds on the measured errors (relative to sqrt(E[f(u)²] E[f(v)²])) stated in the elementwise
 #: docstring. Exponential pieces at variance 25 multiply a tail probability of ~1e-20 by a tilt of
 #: ~e^50 (celu's e^{2x}, the e^{−x} decay), and Φ2 is accurate to 1e-16 absolutely, not relatively;
@@ -87,7 +91,7 @@ def test_recognised_with_exact_breaks(name):
 def test_outside_the_class_is_refused():
     assert analyze_piecewise(jnp.tanh) is None
     assert analyze_piecewise(CASES["log1p_jump"][0]) is None
-    assert analyze_piecewise(lambda h: jnp.maximum(jnp.exp(h), 2.0)) is None   # break at log 2: not exact
+    assert analyze_piecewise(lambda h: jnp.maximum(jnp.exp(h), 2.0)) is None  # break at log 2: not exact
     assert analyze_piecewise(lambda h: jax.lax.stop_gradient(h) * h) is None
 
 

@@ -24,8 +24,10 @@ import ntk_adapters.flax as nflax
 import ntk_adapters.haiku as nhaiku
 from ntk_adapters.infinite import InfiniteWidthError, infinite_kernel_fn
 
-RESIDUAL = ("a nonlinearity of a sum of a non-Gaussian value and a Gaussian branch has no exact kernel",
-            "the pre-activation residual `x + f(relu(x))` (ResNet v2 ordering) has one")
+RESIDUAL = (
+    "a nonlinearity of a sum of a non-Gaussian value and a Gaussian branch has no exact kernel",
+    "the pre-activation residual `x + f(relu(x))` (ResNet v2 ordering) has one",
+)
 MAX_POOL = "max pooling has no exact infinite-width kernel"
 AVG_POOL = "average pooling (`nn.avg_pool` / `hk.avg_pool`) has one"
 
@@ -197,8 +199,13 @@ def test_haiku_resnet_v1_names_the_relu_and_the_batchnorm_before_it(img):
     # hk.nets.ResNet (v1) in eval mode: the stem's relu follows a BatchNorm whose moving statistics
     # shift and scale each channel differently, so its input is not a zero-mean Gaussian process
     def f(x, is_training):
-        net = hk.nets.ResNet(blocks_per_group=(1, 1, 1, 1), num_classes=2, channels_per_group=(2, 2, 2, 2),
-                             bottleneck=False, resnet_v2=False)
+        net = hk.nets.ResNet(
+            blocks_per_group=(1, 1, 1, 1),
+            num_classes=2,
+            channels_per_group=(2, 2, 2, 2),
+            bottleneck=False,
+            resnet_v2=False,
+        )
         return net(x, is_training=is_training)
 
     t = hk.transform_with_state(f)

@@ -133,8 +133,11 @@ def test_elementwise_of_non_gaussian_is_an_error():
     # a nonlinearity of the raw input: its kernel x·x'ᵀ/d does not determine tanh(x)·tanh(x')ᵀ
     _raises(_flax(lambda h: nn.Dense(2)(jnp.tanh(h)), xv), xv, "not a zero-mean Gaussian")
     # a nonlinearity after a sum of a ReLU branch and an independent branch (not Gaussian)
-    _raises(_flax(lambda h: nn.Dense(2)(jnp.tanh(nn.relu(nn.Dense(8)(h)) + nn.Dense(8)(h))), xv), xv,
-            "not a zero-mean Gaussian")
+    _raises(
+        _flax(lambda h: nn.Dense(2)(jnp.tanh(nn.relu(nn.Dense(8)(h)) + nn.Dense(8)(h))), xv),
+        xv,
+        "not a zero-mean Gaussian",
+    )
 
 
 def test_unknown_initializer_asks_for_override():
@@ -163,7 +166,7 @@ def test_register_rule_for_a_custom_layer():
             return nn.Dense(2)(Scale(3.0)(nn.relu(nn.Dense(8)(h))))
 
     def scale_rule(k, call):
-        a2 = call.module.alpha ** 2
+        a2 = call.module.alpha**2
         return k.replace(nngp=a2 * k.nngp, ntk=a2 * k.ntk, cov1=a2 * k.cov1, cov2=a2 * k.cov2)
 
     class Plain(nn.Module):

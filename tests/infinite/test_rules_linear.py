@@ -51,19 +51,39 @@ def _flax_single(conv, head):
 
 CASES = [
     ("conv2d_same_gap", (2, 6, 6, 3), lambda: nn.Conv(5, (3, 3)), lambda h: jnp.mean(h, axis=(1, 2))),
-    ("conv2d_valid_stride_flatten", (2, 7, 7, 2), lambda: nn.Conv(4, (3, 2), strides=(2, 1), padding="VALID"),
-     lambda h: h.reshape((h.shape[0], -1))),
-    ("conv2d_circular_dilated_avgpool", (2, 6, 6, 2),
-     lambda: nn.Conv(4, (3, 3), padding="CIRCULAR", kernel_dilation=2),
-     lambda h: jnp.sum(nn.avg_pool(h, (2, 2), strides=(2, 2)), axis=(1, 2))),
-    ("conv1d_same_sumpool", (2, 9, 2), lambda: nn.Conv(4, (3,)),
-     lambda h: nn.pooling.pool(h, 0.0, jax.lax.add, (3,), (2,), "VALID").reshape((h.shape[0], -1))),
-    ("conv3d_same_stride_gap", (2, 4, 4, 4, 1), lambda: nn.Conv(3, (2, 2, 2), strides=2),
-     lambda h: jnp.mean(h, axis=(1, 2, 3))),
+    (
+        "conv2d_valid_stride_flatten",
+        (2, 7, 7, 2),
+        lambda: nn.Conv(4, (3, 2), strides=(2, 1), padding="VALID"),
+        lambda h: h.reshape((h.shape[0], -1)),
+    ),
+    (
+        "conv2d_circular_dilated_avgpool",
+        (2, 6, 6, 2),
+        lambda: nn.Conv(4, (3, 3), padding="CIRCULAR", kernel_dilation=2),
+        lambda h: jnp.sum(nn.avg_pool(h, (2, 2), strides=(2, 2)), axis=(1, 2)),
+    ),
+    (
+        "conv1d_same_sumpool",
+        (2, 9, 2),
+        lambda: nn.Conv(4, (3,)),
+        lambda h: nn.pooling.pool(h, 0.0, jax.lax.add, (3,), (2,), "VALID").reshape((h.shape[0], -1)),
+    ),
+    (
+        "conv3d_same_stride_gap",
+        (2, 4, 4, 4, 1),
+        lambda: nn.Conv(3, (2, 2, 2), strides=2),
+        lambda h: jnp.mean(h, axis=(1, 2, 3)),
+    ),
     ("conv2d_full_output", (2, 5, 5, 2), lambda: nn.Conv(3, (3, 3), padding="VALID"), lambda h: h),
-    ("conv2d_avgpool_same_without_padding_counts", (2, 5, 5, 2), lambda: nn.Conv(3, (3, 3)),
-     lambda h: nn.avg_pool(h, (3, 3), strides=(2, 2), padding="SAME", count_include_pad=False)
-     .reshape((h.shape[0], -1))),
+    (
+        "conv2d_avgpool_same_without_padding_counts",
+        (2, 5, 5, 2),
+        lambda: nn.Conv(3, (3, 3)),
+        lambda h: nn.avg_pool(h, (3, 3), strides=(2, 2), padding="SAME", count_include_pad=False).reshape(
+            (h.shape[0], -1)
+        ),
+    ),
 ]
 
 
@@ -90,16 +110,28 @@ def test_flax_linear_rules_exact(name, shape, conv, head, layout):
 
 HAIKU_CASES = [
     ("conv2d_same_gap", (2, 6, 6, 3), lambda h: jnp.mean(hk.Conv2D(4, 3)(h), axis=(1, 2))),
-    ("conv1d_valid_stride_dilated", (2, 11, 2),
-     lambda h: hk.Conv1D(3, 3, stride=2, rate=2, padding="VALID")(h).reshape((h.shape[0], -1))),
+    (
+        "conv1d_valid_stride_dilated",
+        (2, 11, 2),
+        lambda h: hk.Conv1D(3, 3, stride=2, rate=2, padding="VALID")(h).reshape((h.shape[0], -1)),
+    ),
     ("conv3d_same", (2, 4, 4, 4, 1), lambda h: jnp.sum(hk.Conv3D(3, 2)(h), axis=(1, 2, 3))),
-    ("conv2d_avgpool", (2, 6, 6, 2),
-     lambda h: hk.avg_pool(hk.Conv2D(3, 3)(h), (1, 2, 2, 1), (1, 2, 2, 1), "VALID").reshape((h.shape[0], -1))),
+    (
+        "conv2d_avgpool",
+        (2, 6, 6, 2),
+        lambda h: hk.avg_pool(hk.Conv2D(3, 3)(h), (1, 2, 2, 1), (1, 2, 2, 1), "VALID").reshape((h.shape[0], -1)),
+    ),
     # 'SAME' pooling divides each position by its own window count
-    ("conv2d_avgpool_same", (2, 5, 5, 2),
-     lambda h: hk.avg_pool(hk.Conv2D(3, 3)(h), (1, 3, 3, 1), (1, 2, 2, 1), "SAME").reshape((h.shape[0], -1))),
-    ("conv2d_avgpool_same_gap", (2, 5, 5, 2),
-     lambda h: jnp.mean(hk.avg_pool(hk.Conv2D(3, 3)(h), (1, 3, 3, 1), (1, 1, 1, 1), "SAME"), axis=(1, 2))),
+    (
+        "conv2d_avgpool_same",
+        (2, 5, 5, 2),
+        lambda h: hk.avg_pool(hk.Conv2D(3, 3)(h), (1, 3, 3, 1), (1, 2, 2, 1), "SAME").reshape((h.shape[0], -1)),
+    ),
+    (
+        "conv2d_avgpool_same_gap",
+        (2, 5, 5, 2),
+        lambda h: jnp.mean(hk.avg_pool(hk.Conv2D(3, 3)(h), (1, 3, 3, 1), (1, 1, 1, 1), "SAME"), axis=(1, 2)),
+    ),
 ]
 
 
