@@ -277,7 +277,12 @@ def _assert_entrywise(actual, ref, rtol, what):
     return float(err.max())
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Variants of elu and clip whose kernels tests/infinite/test_piecewise.py checks directly; each
+# would compile its own closed forms here again.
+_MODEL_CASES = [name for name in CASES if name not in ("selu", "where_elu_1.3", "clip")]
+
+
+@pytest.mark.parametrize("name", _MODEL_CASES)
 def test_one_hidden_layer_matches_reference(name):
     phi, fn, dfn, kinks = CASES[name]
     model, x = _model(phi)
