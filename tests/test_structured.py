@@ -541,7 +541,10 @@ def test_property_kernel_of_x_with_itself_is_symmetric_psd(n, seed):
     assert np.linalg.eigvalsh(flat).min() > -1e-8 * max(1.0, np.abs(flat).max())
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float64, TOL), (jnp.float32, dict(rtol=2e-5, atol=2e-5))])
+@pytest.mark.parametrize(
+    "dtype,tol",
+    [pytest.param(jnp.float64, TOL, marks=pytest.mark.float64), (jnp.float32, dict(rtol=2e-5, atol=2e-5))],
+)
 @pytest.mark.parametrize("trace_axes", [(-1,), ()])
 def test_jacobian_form_through_scaled_transposed_and_reshaped_weights(dtype, tol, trace_axes):
     """The Jacobian form contracts the Jacobian of the operand the equation sees; with the weight
