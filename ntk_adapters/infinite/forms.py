@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_adapters.infinite import programs as _programs
+
 __all__ = ["Form", "Term", "analyze", "find_kinks"]
 
 #: Limits that keep closed forms small; beyond them the function goes to quadrature.
@@ -354,18 +356,6 @@ _IDENTITY = {
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "remat", "checkpoint"}
 
 
-def _sub_jaxpr(eqn):
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        j = eqn.params.get(key)
-        if j is None:
-            continue
-        if hasattr(j, "jaxpr") and hasattr(j, "consts"):
-            return j.jaxpr, list(j.consts)
-        if hasattr(j, "eqns"):
-            return j, []
-    return None
-
-
 def _concrete_scalar(a):
     a = np.asarray(a)
     if a.size != 1:
@@ -421,7 +411,7 @@ def _symbolic_eqn(eqn, args):
             return [_concrete_scalar(o) for o in out]
         return _concrete_scalar(out)
     if name in _CALLS:
-        sub = _sub_jaxpr(eqn)
+        sub = _programs.sub_jaxpr(eqn)
         if sub is None:
             raise _NotInFamily(name)
         outs = _symbolic(sub[0], sub[1], args)
@@ -620,7 +610,7 @@ def _recording_eval(jaxpr, consts, args, record: list):
             record.append(ins[1] - ins[2])
         elif name == "div":
             record.append(jnp.asarray(ins[1], jnp.result_type(float)))
-        sub = _sub_jaxpr(e) if name in _CALLS or name == "custom_vjp_call" else None
+        sub = _programs.sub_jaxpr(e) if name in _CALLS or name == "custom_vjp_call" else None
         if sub is not None:
             outs = _recording_eval(sub[0], sub[1], ins, record)
             outs = outs if e.primitive.multiple_results else outs[0]

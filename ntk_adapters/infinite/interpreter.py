@@ -531,33 +531,12 @@ class Interpreter:
                 )
             k = _layers.flatten(k)
 
-        free = {v for e in group for v in e.invars if not _programs.is_literal(v) and v not in defined} - {inp_var}
-        consts = {v: env[v].value for v in free if isinstance(env.get(v), Concrete)}
-        module_call = ModuleCall(
-            module=call.module,
-            path=call.path,
-            params=_lookup(self.params, call.params_path) or {},
-            in_shape=tuple(inp_var.aval.shape[1:]),
-            out_shape=tuple(out_var.aval.shape[1:]),
-            in_dtype=inp_var.aval.dtype,
-            batch=int(inp_var.aval.shape[0]),
-            options=self.options,
-            eqns=tuple(group),
-            apply=_module_function(tuple(group), inp_var, out_var, consts),
-        )
-        new = rule.fn(k, module_call)
-        if not isinstance(new, Kernel):
-            raise call.error(f"its rule returned {type(new).__name__}, not a Kernel")
-        out_shape = module_call.out_shape
-        if new.layout != "none" and len(new.spatial) != len(out_shape) - 1:
-            raise call.error(
-                f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
-                f"per-example shape {out_shape}"
-            )
+        module_call = self._module_call(call, group, inp_var, out_var, env)
+        new = self._rule_result(call, rule.fn(k, module_call), module_call)
         lid = new_id()
         out = Value(
             kernel=new,
-            shape=out_shape,
+            shape=module_call.out_shape,
             base=lid,
             fresh=lid if rule.linear else None,
             deps=value.deps | ({lid} if rule.linear else frozenset()),
@@ -576,10 +555,24 @@ class Interpreter:
         rule = call.rule
         assert rule is not None  # only calls with a rule are grouped into modules
         ids = env[inp_var]
+        module_call = self._module_call(call, group, inp_var, out_var, env, ids=(ids.x1, ids.x2))
+        # register_rule documents kernel=None for integer_input rules; ModuleRule types the usual call.
+        new = self._rule_result(call, rule.fn(None, module_call), module_call)  # type: ignore[arg-type]
+        lid = new_id()
+        env[out_var] = Value(
+            kernel=new,
+            shape=module_call.out_shape,
+            base=lid,
+            fresh=lid if rule.linear else None,
+            deps=frozenset({lid}) if rule.linear else frozenset(),
+        )
+
+    def _module_call(self, call: RecordedCall, group, inp_var, out_var, env, **extra) -> ModuleCall:
+        """The frozen record a module rule receives for the equations ``group``."""
         defined = {v for e in group for v in e.outvars}
         free = {v for e in group for v in e.invars if not _programs.is_literal(v) and v not in defined} - {inp_var}
         consts = {v: env[v].value for v in free if isinstance(env.get(v), Concrete)}
-        module_call = ModuleCall(
+        return ModuleCall(
             module=call.module,
             path=call.path,
             params=_lookup(self.params, call.params_path) or {},
@@ -590,10 +583,12 @@ class Interpreter:
             options=self.options,
             eqns=tuple(group),
             apply=_module_function(tuple(group), inp_var, out_var, consts),
-            ids=(ids.x1, ids.x2),
+            **extra,
         )
-        # register_rule documents kernel=None for integer_input rules; ModuleRule types the usual call.
-        new = rule.fn(None, module_call)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _rule_result(call: RecordedCall, new: Any, module_call: ModuleCall) -> Kernel:
+        """The rule's kernel, checked against the module's output shape."""
         if not isinstance(new, Kernel):
             raise call.error(f"its rule returned {type(new).__name__}, not a Kernel")
         if new.layout != "none" and len(new.spatial) != len(module_call.out_shape) - 1:
@@ -601,15 +596,7 @@ class Interpreter:
                 f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
                 f"per-example shape {module_call.out_shape}"
             )
-        lid = new_id()
-        linear = rule.linear
-        env[out_var] = Value(
-            kernel=new,
-            shape=module_call.out_shape,
-            base=lid,
-            fresh=lid if linear else None,
-            deps=frozenset({lid}) if linear else frozenset(),
-        )
+        return new
 
 
 def _array_shift(eqn, invals) -> Optional[str]:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_adapters.infinite import forms as _forms
+from ntk_adapters.infinite import programs as _programs
 
 __all__ = ["PiecewiseForm", "analyze_piecewise"]
 
@@ -292,7 +293,7 @@ def _eqn(eqn, args):
             return [_forms._concrete_scalar(o) for o in out]
         return _forms._concrete_scalar(out)
     if name in _forms._CALLS:
-        sub = _forms._sub_jaxpr(eqn)
+        sub = _programs.sub_jaxpr(eqn)
         if sub is None:
             raise _Refused(name)
         outs = _interpret(sub[0], sub[1], args)
