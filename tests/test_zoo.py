@@ -65,12 +65,6 @@ REFUSALS = {
     ),
     "haiku_resnet18_train": ("res_net", MAX_POOL),
     "haiku_resnet18_eval": ("res_net", MAX_POOL),
-    "haiku_transformer_lm": (
-        "language_model",
-        r"at primitive add: adds a parameter array of shape \(1, 8, 8\) "
-        r"to an input-dependent value entry by entry \(a learned additive "
-        r"positional embedding",
-    ),
 }
 
 # Kernels are float32 (the examples' parameters): agreement to float32 round-off of the largest entry.
@@ -174,9 +168,13 @@ def test_infinite_width_kernel_or_a_refusal_naming_layer_and_operation(zoo):
     entry, model, x, _ = zoo
     if entry.name not in REFUSALS:
         assert entry.infinite_width == catalog.OK
-        k = ntk_adapters.infinite_kernel_fn(model)(x)
+        if entry.infinite_kwargs:
+            # Attention: refused by default, a kernel in the limit the entry names.
+            with pytest.raises(InfiniteWidthError, match="attention='infinite_heads'"):
+                ntk_adapters.infinite_kernel_fn(model)(x)
+        k = ntk_adapters.infinite_kernel_fn(model, **entry.infinite_kwargs)(x)
         n = entry.output_shape[0]
-        assert k.ntk.shape == (n, n) and np.all(np.isfinite(k.ntk)) and np.all(np.isfinite(k.nngp))
+        assert k.ntk.shape[:2] == (n, n) and np.all(np.isfinite(k.ntk)) and np.all(np.isfinite(k.nngp))
         return
     layer, operation = REFUSALS[entry.name]
     with pytest.raises(InfiniteWidthError) as err:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import haiku as hk
@@ -69,8 +69,10 @@ class ZooEntry:
         alone, so that per-example (vmapped) evaluation agrees with the batch call. False for
         BatchNorm in training mode, and for a fixed random draw shaped by the batch (dropout mask,
         VAE noise), which changes with the batch size and the example's position.
-      infinite_width: ``'✓'`` where an exact infinite-width kernel is expected, otherwise the
-        first layer, in forward order, expected to be refused; the notes name later ones.
+      infinite_width: ``'✓'`` where an infinite-width kernel is expected, otherwise the first
+        layer, in forward order, expected to be refused; the notes name later ones.
+      infinite_kwargs: keyword arguments of ``infinite_kernel_fn`` the kernel needs (the limit
+        attention layers take); without them the model is refused.
     """
 
     name: str
@@ -81,6 +83,7 @@ class ZooEntry:
     output_shape: tuple[int, ...] = ()
     batch_independent: bool = True
     infinite_width: str = OK
+    infinite_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _key(i: int) -> jax.Array:
@@ -470,13 +473,14 @@ ENTRIES: tuple[ZooEntry, ...] = (
         make=_make_haiku_transformer,
         notes="hk.transform(forward_pass): hk.dropout draws from hk.next_rng_key(), so apply needs an "
         "rng even at dropout rate 0. Token 0 is padding (masked in the causal attention). "
-        "Learned positional embeddings of shape (T, D). Infinite width: the hk.Embed lookup "
-        "of the integer tokens has a rule; the learned positional embeddings added next "
-        "(hk.get_parameter, whose initializer is not visible at the addition) are refused, and "
-        "hk.MultiHeadAttention after them would be (standard 1/sqrt(key_size) scaling with a "
-        "fixed number of heads has no Gaussian limit). x: (3, 8) int32 tokens in [0, 16).",
+        "Learned positional embeddings of shape (T, D). Infinite width: the hk.Embed lookup, the "
+        "learned positional embeddings (their initializer recorded by the adapter), LayerNorm, the "
+        "GELU MLP and the residual sums have exact rules; hk.MultiHeadAttention (standard "
+        "1/sqrt(key_size) scaling) has no Gaussian limit at a fixed number of heads and is refused by "
+        "default; with attention='infinite_heads' the heads go to infinity at key_size and the kernel "
+        "is estimated by sampling. x: (3, 8) int32 tokens in [0, 16).",
         output_shape=(3, HAIKU_LM_LENGTH, haiku_transformer_train.dataset.VOCAB_SIZE),
-        infinite_width="learned positional embeddings",
+        infinite_kwargs={"attention": "infinite_heads", "attention_samples": 256},
     ),
 )
 

@@ -36,6 +36,7 @@ _INITIALIZER_ARGS = {
     nnx.LayerNorm: ("scale_init", "bias_init"),
     nnx.BatchNorm: ("scale_init", "bias_init"),
     nnx.Embed: ("embedding_init",),
+    nnx.MultiHeadAttention: ("kernel_init", "out_kernel_init", "bias_init", "out_bias_init"),
 }
 
 
@@ -158,4 +159,12 @@ _rules.register_rule(nnx.LayerNorm, _linen_rules._layer_norm)
 _rules.register_rule(nnx.Dropout, _linen_rules._dropout)
 _rules.register_rule(nnx.BatchNorm, _linen_rules._batch_norm)
 _rules.register_rule(nnx.Embed, _linen_rules._embed, linear=True, integer_input=True)
-_rules.register_rule(nnx.MultiHeadAttention, _linen_rules._attention_rule, precheck=_linen_rules._attention_precheck)
+_rules.register_rule(
+    nnx.MultiHeadAttention,
+    _linen_rules._attention_rule,
+    precheck=_linen_rules._attention_precheck,
+    linear=True,
+    masks=True,
+    full_layout=True,
+    samples=True,
+)

@@ -259,12 +259,73 @@ def _attention_head_dim(module, params) -> "int | None":
     return head_dim
 
 
-def _attention_precheck(module, params):
-    return _attention.no_limit_reason(int(module.num_heads), _attention_head_dim(module, params))
+def _dot_product_attention_fns() -> tuple:
+    from flax import nnx  # the NNX function is a different object from linen's
+
+    return (nn.dot_product_attention, nnx.dot_product_attention)
+
+
+_DOT_PRODUCT_ATTENTION = _dot_product_attention_fns()
+
+
+def _attention_precheck(module, params, options):
+    if options.attention != "infinite_heads":
+        return _attention.no_limit_reason(int(module.num_heads), _attention_head_dim(module, params))
+    if getattr(module, "decode", False):
+        return "decode=True (autoregressive caching) has no infinite-width rule; use decode=False"
+    if getattr(module, "normalize_qk", False):
+        return "normalize_qk=True (LayerNorm on queries and keys) has no infinite-width rule"
+    if getattr(module, "attention_fn", nn.dot_product_attention) not in _DOT_PRODUCT_ATTENTION:
+        return "a custom attention_fn has no infinite-width rule (the limit is that of softmax dot-product attention)"
+    num_kv_heads = getattr(module, "num_kv_heads", None)
+    if num_kv_heads not in (None, module.num_heads):
+        return "grouped-query attention (num_kv_heads != num_heads) has no infinite-width rule"
+    if getattr(module, "dropout_rate", 0.0) and not getattr(module, "deterministic", False):
+        return (
+            "attention dropout outside deterministic mode has no infinite-width rule: pass "
+            "deterministic=True or dropout_rate=0"
+        )
+    return None
 
 
 def _attention_rule(k, call: ModuleCall) -> Kernel:
-    raise call.error(_attention_precheck(call.module, call.params))
+    m, p = call.module, call.params
+    if not all(name in p for name in ("query", "key", "value", "out")):
+        raise call.error(f"expected query, key, value and out projections; its parameters are {sorted(p)}")
+    fan_in, heads, head_dim = np.shape(p["query"]["kernel"])
+    value_dim = np.shape(p["value"]["kernel"])[-1]
+    kernel_init = m.kernel_init
+    bias_init = m.bias_init
+    out_kernel_init = getattr(m, "out_kernel_init", None) or kernel_init
+    out_bias_init = getattr(m, "out_bias_init", None) or bias_init
+
+    def projection(name, w_init, b_init):
+        w = np.shape(p[name]["kernel"])
+        fan = int(np.prod(w[:-1])) if name == "out" else int(w[0])
+        flat = (fan, int(np.prod(w)) // fan)  # DenseGeneral draws its kernel flattened to (fan_in, fan_out)
+        has_bias = "bias" in p[name]
+        b = call.bias_variance(b_init, np.shape(p[name]["bias"])) if has_bias else 0.0
+        return (call.weight_variance(w_init, flat, fan), b, has_bias)
+
+    weights = _attention.AttentionWeights(
+        query=projection("query", kernel_init, bias_init),
+        key=projection("key", kernel_init, bias_init),
+        value=projection("value", kernel_init, bias_init),
+        out=projection("out", out_kernel_init, out_bias_init),
+        fan_in=int(fan_in),
+        num_heads=int(heads),
+        head_dim=int(head_dim),
+        value_dim=int(value_dim),
+    )
+    return _attention.module_kernel(k, call, weights)
 
 
-_rules.register_rule(nn.MultiHeadDotProductAttention, _attention_rule, precheck=_attention_precheck)
+_rules.register_rule(
+    nn.MultiHeadDotProductAttention,
+    _attention_rule,
+    precheck=_attention_precheck,
+    linear=True,
+    masks=True,
+    full_layout=True,
+    samples=True,
+)

@@ -21,6 +21,28 @@ def _takes_rng(apply) -> bool:
         return True
 
 
+def _record_initializers(initialize, sample_x) -> dict:
+    """``{(module_name, name): init}`` for every parameter ``params[module_name][name]`` the function
+    creates, read by running its ``init`` abstractly (``jax.eval_shape``: nothing is computed) under a
+    parameter creator. Empty when that cannot be done (the creator API is Haiku's own)."""
+    try:
+        from haiku._src.base import custom_creator_unsafe
+    except ImportError:  # pragma: no cover - depends on Haiku's internals
+        return {}
+    found: dict = {}
+
+    def creator(next_creator, shape, dtype, init, context):
+        found[(context.module_name, context.name)] = init
+        return next_creator(shape, dtype, init)
+
+    try:
+        with custom_creator_unsafe(creator):
+            jax.eval_shape(initialize, jax.random.PRNGKey(0), sample_x)
+    except Exception:  # recording is best effort: the model works without it
+        return {}
+    return found
+
+
 def adapt(
     transformed: Union[hk.Transformed, hk.TransformedWithState],
     params: Optional[PyTree],
@@ -131,6 +153,7 @@ def adapt(
         "output": output,
         "with_state": with_state,
         "inputs": inputs,
+        "param_initializers": _record_initializers(initialize, sample_x),
     }
     try:
         return traced_model(

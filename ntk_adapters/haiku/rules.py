@@ -236,12 +236,46 @@ def _embed(k, call: ModuleCall) -> Kernel:
 _rules.register_rule(hk.Embed, _embed, linear=True, integer_input=True)
 
 
-def _attention_precheck(module, params):
-    return _attention.no_limit_reason(int(module.num_heads), int(module.key_size))
+def _attention_precheck(module, params, options):
+    if options.attention != "infinite_heads":
+        return _attention.no_limit_reason(int(module.num_heads), int(module.key_size))
+    return None
 
 
 def _attention_rule(k, call: ModuleCall) -> Kernel:
-    raise call.error(_attention_precheck(call.module, call.params))
+    m, p = call.module, call.params
+    if not all(name in p for name in ("query", "key", "value", "linear")):
+        raise call.error(f"expected query, key, value and linear projections; its parameters are {sorted(p)}")
+    w_init = m.w_init
+    b_init = m.b_init if m.b_init is not None else jnp.zeros
+
+    def projection(name):
+        w = np.shape(p[name]["w"])
+        init = w_init if w_init is not None else _default_w_init(w[:-1])
+        has_bias = "b" in p[name]
+        b = call.bias_variance(b_init, np.shape(p[name]["b"])) if has_bias else 0.0
+        return (call.weight_variance(init, w, w[0]), b, has_bias)
+
+    fan_in = int(np.shape(p["query"]["w"])[0])
+    weights = _attention.AttentionWeights(
+        query=projection("query"),
+        key=projection("key"),
+        value=projection("value"),
+        out=projection("linear"),
+        fan_in=fan_in,
+        num_heads=int(m.num_heads),
+        head_dim=int(m.key_size),
+        value_dim=int(m.value_size),
+    )
+    return _attention.module_kernel(k, call, weights)
 
 
-_rules.register_rule(hk.MultiHeadAttention, _attention_rule, precheck=_attention_precheck)
+_rules.register_rule(
+    hk.MultiHeadAttention,
+    _attention_rule,
+    precheck=_attention_precheck,
+    linear=True,
+    masks=True,
+    full_layout=True,
+    samples=True,
+)

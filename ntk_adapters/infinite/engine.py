@@ -45,7 +45,7 @@ Normalization: kernels are per output unit, ``(N1, N2)``; the kernel of all O ou
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping, Optional, Protocol, Union, cast
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,7 @@ from ntk_adapters.infinite import primitives as _primitives  # noqa: F401  (regi
 from ntk_adapters.infinite import programs as _programs
 from ntk_adapters.infinite import rules as _rules
 from ntk_adapters.infinite.interpreter import Interpreter, RecordedCall, parameter
+from ntk_adapters.infinite.kernel import Kernel
 from ntk_adapters.infinite.masks import InputConstant
 from ntk_adapters.infinite.rules import EngineOptions, InfiniteWidthError
 from ntk_adapters.infinite.values import Value, input_value, is_value
@@ -170,6 +171,9 @@ def infinite_kernel_fn(
     n_points: int = _ew.DEFAULT_QUADRATURE_POINTS,
     jit: bool = True,
     check_finite_values: bool = True,
+    attention: Literal["refuse", "infinite_heads"] = "refuse",
+    attention_samples: int = 1024,
+    seed: int = 0,
 ) -> InfiniteKernelFn:
     """Exact infinite-width NNGP and NTK of an unchanged Flax / Haiku model.
 
@@ -199,6 +203,18 @@ def infinite_kernel_fn(
       jit: return a jitted ``kernel_fn``.
       check_finite_values: raise ``ValueError`` on NaN/Inf in concrete inputs (skipped for
         tracers, e.g. under an outer ``jit``).
+      attention: the limit multi-head attention layers (``nn.MultiHeadDotProductAttention``,
+        ``nn.SelfAttention``, ``nnx.MultiHeadAttention``, ``hk.MultiHeadAttention``) take. At a
+        fixed number of heads none exists, so ``'refuse'`` (default) raises naming the layer;
+        ``'infinite_heads'`` takes the number of heads to infinity with the width at the layer's
+        own head dimension (:mod:`ntk_adapters.infinite.attention`): a Gaussian process whose
+        kernel is an expectation over one head's random logits, estimated from
+        ``attention_samples`` heads drawn from their exact Gaussian law. The kernel is then an
+        estimate (positive semi-definite, error ∝ ``1/sqrt(attention_samples)``), ``x1`` and
+        ``x2`` are evaluated together (one set of draws for every pair), and ``get`` may ask for
+        ``'nngp_stderr'`` / ``'ntk_stderr'``.
+      attention_samples: heads drawn per attention layer for ``attention='infinite_heads'``.
+      seed: the seed of those draws (the same seed gives the same kernel).
 
     Returns:
       ``kernel_fn(x1, x2=None, get=('nngp', 'ntk'))`` with ``x1`` an array ``(N1, *input_shape)``
@@ -208,8 +224,11 @@ def infinite_kernel_fn(
       kernel is ``(N1, N2)`` per output unit (``(N1, N2, *spatial)`` for a model with spatial
       outputs); the kernel over all O outputs
       is ``K ⊗ I_O`` (:func:`expand_outputs`). ``get`` may also name ``'cov1'``, ``'cov2'`` (the
-      per-input variances) or ``'kernel'`` (the whole :class:`Kernel`). ``get`` must be static
-      under an outer ``jit``.
+      per-input variances), ``'kernel'`` (the whole :class:`Kernel`) or, for a model whose
+      kernel is estimated by sampling (``attention='infinite_heads'``), ``'nngp_stderr'`` /
+      ``'ntk_stderr'``: standard errors of the NNGP / NTK entries from 8 independent batches of the
+      samples (batch means; this evaluates the model 8 more times; zero when nothing is sampled).
+      ``get`` must be static under an outer ``jit``.
 
     Raises:
       InfiniteWidthError: a layer or operation without exact rule (max pooling, attention,
@@ -231,6 +250,11 @@ def infinite_kernel_fn(
     model = as_model(model)
     if spatial_layout not in ("auto", "diagonal", "full"):
         raise ValueError(f"spatial_layout must be 'auto', 'diagonal' or 'full'; got {spatial_layout!r}")
+    if attention not in ("refuse", "infinite_heads"):
+        raise ValueError(f"attention must be 'refuse' or 'infinite_heads'; got {attention!r}")
+    if int(attention_samples) < _STDERR_BATCHES or int(attention_samples) != attention_samples:
+        raise ValueError(f"attention_samples must be an integer >= {_STDERR_BATCHES}; got {attention_samples!r}")
+    attention_samples = int(attention_samples)
     if model.params is None:
         raise ValueError("infinite_kernel_fn needs a Model with params (their shapes give the layer widths)")
     cache: dict = {}
@@ -240,20 +264,40 @@ def infinite_kernel_fn(
         if key not in cache:
             closed, calls = _trace(model, x_struct)
             layout = spatial_layout
+            ruled = [c.rule for c in calls if c.rule is not None]
             if layout == "auto":
-                layout = "full" if _needs_full(closed.jaxpr) else "diagonal"
-            cache[key] = (closed, calls, layout)
+                full = any(r.full_layout for r in ruled) or _needs_full(closed.jaxpr)
+                layout = "full" if full else "diagonal"
+            sampled = attention != "refuse" and any(r.samples for r in ruled)
+            cache[key] = (closed, calls, layout, sampled)
         return cache[key]
 
-    def compute(x1, x2):
-        closed, calls, layout = prepare(spec(x1))
+    def compute(x1, x2, key, n_samples):
+        sampled = prepare(spec(x1))[3]
+        if sampled and x2 is not None:
+            # One set of draws for all examples: x1 and x2 are evaluated as one batch.
+            n1 = jax.tree_util.tree_leaves(x1)[0].shape[0]
+            both = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), x1, x2)
+            return _split(compute(both, None, key, n_samples), n1)
+        closed, calls, layout, _ = prepare(spec(x1))
         leaves1, treedef = jax.tree_util.tree_flatten(x1)
         leaves2 = [None] * len(leaves1) if x2 is None else treedef.flatten_up_to(x2)
         names = [name for name, _ in leaves_with_names(x1, "x")]
-        options = EngineOptions(weight_variance, bias_variance, layout, n_points)
-        interp = Interpreter(calls, model.params, options, batch=leaves1[0].shape[0])
+        options = EngineOptions(
+            weight_variance,
+            bias_variance,
+            layout,
+            n_points,
+            attention=attention,
+            attention_samples=n_samples,
+            key=key if sampled else None,
+        )
+        interp = Interpreter(
+            calls, model.params, options, batch=leaves1[0].shape[0], initializers=model.info.get("param_initializers")
+        )
         inputs = [_input_leaf(a1, a2, layout, name) for a1, a2, name in zip(leaves1, leaves2, names)]
-        args = [parameter(p) for p in jax.tree_util.tree_leaves(model.params)] + inputs
+        params = jax.tree_util.tree_flatten_with_path(model.params)[0]
+        args = [parameter(p, _key_path(path)) for path, p in params] + inputs
         if len(closed.jaxpr.invars) != len(args):
             raise InfiniteWidthError("the traced model has an unexpected signature")
         consts = [c for c in closed.consts]
@@ -267,16 +311,17 @@ def infinite_kernel_fn(
         out = interp.context().materialize(out)
         return _layers.flatten(out.kernel) if out.flat else out.kernel
 
-    compute_jit = jax.jit(compute) if jit else compute
+    compute_jit = jax.jit(compute, static_argnums=3) if jit else compute
+    base_key = jax.random.PRNGKey(seed)
     example = _example_spec(model)
     if example is not None:
         # Interpret the model once now, so that a layer without a rule is reported here and not at
         # the first evaluation. The recorded dtypes matter: integer leaves must reach the model as
         # integers (an embedding refuses floats).
         jax.eval_shape(
-            compute,
+            lambda x, key: compute(x, None, key, attention_samples),
             jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((2,) + tuple(s.shape), s.dtype), example),
-            None,
+            base_key,
         )
 
     def kernel_fn(x1, x2=None, get=("nngp", "ntk")):
@@ -287,13 +332,59 @@ def infinite_kernel_fn(
         if check_finite_values:
             check_finite(x1, "x1")
             check_finite(x2, "x2")
-        k = compute_jit(x1, x2)
+        k = compute_jit(x1, x2, base_key, attention_samples)
         values = {"nngp": k.nngp, "ntk": k.ntk, "cov1": k.cov1, "cov2": k.cov2, "kernel": k}
-        return pack(get, values, allowed=("nngp", "ntk", "cov1", "cov2", "kernel"))
+        names = (get,) if isinstance(get, str) else tuple(get)
+        if "nngp_stderr" in names or "ntk_stderr" in names:
+            values["nngp_stderr"], values["ntk_stderr"] = _standard_errors(
+                compute_jit, x1, x2, base_key, attention_samples, sampled=prepare(spec(x1))[3]
+            )
+        allowed = ("nngp", "ntk", "cov1", "cov2", "kernel", "nngp_stderr", "ntk_stderr")
+        return pack(get, values, allowed=allowed)
 
     typed = cast(InfiniteKernelFn, kernel_fn)
     typed.model = model
     return typed
+
+
+#: Independent batches of the samples behind the standard errors of a sampled kernel.
+_STDERR_BATCHES = 8
+
+
+def _split(k: Kernel, n1: int) -> Kernel:
+    """The ``(x1, x2)`` blocks of the kernel of the joint batch ``x1 ++ x2`` (``n1`` rows of ``x1``)."""
+    return k.replace(
+        nngp=k.nngp[:n1, n1:],
+        ntk=None if k.ntk is None else k.ntk[:n1, n1:],
+        cov1=k.cov1[:n1],
+        cov2=k.cov2[n1:],
+        same_inputs=False,
+    )
+
+
+def _standard_errors(compute, x1, x2, key, n_samples: int, *, sampled: bool):
+    """Standard errors of the NNGP and NTK entries of a sampled kernel, by batch means: the kernel from
+    each of ``_STDERR_BATCHES`` independent batches of ``n_samples / _STDERR_BATCHES`` draws; the spread
+    of their mean estimates that of the kernel from ``n_samples`` draws."""
+    if not sampled:
+        k = compute(x1, x2, key, n_samples)
+        return jnp.zeros_like(k.nngp), None if k.ntk is None else jnp.zeros_like(k.ntk)
+    keys = jax.random.split(jax.random.fold_in(key, 1), _STDERR_BATCHES)
+    batches = [compute(x1, x2, kb, n_samples // _STDERR_BATCHES) for kb in keys]
+
+    def stderr(field):
+        if getattr(batches[0], field) is None:
+            return None
+        stacked = jnp.stack([getattr(b, field) for b in batches])
+        return jnp.std(stacked, axis=0, ddof=1) / np.sqrt(_STDERR_BATCHES)
+
+    return stderr("nngp"), stderr("ntk")
+
+
+def _key_path(path) -> tuple:
+    """A pytree key path as plain keys: ``(DictKey('language_model'), DictKey('pos'))`` →
+    ``('language_model', 'pos')``."""
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
 
 
 def _example_spec(model: Model):

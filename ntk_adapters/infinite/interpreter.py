@@ -27,23 +27,21 @@ The interpreter holds no kernel mathematics: that is in the rules and in
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ntk_adapters.infinite import embeddings as _embeddings
-from ntk_adapters.infinite import layers as _layers
+from ntk_adapters.infinite import learned_arrays as _learned
 from ntk_adapters.infinite import masks as _masks
 from ntk_adapters.infinite import primitives as _primitives
 from ntk_adapters.infinite import programs as _programs
 from ntk_adapters.infinite import rules as _rules
-from ntk_adapters.infinite.kernel import Kernel
 from ntk_adapters.infinite.masks import InputConstant
-from ntk_adapters.infinite.rules import EngineOptions, InfiniteWidthError, ModuleCall, PrimitiveContext
-from ntk_adapters.infinite.values import Concrete, Value, input_value, is_value, new_id
+from ntk_adapters.infinite.module_calls import ModuleCalls, RecordedCall
+from ntk_adapters.infinite.rules import EngineOptions, InfiniteWidthError, PrimitiveContext
+from ntk_adapters.infinite.values import Concrete, Parameter, Value, input_value, is_value, parameter
 
 __all__ = ["Interpreter", "RecordedCall", "parameter"]
 
@@ -51,54 +49,8 @@ __all__ = ["Interpreter", "RecordedCall", "parameter"]
 _PROMOTING_CONTRACTIONS = {"dot_general", "conv_general_dilated"}
 
 
-@dataclasses.dataclass(frozen=True)
-class RecordedCall:
-    """One module call recorded while tracing, in the order of the traced program.
-
-    Attributes:
-      index: its position among the recorded calls (the ``jax.named_scope`` tag it ran under).
-      module: the module object.
-      path: its path in the model, for messages and the user's variance overrides.
-      params_path: keys of its parameters in the model's params tree.
-      rule: its registered rule, or ``None``.
-    """
-
-    index: int
-    module: Any
-    path: str
-    params_path: tuple
-    rule: Optional[_rules.RegisteredModuleRule]
-
-    def error(self, message: str) -> InfiniteWidthError:
-        """An :class:`InfiniteWidthError` naming this layer, to raise."""
-        return _rules.layer_error(self.path, self.module, message)
-
-
-def _lookup(tree, path):
-    node = tree
-    for key in path:
-        try:
-            node = node[key]
-        except (KeyError, TypeError, IndexError):
-            return None
-    return node
-
-
 def _concrete(value) -> Concrete:
     return Concrete(value, value if np.ndim(value) == 0 else None)
-
-
-def parameter(value) -> Concrete:
-    """A parameter of the model, as the interpreter starts from it."""
-    return _Parameter(value, value if np.ndim(value) == 0 else None)
-
-
-class _Parameter(Concrete):
-    """A concrete value computed from the model's parameters.
-
-    At infinite width the parameters of the layers are random, so a parameter is not a constant
-    of the input: an input constant that meets one (an embedding table indexed by token ids) is
-    no longer a constant of the input."""
 
 
 #: Why an operation met outside every layer with a rule has no rule, where that is known.
@@ -120,7 +72,7 @@ _RESIDUAL = (
 )
 
 
-class Interpreter:
+class Interpreter(ModuleCalls):
     """Interprets traced programs of one model evaluation over kernel values.
 
     Args:
@@ -128,13 +80,20 @@ class Interpreter:
       params: the model's params tree (the modules' parameters are read from it).
       options: the engine's options.
       batch: the batch size of the traced program.
+      initializers: the initializers of the parameters recorded by the adapter, by key path in the
+        params tree (``model.info['param_initializers']``), or ``None``.
     """
 
-    def __init__(self, calls: list[RecordedCall], params, options: EngineOptions, batch: int):
+    def __init__(
+        self, calls: list[RecordedCall], params, options: EngineOptions, batch: int, initializers: Optional[dict] = None
+    ):
         self.calls = calls
         self.params = params
         self.options = options
         self.batch = batch
+        # Parameter arrays added to values (learned positional embeddings), with the initializers
+        # recorded by the adapter.
+        self.learned = _learned.LearnedArrays(params, initializers)
         # Call equations (jit, custom_jvp, ...) whose programs are being interpreted, outermost
         # first: the equations inside carry name stacks relative to them.
         self.outer: list = []
@@ -174,7 +133,7 @@ class Interpreter:
     def integer_error(self, eqn, v: InputConstant, invals=None) -> InfiniteWidthError:
         """The refusal of an equation that uses integer inputs other than as a constant of the input."""
         at = f"{v.describe()} reaches {self.layer(eqn)} at {_programs.operation(self.outer, eqn)}"
-        if eqn.primitive.name == "gather" and invals and isinstance(invals[0], _Parameter):
+        if eqn.primitive.name == "gather" and invals and isinstance(invals[0], Parameter):
             why = (
                 "an embedding lookup (a parameter table indexed by integer ids) outside every embedding layer "
                 "with a rule: nn.Embed, nnx.Embed and hk.Embed have one, and a custom embedding module can be "
@@ -238,7 +197,8 @@ class Interpreter:
                 _input_dependent(env[v]) for e in group for v in e.invars if not _programs.is_literal(v) and v in env
             ):
                 replaced: dict = {}
-                group = self.convert_module_inputs(group, env, replaced)
+                if call.rule is None or not call.rule.masks:
+                    group = self.convert_module_inputs(group, env, replaced)
                 self.run_module(call, group, eqns[j:], outvars, env)
                 # The module saw its input constants as features; everything after it still sees
                 # them as constants of the input (a mask may also scale a value later).
@@ -294,6 +254,8 @@ class Interpreter:
         ctx = self.context()
         shift = _array_shift(eqn, invals)
         if shift is not None:
+            if any(isinstance(v, Parameter) for v in invals):
+                return self.learned.add(eqn, invals, ctx)
             raise ctx.error(eqn, shift)
         if rule is None:
             raise ctx.error(eqn, self.no_rule_reason(eqn, invals))
@@ -388,7 +350,8 @@ class Interpreter:
             outs = _programs.bind(eqn, [v.value for v in invals])
         if not eqn.primitive.multiple_results:
             outs = [outs]
-        kind = _Parameter if any(isinstance(v, _Parameter) for v in invals) else Concrete
+        kind = Parameter if any(isinstance(v, Parameter) for v in invals) else Concrete
+        path, tiled = _carried_path(eqn, invals, outs)
         result = []
         for o in outs:
             scalar = None
@@ -402,7 +365,7 @@ class Interpreter:
                 scalar = invals[0].scalar
                 if eqn.primitive.name == "convert_element_type":
                     scalar = o.reshape(-1)[0] if np.size(o) else None
-            result.append(kind(o, scalar))
+            result.append(Parameter(o, scalar, path=path, tiled=tiled) if kind is Parameter else kind(o, scalar))
         return result
 
     # -- constants of the input (integer leaves, masks) ----------------------------------------
@@ -426,7 +389,7 @@ class Interpreter:
         constants meeting anything else are input features; integers are refused."""
         if eqn.primitive.name in _programs.CALL_PRIMITIVES:
             return self.call_program(eqn, invals)
-        if not any(isinstance(v, _Parameter) for v in invals):
+        if not any(isinstance(v, Parameter) for v in invals):
             outs = _masks.evaluate(eqn, invals, self.batch)
             if outs is not None:
                 return outs
@@ -437,166 +400,11 @@ class Interpreter:
         its program; float input constants meeting anything else are input features."""
         if eqn.primitive.name in _programs.CALL_PRIMITIVES:
             return self.call_program(eqn, invals)
-        if not any(isinstance(v, _Parameter) for v in invals):
+        if not any(isinstance(v, Parameter) for v in invals):
             outs = _masks.mask_rule(eqn, invals, self.context())
             if outs is not None:
                 return outs
         return self.dispatch(eqn, self.as_features(eqn, invals))
-
-    def convert_module_inputs(self, group, env, replaced: dict) -> list:
-        """Input constants that a module with a rule uses only as numbers become input features
-        before its rule runs: floats as they are, integers where Flax's Dense converts them to floats
-        first or Haiku's Linear contracts them with its float weights directly (``jnp.dot`` promotes
-        inside ``dot_general``). Returns the module's equations without the conversions already run;
-        ``replaced`` receives the entries of ``env`` replaced by features, to restore afterwards."""
-        done = set()
-        for var in {v for e in group for v in e.invars if not _programs.is_literal(v)}:
-            leaf = env.get(var)
-            if not isinstance(leaf, InputConstant):
-                continue
-            if leaf.is_float:
-                replaced[var] = leaf
-                env[var] = self.feature(leaf)
-                continue
-            uses = [e for e in group if var in e.invars]
-            converts = [
-                e
-                for e in uses
-                if e.primitive.name == "convert_element_type" and jnp.issubdtype(e.params["new_dtype"], jnp.floating)
-            ]
-            promoting = [
-                e
-                for e in uses
-                if e.primitive.name in _PROMOTING_CONTRACTIONS and jnp.issubdtype(e.outvars[0].aval.dtype, jnp.floating)
-            ]
-            if len(converts) + len(promoting) != len(uses):
-                continue  # another use: run_module names it
-            for e in converts:
-                new = e.params["new_dtype"]
-                env[e.outvars[0]] = self.feature(_as_dtype(leaf, new))
-                done.add(id(e))
-            if promoting:
-                replaced[var] = leaf
-                env[var] = self.feature(_as_dtype(leaf, promoting[0].outvars[0].aval.dtype))
-        return [e for e in group if id(e) not in done]
-
-    # -- modules -------------------------------------------------------------------------------
-
-    def run_module(self, call: RecordedCall, group, rest, outvars, env) -> None:
-        """Replace the equations ``group`` of one module call by its rule."""
-        rule = call.rule
-        assert rule is not None  # only calls with a rule are grouped into modules
-        if rule.precheck is not None:
-            reason = rule.precheck(call.module, _lookup(self.params, call.params_path) or {})
-            if reason:
-                raise call.error(reason)
-        defined = {v for e in group for v in e.outvars}
-        inputs = []
-        for e in group:
-            for v in e.invars:
-                if _programs.is_literal(v) or v in defined or v not in env:
-                    continue
-                if _input_dependent(env[v]) and v not in inputs:
-                    inputs.append(v)
-        used_later = {v for e in rest for v in e.invars if not _programs.is_literal(v)} | {
-            v for v in outvars if not _programs.is_literal(v)
-        }
-        outs = [v for e in group for v in e.outvars if v in used_later]
-        if (
-            rule.integer_input
-            and len(inputs) == 1
-            and len(outs) == 1
-            and isinstance(env[inputs[0]], InputConstant)
-            and not env[inputs[0]].is_float
-        ):
-            self.run_integer_module(call, group, inputs[0], outs[0], env)
-            return
-        for v in inputs:
-            if isinstance(env[v], InputConstant):
-                first = next(e for e in group if v in e.invars)
-                raise self.integer_error(first, env[v])
-        if len(inputs) != 1 or len(outs) != 1:
-            raise call.error(
-                f"the rule expects one input-dependent input and one output; the module has "
-                f"{len(inputs)} and {len(outs)}"
-            )
-        inp_var, out_var = inputs[0], outs[0]
-        value = self.context().materialize(env[inp_var])
-        k = value.kernel
-        if value.flat:
-            if rule.flat != "average":
-                raise call.error(
-                    "its input is a flattened spatial value; register the rule with "
-                    "flat='average' if the module is a linear layer with i.i.d. weights"
-                )
-            k = _layers.flatten(k)
-
-        module_call = self._module_call(call, group, inp_var, out_var, env)
-        new = self._rule_result(call, rule.fn(k, module_call), module_call)
-        lid = new_id()
-        out = Value(
-            kernel=new,
-            shape=module_call.out_shape,
-            base=lid,
-            fresh=lid if rule.linear else None,
-            deps=value.deps | ({lid} if rule.linear else frozenset()),
-        )
-        if not new.is_gaussian:
-            self._origins[id(out)] = (
-                out,
-                "module",
-                f"the output of layer `{call.path}` ({_rules.module_type_name(call.module)})",
-            )
-        env[out_var] = out
-
-    def run_integer_module(self, call: RecordedCall, group, inp_var, out_var, env) -> None:
-        """A module whose rule takes integer inputs (an embedding) applied to an integer input constant:
-        the rule receives ``kernel=None`` and the ids in ``call.ids``."""
-        rule = call.rule
-        assert rule is not None  # only calls with a rule are grouped into modules
-        ids = env[inp_var]
-        module_call = self._module_call(call, group, inp_var, out_var, env, ids=(ids.x1, ids.x2))
-        # register_rule documents kernel=None for integer_input rules; ModuleRule types the usual call.
-        new = self._rule_result(call, rule.fn(None, module_call), module_call)  # type: ignore[arg-type]
-        lid = new_id()
-        env[out_var] = Value(
-            kernel=new,
-            shape=module_call.out_shape,
-            base=lid,
-            fresh=lid if rule.linear else None,
-            deps=frozenset({lid}) if rule.linear else frozenset(),
-        )
-
-    def _module_call(self, call: RecordedCall, group, inp_var, out_var, env, **extra) -> ModuleCall:
-        """The frozen record a module rule receives for the equations ``group``."""
-        defined = {v for e in group for v in e.outvars}
-        free = {v for e in group for v in e.invars if not _programs.is_literal(v) and v not in defined} - {inp_var}
-        consts = {v: env[v].value for v in free if isinstance(env.get(v), Concrete)}
-        return ModuleCall(
-            module=call.module,
-            path=call.path,
-            params=_lookup(self.params, call.params_path) or {},
-            in_shape=tuple(inp_var.aval.shape[1:]),
-            out_shape=tuple(out_var.aval.shape[1:]),
-            in_dtype=inp_var.aval.dtype,
-            batch=int(inp_var.aval.shape[0]),
-            options=self.options,
-            eqns=tuple(group),
-            apply=_module_function(tuple(group), inp_var, out_var, consts),
-            **extra,
-        )
-
-    @staticmethod
-    def _rule_result(call: RecordedCall, new: Any, module_call: ModuleCall) -> Kernel:
-        """The rule's kernel, checked against the module's output shape."""
-        if not isinstance(new, Kernel):
-            raise call.error(f"its rule returned {type(new).__name__}, not a Kernel")
-        if new.layout != "none" and len(new.spatial) != len(module_call.out_shape) - 1:
-            raise call.error(
-                f"its rule returned a kernel with spatial shape {new.spatial} for an output of "
-                f"per-example shape {module_call.out_shape}"
-            )
-        return new
 
 
 def _array_shift(eqn, invals) -> Optional[str]:
@@ -607,7 +415,22 @@ def _array_shift(eqn, invals) -> Optional[str]:
     (c,) = [v for v in invals if isinstance(v, Concrete)]
     if c.scalar is not None or np.size(c.value) == 1:
         return None
-    return _embeddings.added_array_reason(np.shape(c.value), learned=isinstance(c, _Parameter))
+    return _embeddings.added_array_reason(np.shape(c.value), learned=isinstance(c, Parameter))
+
+
+def _carried_path(eqn, invals, outs) -> tuple:
+    """``(path, tiled)`` of the output of a shape-only operation on one parameter leaf (the other
+    operands literals), else ``(None, False)``."""
+    name = eqn.primitive.name
+    if name not in _learned.SHAPE_OPS or len(outs) != 1:
+        return None, False
+    first = invals[0] if invals else None
+    if not isinstance(first, Parameter) or first.path is None:
+        return None, False
+    if not all(_programs.is_literal(v) for v in eqn.invars[1:]):
+        return None, False
+    tiled = _learned.carry(name, eqn.params, np.shape(first.value), np.shape(outs[0]), first.tiled)
+    return (None, False) if tiled is None else (first.path, tiled)
 
 
 def live_outputs(jaxpr, used_outputs) -> list[bool]:
@@ -622,33 +445,3 @@ def _input_dependent(v) -> bool:
 def _gaussian(v: Value) -> bool:
     """Whether a value is a zero-mean Gaussian process itself (not a pending function of one)."""
     return v.phi is None and v.kernel.is_gaussian
-
-
-def _as_dtype(c: InputConstant, dtype) -> InputConstant:
-    return dataclasses.replace(c, x1=c.x1.astype(dtype), x2=None if c.x2 is None else c.x2.astype(dtype), leaf=False)
-
-
-def _module_function(group: tuple, inp_var, out_var, consts: dict):
-    """``x -> y``: a module's equations evaluated eagerly on a concrete input, with the concrete
-    values (parameters, constants) they read."""
-
-    def apply(x):
-        local = {inp_var: x}
-
-        def read(v):
-            if _programs.is_literal(v):
-                return v.val
-            if v in local:
-                return local[v]
-            return consts[v]
-
-        with jax.ensure_compile_time_eval():
-            for e in group:
-                o = _programs.bind(e, [read(v) for v in e.invars])
-                if not e.primitive.multiple_results:
-                    o = [o]
-                for v, oo in zip(e.outvars, o):
-                    local[v] = oo
-        return local[out_var]
-
-    return apply

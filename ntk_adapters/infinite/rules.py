@@ -16,7 +16,8 @@ model of that framework; the primitive rules live in :mod:`ntk_adapters.infinite
   ``use_bias``, ...), ``call.path`` its path in the model (``'Dense_0'``, ``'mlp/~/linear_0'``),
   ``call.params`` its parameters (a dict of arrays, so ``call.params['kernel'].shape`` gives the
   weight shape), ``call.in_shape`` / ``call.out_shape`` the per-example shapes, ``call.options``
-  the engine's options, and the questions a rule may ask:
+  the engine's options, ``call.masks`` the masks it receives and ``call.key`` a PRNG key of
+  its own (rules registered with ``masks=True`` / ``samples=True``), and the questions a rule may ask:
   ``call.weight_variance(init, shape, fan_in)`` / ``call.bias_variance(init, shape)`` the exact
   ``σw²`` / ``σb²`` of an initializer (honouring the user's ``weight_variance=`` /
   ``bias_variance=`` overrides), ``call.initial_value(init, shape, what)`` the value of a
@@ -33,8 +34,11 @@ model of that framework; the primitive rules live in :mod:`ntk_adapters.infinite
   position average (right for Dense-like layers with i.i.d. weights), the default ``'error'``
   refuses it; ``integer_input=True`` lets the module receive integer inputs (an embedding's token
   ids): its rule is called with ``kernel=None`` and reads them from ``call.ids``;
-  ``precheck(module, params)`` returns the reason a configuration is refused (or ``None``) before
-  the module's inputs are examined, so the refusal is the same whatever inputs it has.
+  ``masks=True`` lets it receive masks computed from integer inputs besides its input
+  (``call.masks``); ``full_layout=True`` asks for covariances between positions;
+  ``precheck(module, params, options)`` returns the reason a configuration is refused (or
+  ``None``) before the module's inputs are examined, so the refusal is the same whatever inputs
+  it has.
 
 * **Primitive rules** (:func:`register_primitive_rule`): for a JAX primitive met between modules,
   of the :class:`PrimitiveRule` signature::
@@ -85,6 +89,7 @@ __all__ = [
     "InfiniteWidthError",
     "ModuleCall",
     "ModuleRule",
+    "Precheck",
     "PrimitiveContext",
     "PrimitiveRule",
     "RegisteredModuleRule",
@@ -97,6 +102,7 @@ __all__ = [
     "register_framework",
     "register_primitive_rule",
     "register_rule",
+    "variance_override",
 ]
 
 
@@ -114,12 +120,34 @@ class EngineOptions:
       bias_variance: the same for ``σb²``.
       layout: the spatial layout of this evaluation, ``'diagonal'`` or ``'full'``.
       n_points: Gauss–Hermite nodes per dimension for elementwise functions without a closed form.
+      attention: which limit multi-head attention layers take: ``'refuse'`` (none exists at a
+        fixed number of heads) or ``'infinite_heads'`` (:mod:`~ntk_adapters.infinite.attention`).
+      attention_samples: heads drawn per attention layer for ``'infinite_heads'``.
+      key: the PRNG key of this evaluation, for rules that estimate by sampling (``None`` when
+        nothing is sampled); each call gets its own in :attr:`ModuleCall.key`.
     """
 
     weight_variance: Union[None, float, Mapping[str, float]]
     bias_variance: Union[None, float, Mapping[str, float]]
     layout: str
     n_points: int
+    attention: str = "refuse"
+    attention_samples: int = 1024
+    key: Any = None
+
+
+def variance_override(table: Union[None, float, Mapping[str, float]], path: str) -> Optional[float]:
+    """The user's ``weight_variance`` / ``bias_variance`` override for ``path``: the float itself, or the
+    entry of the dict for ``path`` or its last component (``'mlp/~/linear_0'``, ``'linear_0'``), else
+    ``None``."""
+    if table is None:
+        return None
+    if isinstance(table, (int, float)):
+        return float(table)
+    for key in (path, path.split("/")[-1]):
+        if key in table:
+            return float(table[key])
+    return None
 
 
 def module_type_name(module: Any) -> str:
@@ -154,6 +182,12 @@ class ModuleCall:
       ids: for a rule registered with ``integer_input=True`` whose module receives integer inputs
         (token ids), ``(ids1, ids2)``: the ids of the ``x1`` examples ``(N1, *in_shape)`` and of the
         ``x2`` examples (``None`` when ``x2`` is ``x1``); the rule then receives ``kernel=None``.
+      masks: for a rule registered with ``masks=True``, the constants of the input (padding and
+        causal masks computed from integer inputs) the module receives besides its input, in the
+        order the module first uses them: ``(m1, m2)`` pairs, ``(N1, ...)`` and ``(N2, ...)``
+        (``m2`` ``None`` when ``x2`` is ``x1``).
+      key: a PRNG key of this call (``None`` when the evaluation samples nothing), for rules that
+        estimate an expectation by sampling.
     """
 
     module: Any
@@ -167,6 +201,8 @@ class ModuleCall:
     eqns: tuple = dataclasses.field(default=(), repr=False)
     apply: Optional[Callable[[jax.Array], jax.Array]] = dataclasses.field(default=None, repr=False)
     ids: Optional[tuple] = dataclasses.field(default=None, repr=False)
+    masks: tuple = dataclasses.field(default=(), repr=False)
+    key: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def type_name(self) -> str:
@@ -174,14 +210,7 @@ class ModuleCall:
         return module_type_name(self.module)
 
     def _override(self, table) -> Optional[float]:
-        if table is None:
-            return None
-        if isinstance(table, (int, float)):
-            return float(table)
-        for key in (self.path, self.path.split("/")[-1]):
-            if key in table:
-                return float(table[key])
-        return None
+        return variance_override(table, self.path)
 
     def weight_variance(self, init: Any, shape: Sequence[int], fan_in: int) -> float:
         """``σw² = fan_in · Var(W)`` of the initializer ``init`` of a weight of ``shape``, or the user's
@@ -369,7 +398,17 @@ class RegisteredModuleRule:
     linear: bool = False
     flat: str = "error"
     integer_input: bool = False
-    precheck: Optional[Callable[[Any, Mapping[str, Any]], Optional[str]]] = None
+    precheck: Optional["Precheck"] = None
+    masks: bool = False
+    full_layout: bool = False
+    samples: bool = False
+
+
+class Precheck(Protocol):
+    """``precheck(module, params, options) -> reason or None``: why a configuration is refused, decided
+    before the module's inputs are examined."""
+
+    def __call__(self, module: Any, params: Mapping[str, Any], options: EngineOptions, /) -> Optional[str]: ...
 
 
 _MODULE_RULES: dict[Any, RegisteredModuleRule] = {}
@@ -452,7 +491,10 @@ def register_rule(
     linear: bool = False,
     flat: str = "error",
     integer_input: bool = False,
-    precheck: Optional[Callable[[Any, Mapping[str, Any]], Optional[str]]] = None,
+    precheck: Optional[Precheck] = None,
+    masks: bool = False,
+    full_layout: bool = False,
+    samples: bool = False,
 ) -> None:
     """Register the infinite-width rule of a module type (see the module docstring).
 
@@ -464,9 +506,17 @@ def register_rule(
         ``'error'`` (default) to refuse it.
       integer_input: the module may receive integer inputs (an embedding's token ids); its rule is
         then called with ``kernel=None`` and reads the ids from ``call.ids``.
-      precheck: ``precheck(module, params) -> reason or None``, run before the module's inputs are
-        examined (it may have several, or masks): a reason refuses the layer with it (a
-        configuration without an infinite-width limit, such as attention with a fixed number of heads).
+      precheck: ``precheck(module, params, options) -> reason or None`` (:class:`Precheck`), run
+        before the module's inputs are examined: a reason refuses the layer with it (a
+        configuration without an infinite-width limit, such as attention with a fixed number of
+        heads unless ``options.attention`` says which limit to take).
+      masks: the module may receive constants of the input (masks computed from integer inputs)
+        besides its one input-dependent input; they reach the rule as ``call.masks``.
+      full_layout: the rule needs covariances between positions; ``spatial_layout='auto'`` then
+        chooses ``'full'`` for models containing the module.
+      samples: the rule may estimate expectations by sampling with ``call.key`` (when the engine's
+        options ask for such a limit): the engine then evaluates ``x1`` and ``x2`` jointly, so that
+        one set of draws serves every pair of examples, and reports standard errors.
 
     Example::
 
@@ -475,7 +525,14 @@ def register_rule(
     if flat not in ("average", "error"):
         raise ValueError(f"flat must be 'average' or 'error'; got {flat!r}")
     _MODULE_RULES[module_type] = RegisteredModuleRule(
-        rule, linear=linear, flat=flat, integer_input=bool(integer_input), precheck=precheck
+        rule,
+        linear=linear,
+        flat=flat,
+        integer_input=bool(integer_input),
+        precheck=precheck,
+        masks=bool(masks),
+        full_layout=bool(full_layout),
+        samples=bool(samples),
     )
 
 

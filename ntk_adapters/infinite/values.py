@@ -18,6 +18,7 @@ import itertools
 from typing import Any, Callable, Optional, Union
 
 import jax
+import numpy as np
 
 from ntk_adapters.infinite import elementwise as _ew
 from ntk_adapters.infinite import layers as _layers
@@ -27,6 +28,7 @@ __all__ = [
     "Concrete",
     "IntegerInput",
     "Interpreted",
+    "Parameter",
     "Phi",
     "Value",
     "apply_phi",
@@ -34,6 +36,7 @@ __all__ = [
     "input_value",
     "is_value",
     "new_id",
+    "parameter",
 ]
 
 _ids = itertools.count(1)
@@ -120,6 +123,28 @@ class IntegerInput:
     @property
     def dtype(self):
         return self.x1.dtype
+
+
+def parameter(value, path: Optional[tuple] = None) -> Concrete:
+    """A parameter of the model, as the interpreter starts from it; ``path`` is its key path in the
+    params tree (``('language_model', 'positional_embeddings')``)."""
+    return Parameter(value, value if np.ndim(value) == 0 else None, path=path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter(Concrete):
+    """A concrete value computed from the model's parameters.
+
+    At infinite width the parameters of the layers are random, so a parameter is not a constant
+    of the input: an input constant that meets one (an embedding table indexed by token ids) is
+    no longer a constant of the input.
+
+    ``path``: the key path of the parameter leaf this is, through shape-only operations
+    (:func:`~ntk_adapters.infinite.learned_arrays.carry`), else ``None``; ``tiled``: every slice
+    along the leading axis is that leaf (a batch axis broadcast)."""
+
+    path: Optional[tuple] = None
+    tiled: bool = False
 
 
 #: What a variable of the traced program holds during interpretation.
