@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite.kernel import Kernel
 
-__all__ = ["AttentionWeights", "infinite_heads", "no_limit_reason"]
+__all__ = ["AttentionWeights", "infinite_heads", "module_kernel", "no_limit_reason"]
 
 
 def no_limit_reason(num_heads: int, head_dim: Optional[int]) -> str:

@@ -95,7 +95,7 @@ Gaussian process and a second nonlinearity cannot be applied to it before anothe
    accuracy ``rtol`` (default 1e-6) on representative covariances: 2-D Gauss–Hermite
    (``E[f(u) f(v)] ≈ Σ_ij w_i w_j f(σ1 z_i) f(σ2 (ρ z_i + sqrt(1 − ρ²) z_j))``) with 32 or 64 nodes
    for smooth functions, else Gauss–Legendre panels split at the function's kinks
-   (:func:`~ntk_adapters.infinite.forms.find_kinks`, :func:`_piecewise_quadrature`), and a
+   (:func:`~ntk_adapters.infinite.kinks.find_kinks`, :func:`_piecewise_quadrature`), and a
    :class:`QuadratureWarning` naming the layer when neither reaches ``rtol`` (jumps on a lattice,
    more than 16 kinks). Measured errors (same reference, scale and covariances as above):
    ``tanh`` 8e-11, tanh-GELU 4e-11, ``x·sigmoid(1.702 x)`` 4e-12.
@@ -125,7 +125,6 @@ written with ``jnp.where`` guards so that no NaN appears there, under ``jit`` to
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Optional, Union
 
@@ -137,6 +136,7 @@ from ntk_adapters.infinite.bivariate import _angle, _arcsin, _corr, _safe_sqrt  
 from ntk_adapters.infinite.form_kernels import closable
 from ntk_adapters.infinite.form_kernels import form_expectations as _family_expectations
 from ntk_adapters.infinite.kernel import Kernel
+from ntk_adapters.infinite.named_functions import CLOSED_FORMS, QUADRATURE_NAMES, named_spec
 from ntk_adapters.infinite.piecewise import PiecewiseForm, analyze_piecewise
 from ntk_adapters.infinite.piecewise_kernels import piecewise_expectations
 from ntk_adapters.infinite.quadrature import (  # noqa: F401  (public names re-exported here)
@@ -171,163 +171,6 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------
-# Small numerically safe helpers.
-
-
-def _factor_if_degenerate(value, positive, q1, q2, mean_pos, at_zero):
-    """Where one variance is zero, replace ``value`` by ``E[f(u)] E[f(v)]``.
-
-    ``mean_pos`` is ``E[f(w)]`` for ``w`` with positive variance and ``at_zero`` is ``f(0)``.
-    """
-    m1 = jnp.where(q1 > 0, mean_pos, at_zero)
-    m2 = jnp.where(q2 > 0, mean_pos, at_zero)
-    return jnp.where(positive, value, m1 * m2)
-
-
-def _arccos_terms(c, q1, q2):
-    s, rho, positive = _corr(c, q1, q2)
-    theta, sin_t = _angle(rho)
-    j1 = s * (sin_t + (jnp.pi - theta) * rho) / (2 * jnp.pi)
-    j0 = (jnp.pi - theta) / (2 * jnp.pi)
-    return s, rho, positive, j1, j0
-
-
-# ----------------------------------------------------------------------------------------------
-# Closed forms: each returns (E[phi(u)phi(v)], E[phi'(u)phi'(v)]) for broadcastable c, q1, q2.
-
-
-def _cf_affine(c, q1, q2, a=1.0, b=0.0):
-    nngp = a * a * c + b * b
-    return nngp, jnp.full_like(nngp, a * a)
-
-
-def _cf_identity(c, q1, q2):
-    return _cf_affine(c, q1, q2)
-
-
-def _cf_relu(c, q1, q2):
-    _, _, positive, j1, j0 = _arccos_terms(c, q1, q2)
-    nngp = jnp.where(positive, j1, 0.0)
-    dd = _factor_if_degenerate(j0, positive, q1, q2, 0.5, 0.0)
-    return nngp, dd
-
-
-def _cf_leaky_relu(c, q1, q2, negative_slope=0.01):
-    al = negative_slope
-    _, _, positive, j1, j0 = _arccos_terms(c, q1, q2)
-    nngp = jnp.where(positive, al * c + (1 - al) ** 2 * j1, 0.0)
-    dd = _factor_if_degenerate(al + (1 - al) ** 2 * j0, positive, q1, q2, (1 + al) / 2, 1.0)
-    return nngp, dd
-
-
-def _cf_abs(c, q1, q2):
-    _, rho, positive, j1, _ = _arccos_terms(c, q1, q2)
-    nngp = jnp.where(positive, 4 * j1 - c, 0.0)
-    dd = jnp.where(positive, (2 / jnp.pi) * _arcsin(rho), 0.0)
-    return nngp, dd
-
-
-def _cf_sign(c, q1, q2):
-    _, rho, positive = _corr(c, q1, q2)
-    nngp = jnp.where(positive, (2 / jnp.pi) * _arcsin(rho), 0.0)
-    return nngp, jnp.zeros_like(nngp)
-
-
-def _cf_erf(c, q1, q2, a=1.0):
-    a2 = a * a
-    d1 = 1 + 2 * a2 * jnp.maximum(q1, 0.0)
-    d2 = 1 + 2 * a2 * jnp.maximum(q2, 0.0)
-    s, _, _ = _corr(c, q1, q2)
-    c = jnp.clip(c, -s, s)
-    nngp = (2 / jnp.pi) * jnp.arcsin(jnp.clip(2 * a2 * c / jnp.sqrt(d1 * d2), -1.0, 1.0))
-    det = jnp.maximum(d1 * d2 - 4 * a2 * a2 * c * c, 1.0)
-    dd = (4 * a2 / jnp.pi) / jnp.sqrt(det)
-    return nngp, dd
-
-
-def _sin_moment(c, q1, q2, a, b):
-    a2 = a * a
-    return 0.5 * (jnp.exp(-a2 * (q1 + q2 - 2 * c) / 2) - jnp.cos(2 * b) * jnp.exp(-a2 * (q1 + q2 + 2 * c) / 2))
-
-
-def _cf_sin(c, q1, q2, a=1.0, b=0.0):
-    return _sin_moment(c, q1, q2, a, b), a * a * _sin_moment(c, q1, q2, a, b + jnp.pi / 2)
-
-
-def _cf_cos(c, q1, q2, a=1.0, b=0.0):
-    return _cf_sin(c, q1, q2, a, b + jnp.pi / 2)
-
-
-def _cf_exp(c, q1, q2, a=1.0):
-    nngp = jnp.exp(a * a * (q1 + q2 + 2 * c) / 2)
-    return nngp, a * a * nngp
-
-
-def _cf_square(c, q1, q2):
-    return q1 * q2 + 2 * c * c, 4 * c
-
-
-# ----------------------------------------------------------------------------------------------
-# The functions themselves (for quadrature, tests and the engine's pattern matching).
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    fn: Callable[..., Array]  # fn(x, **params)
-    closed_form: Optional[Callable[..., tuple[Array, Array]]]
-    linear: bool = False  # phi(x) = a x: a zero-mean GP stays one
-
-
-def _sign(x):
-    return jnp.sign(x)
-
-
-_SPECS: dict[str, _Spec] = {
-    "identity": _Spec(lambda x: x, _cf_identity, linear=True),
-    "affine": _Spec(lambda x, a=1.0, b=0.0: a * x + b, _cf_affine, linear=True),
-    "relu": _Spec(jax.nn.relu, _cf_relu),
-    "leaky_relu": _Spec(lambda x, negative_slope=0.01: jax.nn.leaky_relu(x, negative_slope), _cf_leaky_relu),
-    "abs": _Spec(jnp.abs, _cf_abs),
-    "sign": _Spec(_sign, _cf_sign),
-    "erf": _Spec(lambda x, a=1.0: jax.scipy.special.erf(a * x), _cf_erf),
-    "sin": _Spec(lambda x, a=1.0, b=0.0: jnp.sin(a * x + b), _cf_sin),
-    "cos": _Spec(lambda x, a=1.0, b=0.0: jnp.cos(a * x + b), _cf_cos),
-    "exp": _Spec(lambda x, a=1.0: jnp.exp(a * x), _cf_exp),
-    "square": _Spec(jnp.square, _cf_square),
-    # No closed form: quadrature of the very function Flax / Haiku / jax.nn use.
-    "tanh": _Spec(jnp.tanh, None),
-    "sigmoid": _Spec(jax.nn.sigmoid, None),
-    "softplus": _Spec(jax.nn.softplus, None),
-    "gelu": _Spec(lambda x, approximate=True: jax.nn.gelu(x, approximate=approximate), None),
-    "silu": _Spec(jax.nn.silu, None),
-    "swish": _Spec(jax.nn.silu, None),
-    "elu": _Spec(lambda x, alpha=1.0: jax.nn.elu(x, alpha), None),
-    "selu": _Spec(jax.nn.selu, None),
-    "celu": _Spec(lambda x, alpha=1.0: jax.nn.celu(x, alpha), None),
-    "softsign": _Spec(jax.nn.soft_sign, None),
-    "relu6": _Spec(jax.nn.relu6, None),
-    "hard_tanh": _Spec(jax.nn.hard_tanh, None),
-    "log_sigmoid": _Spec(jax.nn.log_sigmoid, None),
-    "mish": _Spec(lambda x: x * jnp.tanh(jax.nn.softplus(x)), None),
-}
-
-#: Names with a closed-form kernel.
-CLOSED_FORMS: tuple[str, ...] = tuple(k for k, v in _SPECS.items() if v.closed_form is not None)
-#: Names computed by Gauss–Hermite quadrature of the named ``jax.nn`` / ``jnp`` function.
-QUADRATURE_NAMES: tuple[str, ...] = tuple(k for k, v in _SPECS.items() if v.closed_form is None)
-
-
-def _spec(name: str) -> _Spec:
-    try:
-        return _SPECS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown elementwise function {name!r}; known names: {sorted(_SPECS)}. "
-            "Pass the function itself (a jnp-traceable callable) to use quadrature."
-        ) from None
-
-
 def _check_params(name: str, fn: Callable, params: dict) -> None:
     import inspect
 
@@ -339,7 +182,7 @@ def _check_params(name: str, fn: Callable, params: dict) -> None:
 
 def has_closed_form(phi: Phi) -> bool:
     """Whether ``phi`` (a name) has a closed-form kernel; callables never do."""
-    return isinstance(phi, str) and _spec(phi).closed_form is not None
+    return isinstance(phi, str) and named_spec(phi).closed_form is not None
 
 
 def elementwise_fn(phi: Phi, **params: Any) -> Callable[[Array], Array]:
@@ -351,7 +194,7 @@ def elementwise_fn(phi: Phi, **params: Any) -> Callable[[Array], Array]:
         f(jnp.array([-1.0, 2.0]))  # [-0.2, 2.0]
     """
     if isinstance(phi, str):
-        spec = _spec(phi)
+        spec = named_spec(phi)
         _check_params(phi, spec.fn, params)
         return functools.partial(spec.fn, **params) if params else spec.fn
     if not callable(phi):
@@ -420,7 +263,7 @@ def _plan(phi, params: dict, method: str, n_points, rtol, dtype, label) -> tuple
             raise ValueError("a Form is integrated in closed form; pass the function itself for quadrature")
         return ("form", phi)
     if isinstance(phi, str):
-        spec = _spec(phi)
+        spec = named_spec(phi)
         _check_params(phi, spec.fn, params)
         if spec.closed_form is not None and method != "quadrature":
             return ("named",)
@@ -508,7 +351,7 @@ def gaussian_expectations(
 def _expectation_fn(phi, params, plan, derivative):
     def fn(c, q1, q2):
         if plan[0] == "named":
-            nngp, dd = _spec(phi).closed_form(c, q1, q2, **params)
+            nngp, dd = named_spec(phi).closed_form(c, q1, q2, **params)
             nngp = jnp.broadcast_to(nngp, c.shape).astype(c.dtype)
             dd = jnp.broadcast_to(dd, c.shape).astype(c.dtype) if derivative else None
             return nngp, dd
@@ -653,7 +496,7 @@ def _compiled_apply(k: _Keyed):
 def _is_linear(phi, params, plan) -> bool:
     if plan[0] == "form":
         return plan[1].linear_factor is not None
-    return isinstance(phi, str) and _spec(phi).linear and params.get("b", 0.0) == 0.0
+    return isinstance(phi, str) and named_spec(phi).linear and params.get("b", 0.0) == 0.0
 
 
 def _apply_impl(kernel: Kernel, *, phi, params, plan) -> Kernel:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_adapters.infinite import forms as _forms
+from ntk_adapters.infinite import kinks as _kinks
 from ntk_adapters.infinite.bivariate import _angle, _corr, _safe_sqrt
 
 Array = jax.Array
@@ -338,7 +338,7 @@ def quadrature_scheme(
     −0.999 … 1; :func:`_check_grid`), where ``E[f(u) f(v)]`` and ``E[f'(u) f'(v)]`` are compared
     between successive rules, relative to ``sqrt(E[f(u)²] E[f(v)²])``:
 
-    1. ``f`` without kinks (:func:`~ntk_adapters.infinite.forms.find_kinks`): Gauss–Hermite with
+    1. ``f`` without kinks (:func:`~ntk_adapters.infinite.kinks.find_kinks`): Gauss–Hermite with
        ``n_points`` or ``2·n_points`` nodes per dimension (checked against the next doubling), the
        first whose estimate agrees with the next to ``rtol``.
     2. Otherwise (kinks, or too steep for ``4·n_points`` Hermite nodes): Gauss–Legendre panels
@@ -373,7 +373,7 @@ def quadrature_scheme(
 
 
 def _choose_scheme(f, dtype, n_points, rtol) -> QuadratureScheme:
-    kinks = _forms.find_kinks(f, dtype)
+    kinks = _kinks.find_kinks(f, dtype)
     breaks = tuple(kinks or ())
     grid = _check_grid(dtype)
     # The series is tried first whatever the kinks (a max(x, 0) inside a smooth softplus is one):

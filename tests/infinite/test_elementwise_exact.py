@@ -29,6 +29,7 @@ import ntk_adapters.flax
 from ntk_adapters.infinite import InfiniteWidthError, infinite_kernel_fn
 from ntk_adapters.infinite import elementwise as E
 from ntk_adapters.infinite import forms as F
+from ntk_adapters.infinite.kinks import find_kinks
 
 RTOL = 1e-6
 WIDTH = 16  # the engine reads it from the parameters; small so that the NTK's phi' part weighs
@@ -430,7 +431,7 @@ def test_forms_reject_what_they_cannot_represent():
     assert F.analyze(jnp.tanh) is None
     assert F.analyze(lambda h: jnp.maximum(h, 1.0)) is None  # break away from 0
     assert F.analyze(lambda h: jax.lax.stop_gradient(h) * h) is None  # derivative is not the value's
-    assert F.find_kinks(lambda h: jnp.maximum(h, 1.0)) == (1.0,)
+    assert find_kinks(lambda h: jnp.maximum(h, 1.0)) == (1.0,)
 
     @jax.custom_jvp
     def straight_through_sign(x):

@@ -17,8 +17,8 @@ import pytest
 from scipy import integrate, special
 
 from ntk_adapters.infinite import elementwise as E
-from ntk_adapters.infinite import forms as F
 from ntk_adapters.infinite.bivariate import bvn_upper
+from ntk_adapters.infinite.kinks import find_kinks
 from ntk_adapters.infinite.piecewise import analyze_piecewise
 
 _spec = importlib.util.spec_from_file_location(
@@ -156,5 +156,5 @@ def test_zero_variance_factorizes():
 
 
 def test_hard_tanh_float32_has_two_kinks():
-    assert len(F.find_kinks(jax.nn.hard_tanh, jnp.float32)) == 2
-    assert len(F.find_kinks(lambda h: jnp.clip(h, -0.3, 0.7), jnp.float32)) == 2
+    assert len(find_kinks(jax.nn.hard_tanh, jnp.float32)) == 2
+    assert len(find_kinks(lambda h: jnp.clip(h, -0.3, 0.7), jnp.float32)) == 2

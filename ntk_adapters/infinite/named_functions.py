@@ -1,0 +1,183 @@
+"""The elementwise functions the engine knows by name: each one's function and, where it exists,
+its closed-form kernel ``(E[φ(u)φ(v)], E[φ'(u)φ'(v)])`` for broadcastable ``c, q1, q2`` (the
+covariance and the variances of the Gaussian pair); the others are integrated by quadrature
+(:mod:`ntk_adapters.infinite.elementwise`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ntk_adapters.infinite.bivariate import _angle, _arcsin, _corr, _safe_sqrt  # noqa: F401
+from ntk_adapters.infinite.quadrature import (  # noqa: F401  (public names re-exported here)
+    DEFAULT_QUADRATURE_POINTS,
+    DEFAULT_RTOL,
+    QuadratureScheme,
+    QuadratureWarning,
+    _program_key,
+    quadrature_scheme,
+)
+
+Array = jax.Array
+
+__all__ = ["CLOSED_FORMS", "QUADRATURE_NAMES", "named_spec"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Small numerically safe helpers.
+
+
+def _factor_if_degenerate(value, positive, q1, q2, mean_pos, at_zero):
+    """Where one variance is zero, replace ``value`` by ``E[f(u)] E[f(v)]``.
+
+    ``mean_pos`` is ``E[f(w)]`` for ``w`` with positive variance and ``at_zero`` is ``f(0)``.
+    """
+    m1 = jnp.where(q1 > 0, mean_pos, at_zero)
+    m2 = jnp.where(q2 > 0, mean_pos, at_zero)
+    return jnp.where(positive, value, m1 * m2)
+
+
+def _arccos_terms(c, q1, q2):
+    s, rho, positive = _corr(c, q1, q2)
+    theta, sin_t = _angle(rho)
+    j1 = s * (sin_t + (jnp.pi - theta) * rho) / (2 * jnp.pi)
+    j0 = (jnp.pi - theta) / (2 * jnp.pi)
+    return s, rho, positive, j1, j0
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed forms: each returns (E[phi(u)phi(v)], E[phi'(u)phi'(v)]) for broadcastable c, q1, q2.
+
+
+def _cf_affine(c, q1, q2, a=1.0, b=0.0):
+    nngp = a * a * c + b * b
+    return nngp, jnp.full_like(nngp, a * a)
+
+
+def _cf_identity(c, q1, q2):
+    return _cf_affine(c, q1, q2)
+
+
+def _cf_relu(c, q1, q2):
+    _, _, positive, j1, j0 = _arccos_terms(c, q1, q2)
+    nngp = jnp.where(positive, j1, 0.0)
+    dd = _factor_if_degenerate(j0, positive, q1, q2, 0.5, 0.0)
+    return nngp, dd
+
+
+def _cf_leaky_relu(c, q1, q2, negative_slope=0.01):
+    al = negative_slope
+    _, _, positive, j1, j0 = _arccos_terms(c, q1, q2)
+    nngp = jnp.where(positive, al * c + (1 - al) ** 2 * j1, 0.0)
+    dd = _factor_if_degenerate(al + (1 - al) ** 2 * j0, positive, q1, q2, (1 + al) / 2, 1.0)
+    return nngp, dd
+
+
+def _cf_abs(c, q1, q2):
+    _, rho, positive, j1, _ = _arccos_terms(c, q1, q2)
+    nngp = jnp.where(positive, 4 * j1 - c, 0.0)
+    dd = jnp.where(positive, (2 / jnp.pi) * _arcsin(rho), 0.0)
+    return nngp, dd
+
+
+def _cf_sign(c, q1, q2):
+    _, rho, positive = _corr(c, q1, q2)
+    nngp = jnp.where(positive, (2 / jnp.pi) * _arcsin(rho), 0.0)
+    return nngp, jnp.zeros_like(nngp)
+
+
+def _cf_erf(c, q1, q2, a=1.0):
+    a2 = a * a
+    d1 = 1 + 2 * a2 * jnp.maximum(q1, 0.0)
+    d2 = 1 + 2 * a2 * jnp.maximum(q2, 0.0)
+    s, _, _ = _corr(c, q1, q2)
+    c = jnp.clip(c, -s, s)
+    nngp = (2 / jnp.pi) * jnp.arcsin(jnp.clip(2 * a2 * c / jnp.sqrt(d1 * d2), -1.0, 1.0))
+    det = jnp.maximum(d1 * d2 - 4 * a2 * a2 * c * c, 1.0)
+    dd = (4 * a2 / jnp.pi) / jnp.sqrt(det)
+    return nngp, dd
+
+
+def _sin_moment(c, q1, q2, a, b):
+    a2 = a * a
+    return 0.5 * (jnp.exp(-a2 * (q1 + q2 - 2 * c) / 2) - jnp.cos(2 * b) * jnp.exp(-a2 * (q1 + q2 + 2 * c) / 2))
+
+
+def _cf_sin(c, q1, q2, a=1.0, b=0.0):
+    return _sin_moment(c, q1, q2, a, b), a * a * _sin_moment(c, q1, q2, a, b + jnp.pi / 2)
+
+
+def _cf_cos(c, q1, q2, a=1.0, b=0.0):
+    return _cf_sin(c, q1, q2, a, b + jnp.pi / 2)
+
+
+def _cf_exp(c, q1, q2, a=1.0):
+    nngp = jnp.exp(a * a * (q1 + q2 + 2 * c) / 2)
+    return nngp, a * a * nngp
+
+
+def _cf_square(c, q1, q2):
+    return q1 * q2 + 2 * c * c, 4 * c
+
+
+# ----------------------------------------------------------------------------------------------
+# The functions themselves (for quadrature, tests and the engine's pattern matching).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    fn: Callable[..., Array]  # fn(x, **params)
+    closed_form: Optional[Callable[..., tuple[Array, Array]]]
+    linear: bool = False  # phi(x) = a x: a zero-mean GP stays one
+
+
+def _sign(x):
+    return jnp.sign(x)
+
+
+_SPECS: dict[str, _Spec] = {
+    "identity": _Spec(lambda x: x, _cf_identity, linear=True),
+    "affine": _Spec(lambda x, a=1.0, b=0.0: a * x + b, _cf_affine, linear=True),
+    "relu": _Spec(jax.nn.relu, _cf_relu),
+    "leaky_relu": _Spec(lambda x, negative_slope=0.01: jax.nn.leaky_relu(x, negative_slope), _cf_leaky_relu),
+    "abs": _Spec(jnp.abs, _cf_abs),
+    "sign": _Spec(_sign, _cf_sign),
+    "erf": _Spec(lambda x, a=1.0: jax.scipy.special.erf(a * x), _cf_erf),
+    "sin": _Spec(lambda x, a=1.0, b=0.0: jnp.sin(a * x + b), _cf_sin),
+    "cos": _Spec(lambda x, a=1.0, b=0.0: jnp.cos(a * x + b), _cf_cos),
+    "exp": _Spec(lambda x, a=1.0: jnp.exp(a * x), _cf_exp),
+    "square": _Spec(jnp.square, _cf_square),
+    # No closed form: quadrature of the very function Flax / Haiku / jax.nn use.
+    "tanh": _Spec(jnp.tanh, None),
+    "sigmoid": _Spec(jax.nn.sigmoid, None),
+    "softplus": _Spec(jax.nn.softplus, None),
+    "gelu": _Spec(lambda x, approximate=True: jax.nn.gelu(x, approximate=approximate), None),
+    "silu": _Spec(jax.nn.silu, None),
+    "swish": _Spec(jax.nn.silu, None),
+    "elu": _Spec(lambda x, alpha=1.0: jax.nn.elu(x, alpha), None),
+    "selu": _Spec(jax.nn.selu, None),
+    "celu": _Spec(lambda x, alpha=1.0: jax.nn.celu(x, alpha), None),
+    "softsign": _Spec(jax.nn.soft_sign, None),
+    "relu6": _Spec(jax.nn.relu6, None),
+    "hard_tanh": _Spec(jax.nn.hard_tanh, None),
+    "log_sigmoid": _Spec(jax.nn.log_sigmoid, None),
+    "mish": _Spec(lambda x: x * jnp.tanh(jax.nn.softplus(x)), None),
+}
+
+#: Names with a closed-form kernel.
+CLOSED_FORMS: tuple[str, ...] = tuple(k for k, v in _SPECS.items() if v.closed_form is not None)
+#: Names computed by Gauss–Hermite quadrature of the named ``jax.nn`` / ``jnp`` function.
+QUADRATURE_NAMES: tuple[str, ...] = tuple(k for k, v in _SPECS.items() if v.closed_form is None)
+
+
+def named_spec(name: str) -> _Spec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown elementwise function {name!r}; known names: {sorted(_SPECS)}. "
+            "Pass the function itself (a jnp-traceable callable) to use quadrature."
+        ) from None

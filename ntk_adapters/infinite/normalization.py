@@ -1,0 +1,202 @@
+"""Normalization layers at infinite width: LayerNorm, RMSNorm and per-channel affine maps
+(BatchNorm in inference mode), framework-free kernel maps re-exported by
+:mod:`ntk_adapters.infinite.layers`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ntk_adapters.infinite.kernel import Kernel
+from ntk_adapters.infinite.spatial import to_diagonal
+
+__all__ = ["channel_affine", "layer_norm", "rms_norm"]
+
+Array = jax.Array
+
+
+def _position_variances(kernel: Kernel) -> tuple[Array, Array]:
+    """Per-position variances ``(N1, *spatial)``, ``(N2, *spatial)``."""
+    if kernel.layout == "full":
+        k = to_diagonal(kernel)
+        return k.cov1, k.cov2
+    return kernel.cov1, kernel.cov2
+
+
+@functools.partial(
+    jax.jit, static_argnames=("epsilon", "use_scale", "use_bias", "scale_init", "bias_init", "over_spatial")
+)
+def _normalize(kernel: Kernel, *, epsilon, use_scale, use_bias, scale_init, bias_init, over_spatial) -> Kernel:
+    q1, q2 = _position_variances(kernel)
+    d = len(kernel.spatial)
+    if over_spatial and d:
+        q1 = jnp.broadcast_to(jnp.mean(q1, axis=tuple(range(1, d + 1)), keepdims=True), q1.shape)
+        q2 = jnp.broadcast_to(jnp.mean(q2, axis=tuple(range(1, d + 1)), keepdims=True), q2.shape)
+    r1 = lax.rsqrt(q1 + epsilon)
+    r2 = lax.rsqrt(q2 + epsilon)
+
+    def expand(r, first, batch_axes_after):
+        # (N, *spatial) -> broadcastable against the layout's arrays.
+        n, *sp = r.shape
+        if kernel.layout == "full":
+            shape = [n]
+            for s in sp:
+                shape += [s, 1] if first else [1, s]
+        else:
+            shape = [n, *sp]
+        r = r.reshape(shape)
+        if batch_axes_after == "nngp1":
+            return r[:, None]
+        if batch_axes_after == "nngp2":
+            return r[None]
+        return r
+
+    f_nngp = expand(r1, True, "nngp1") * expand(r2, False, "nngp2")
+    if kernel.layout == "full":
+        f_cov1 = expand(r1, True, None) * expand(r1, False, None)
+        f_cov2 = expand(r2, True, None) * expand(r2, False, None)
+    else:
+        f_cov1, f_cov2 = r1 * r1, r2 * r2
+    g2 = scale_init**2 if use_scale else 1.0
+    b2 = bias_init**2 if use_bias else 0.0
+    normalized = kernel.nngp * f_nngp
+    nngp = g2 * normalized + b2
+    cov1 = g2 * kernel.cov1 * f_cov1 + b2
+    cov2 = cov1 if kernel.same_inputs else g2 * kernel.cov2 * f_cov2 + b2
+    ntk = None
+    if kernel.ntk is not None:
+        ntk = g2 * kernel.ntk * f_nngp
+        if use_scale:
+            ntk = ntk + normalized
+        if use_bias:
+            ntk = ntk + 1.0
+    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=kernel.is_gaussian and b2 == 0.0)
+
+
+def layer_norm(
+    kernel: Kernel,
+    *,
+    epsilon: float = 1e-6,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    scale_init: float = 1.0,
+    bias_init: float = 0.0,
+    over_spatial: bool = False,
+) -> Kernel:
+    """Layer normalization over channels (Flax ``nn.LayerNorm``, Haiku ``hk.LayerNorm``) at infinite width.
+
+    For a zero-mean Gaussian process the channel mean tends to 0 and the channel variance to the
+    per-position variance ``q[p]``, so the layer divides each position by a deterministic
+    ``sqrt(q[p] + ε)``. With ``K̂[p, p'] = K[p, p'] / sqrt((q1[p] + ε)(q2[p'] + ε))``, scale ``γ``
+    (initial value ``scale_init``) and bias ``β`` (``bias_init``)::
+
+        nngp ← γ0² K̂ + β0²
+        ntk  ← γ0² Θ / sqrt((q1[p] + ε)(q2[p'] + ε)) (+ K̂ if use_scale) (+ 1 if use_bias)
+
+    (the gradients of ``γ`` and ``β`` are ``x̂`` and ``1``; the derivatives through the channel mean
+    and variance are O(1/width) per channel and vanish). ``over_spatial=True`` normalizes over
+    positions and channels together (``reduction_axes=(1, ..., -1)``, or GroupNorm with infinitely
+    many channels per group): ``q[p]`` is replaced by its mean over positions.
+
+    Args:
+      kernel: a Kernel with ``is_gaussian=True`` (mean subtraction needs the channel mean, which
+        only a zero-mean process has known: 0). Any layout.
+      epsilon: the layer's ε (Flax 1e-6, Haiku 1e-5 by default).
+
+    Returns:
+      Same layout; ``is_gaussian=True`` when ``bias_init == 0``.
+
+    Example::
+
+        k = layer_norm(dense(k, fan_in=512), epsilon=1e-6)
+    """
+    if not kernel.is_gaussian:
+        raise ValueError(
+            "layer_norm needs a zero-mean Gaussian input (is_gaussian=True, e.g. right after a Dense/Conv): "
+            "the kernel does not track channel means, which the mean subtraction needs. rms_norm has no mean "
+            "subtraction and accepts any input."
+        )
+    return _normalize(
+        kernel,
+        epsilon=float(epsilon),
+        use_scale=bool(use_scale),
+        use_bias=bool(use_bias),
+        scale_init=float(scale_init),
+        bias_init=float(bias_init),
+        over_spatial=bool(over_spatial),
+    )
+
+
+def rms_norm(
+    kernel: Kernel,
+    *,
+    epsilon: float = 1e-6,
+    use_scale: bool = True,
+    scale_init: float = 1.0,
+    over_spatial: bool = False,
+) -> Kernel:
+    """RMS normalization over channels (Flax ``nn.RMSNorm``): ``y / sqrt(mean_c y² + ε) · γ``.
+
+    The channel mean square tends to ``q[p]`` (the uncentred second moment the kernel tracks) for
+    any input, Gaussian or not: ``nngp ← γ0² K̂``, ``ntk ← γ0² Θ/sqrt(...) (+ K̂ if use_scale)`` as in
+    :func:`layer_norm`. Keeps ``is_gaussian``.
+    """
+    return _normalize(
+        kernel,
+        epsilon=float(epsilon),
+        use_scale=bool(use_scale),
+        use_bias=False,
+        scale_init=float(scale_init),
+        bias_init=0.0,
+        over_spatial=bool(over_spatial),
+    )
+
+
+def channel_affine(
+    kernel: Kernel,
+    a,
+    b,
+    *,
+    scale=None,
+    offset=None,
+) -> Kernel:
+    """A module mapping each channel affinely, ``y_c = a_c x_c + b_c`` (BatchNorm in inference mode).
+
+    The next random linear layer averages over channels, so with a zero-mean input
+    ``nngp ← mean_c(a_c²)·nngp + mean_c(b_c²)`` (cross terms ``a_c b_c E[x_c]`` vanish) and
+    ``ntk ← mean_c(a_c²)·ntk``, plus, for a trainable per-channel scale ``γ_c`` (``y = γ_c x̂_c + β_c``
+    with ``x̂_c = (x_c − μ_c)/s_c``), ``mean_c((nngp + μ_c²)/s_c²)`` and ``+1`` for a trainable
+    offset. The output is Gaussian only when every ``b_c`` is zero and every ``a_c`` equal.
+
+    Args:
+      kernel: the input kernel, any layout.
+      a, b: concrete arrays ``(C,)``: the map's per-channel slope and offset.
+      scale: the concrete values ``(C,)`` of a trainable per-channel scale ``γ``, or ``None``.
+      offset: the concrete values ``(C,)`` of a trainable per-channel offset ``β``, or ``None``.
+
+    Example::
+
+        k = channel_affine(k, a, b, scale=params["scale"], offset=params["bias"])
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    a2, b2 = float(np.mean(a * a)), float(np.mean(b * b))
+    nngp = a2 * kernel.nngp + b2
+    cov1, cov2 = a2 * kernel.cov1 + b2, a2 * kernel.cov2 + b2
+    ntk = None
+    if kernel.ntk is not None:
+        ntk = a2 * kernel.ntk
+        if scale is not None:
+            gamma = np.reshape(np.asarray(scale), (-1,))
+            # a_c = γ_c/s_c and b_c = β_c − a_c μ_c give 1/s_c and μ_c
+            inv_s2 = (a / np.where(gamma == 0, 1.0, gamma)) ** 2
+            beta = np.reshape(np.asarray(offset), (-1,)) if offset is not None else 0.0
+            mu = (beta - b) / np.where(a == 0, 1.0, a)
+            ntk = ntk + float(np.mean(inv_s2)) * kernel.nngp + float(np.mean(inv_s2 * mu * mu))
+        if offset is not None:
+            ntk = ntk + 1.0
+    uniform = bool(np.all(b == 0)) and bool(np.all(a == a[0]))
+    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=kernel.is_gaussian and uniform)
