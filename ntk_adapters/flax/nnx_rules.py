@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from ntk_adapters.flax import rules as _linen_rules
+from ntk_adapters.infinite import attention as _attention
 from ntk_adapters.infinite import rules as _rules
 
 # The NNX layers with a rule, and the constructor arguments naming their initializers.
@@ -159,12 +160,6 @@ _rules.register_rule(nnx.LayerNorm, _linen_rules._layer_norm)
 _rules.register_rule(nnx.Dropout, _linen_rules._dropout)
 _rules.register_rule(nnx.BatchNorm, _linen_rules._batch_norm)
 _rules.register_rule(nnx.Embed, _linen_rules._embed, linear=True, integer_input=True)
-_rules.register_rule(
-    nnx.MultiHeadAttention,
-    _linen_rules._attention_rule,
-    precheck=_linen_rules._attention_precheck,
-    linear=True,
-    masks=True,
-    full_layout=True,
-    samples=True,
+_attention.register_attention_rule(
+    nnx.MultiHeadAttention, _linen_rules._attention_rule, _linen_rules._attention_precheck
 )

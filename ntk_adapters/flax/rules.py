@@ -320,12 +320,4 @@ def _attention_rule(k, call: ModuleCall) -> Kernel:
     return _attention.module_kernel(k, call, weights)
 
 
-_rules.register_rule(
-    nn.MultiHeadDotProductAttention,
-    _attention_rule,
-    precheck=_attention_precheck,
-    linear=True,
-    masks=True,
-    full_layout=True,
-    samples=True,
-)
+_attention.register_attention_rule(nn.MultiHeadDotProductAttention, _attention_rule, _attention_precheck)

@@ -47,7 +47,15 @@ import jax.numpy as jnp
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite.kernel import Kernel
 
-__all__ = ["AttentionWeights", "infinite_heads", "module_kernel", "no_limit_reason"]
+__all__ = ["AttentionWeights", "infinite_heads", "module_kernel", "no_limit_reason", "register_attention_rule"]
+
+
+def register_attention_rule(module_type, rule, precheck) -> None:
+    """Register a framework's attention rule: its output is a fresh random linear map (the output
+    projection), and it reads masks, needs covariances between positions and samples."""
+    from ntk_adapters.infinite import rules as _rules
+
+    _rules.register_rule(module_type, rule, precheck=precheck, linear=True, masks=True, full_layout=True, samples=True)
 
 
 def no_limit_reason(num_heads: int, head_dim: Optional[int]) -> str:

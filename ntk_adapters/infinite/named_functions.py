@@ -11,15 +11,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from ntk_adapters.infinite.bivariate import _angle, _arcsin, _corr, _safe_sqrt  # noqa: F401
-from ntk_adapters.infinite.quadrature import (  # noqa: F401  (public names re-exported here)
-    DEFAULT_QUADRATURE_POINTS,
-    DEFAULT_RTOL,
-    QuadratureScheme,
-    QuadratureWarning,
-    _program_key,
-    quadrature_scheme,
-)
+from ntk_adapters.infinite.bivariate import _angle, _arcsin, _corr
 
 Array = jax.Array
 
