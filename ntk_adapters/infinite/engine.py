@@ -273,13 +273,12 @@ def infinite_kernel_fn(
         return cache[key]
 
     def compute(x1, x2, key, n_samples):
-        sampled = prepare(spec(x1))[3]
+        closed, calls, layout, sampled = prepare(spec(x1))
         if sampled and x2 is not None:
             # One set of draws for all examples: x1 and x2 are evaluated as one batch.
             n1 = jax.tree_util.tree_leaves(x1)[0].shape[0]
             both = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), x1, x2)
             return _split(compute(both, None, key, n_samples), n1)
-        closed, calls, layout, _ = prepare(spec(x1))
         leaves1, treedef = jax.tree_util.tree_flatten(x1)
         leaves2 = [None] * len(leaves1) if x2 is None else treedef.flatten_up_to(x2)
         names = [name for name, _ in leaves_with_names(x1, "x")]
@@ -337,7 +336,7 @@ def infinite_kernel_fn(
         names = (get,) if isinstance(get, str) else tuple(get)
         if "nngp_stderr" in names or "ntk_stderr" in names:
             values["nngp_stderr"], values["ntk_stderr"] = _standard_errors(
-                compute_jit, x1, x2, base_key, attention_samples, sampled=prepare(spec(x1))[3]
+                compute_jit, x1, x2, base_key, attention_samples, k, sampled=prepare(spec(x1))[3]
             )
         allowed = ("nngp", "ntk", "cov1", "cov2", "kernel", "nngp_stderr", "ntk_stderr")
         return pack(get, values, allowed=allowed)
@@ -362,12 +361,12 @@ def _split(k: Kernel, n1: int) -> Kernel:
     )
 
 
-def _standard_errors(compute, x1, x2, key, n_samples: int, *, sampled: bool):
+def _standard_errors(compute, x1, x2, key, n_samples: int, k: Kernel, *, sampled: bool):
     """Standard errors of the NNGP and NTK entries of a sampled kernel, by batch means: the kernel from
     each of ``_STDERR_BATCHES`` independent batches of ``n_samples / _STDERR_BATCHES`` draws; the spread
-    of their mean estimates that of the kernel from ``n_samples`` draws."""
+    of their mean estimates that of the kernel from ``n_samples`` draws. ``k`` is the kernel already
+    computed from all draws (its shapes serve when nothing is sampled: the errors are zero)."""
     if not sampled:
-        k = compute(x1, x2, key, n_samples)
         return jnp.zeros_like(k.nngp), None if k.ntk is None else jnp.zeros_like(k.ntk)
     keys = jax.random.split(jax.random.fold_in(key, 1), _STDERR_BATCHES)
     batches = [compute(x1, x2, kb, n_samples // _STDERR_BATCHES) for kb in keys]
