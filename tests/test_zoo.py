@@ -46,12 +46,6 @@ EMBEDDING = r"at primitive gather.*: an embedding lookup \(a parameter table ind
 REFUSALS = {
     "flax_linen_resnet18_train": ("bn_init", "BatchNorm in training mode"),
     "flax_linen_resnet18_eval": ("ResNet", MAX_POOL),
-    "flax_linen_lm1b_transformer": (
-        "decoder/posembed_output",
-        r"at primitive add: adds a fixed array of shape "
-        r"\(1, 8, 8\) to an input-dependent value entry by entry \(sinusoidal "
-        r"positional encodings",
-    ),
     "flax_linen_sst2_lstm": (
         "embedder",
         r"computed from input leaf x\[0\] .*" + EMBEDDING + r" outside every embedding layer with a rule",

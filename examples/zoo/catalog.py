@@ -352,13 +352,15 @@ ENTRIES: tuple[ZooEntry, ...] = (
         make=_make_linen_lm1b,
         notes="Decoder-only LM; every param is an nn.Partitioned box (nn.with_logical_partitioning). "
         "Tokens are shifted right; 0 is padding and masked in the causal self-attention. "
-        "Infinite width: the nn.Embed lookup of the integer tokens has a rule; the fixed "
-        "sinusoidal position encodings added next are refused (a mean that differs between "
-        "channels), and the causal self-attention after them would be (standard "
-        "1/sqrt(head_dim) scaling with a fixed number of heads has no Gaussian limit). "
-        "x: (3, 8) int32 tokens in [0, 16).",
+        "Infinite width: the nn.Embed lookup of the integer tokens, the fixed sinusoidal position "
+        "encodings added next (channels with different means: the kernel carries second moments and "
+        "the channel means that the LayerNorms subtract), the residual sums, LayerNorm and the ReLU "
+        "MLP have exact rules; nn.MultiHeadDotProductAttention (standard 1/sqrt(head_dim) scaling) has "
+        "no Gaussian limit at a fixed number of heads and is refused by default; with "
+        "attention='infinite_heads' the heads go to infinity at head_dim and the kernel is estimated by "
+        "sampling. x: (3, 8) int32 tokens in [0, 16).",
         output_shape=(3, LM1B_CONFIG["max_len"], LM1B_CONFIG["output_vocab_size"]),
-        infinite_width="sinusoidal position encodings",
+        infinite_kwargs={"attention": "infinite_heads", "attention_samples": 256},
     ),
     ZooEntry(
         name="flax_linen_sst2_lstm",

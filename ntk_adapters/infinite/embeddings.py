@@ -30,7 +30,7 @@ import numpy as np
 
 from ntk_adapters.infinite.kernel import Kernel
 
-__all__ = ["added_array_reason", "lookup"]
+__all__ = ["lookup"]
 
 
 def _normalize(ids, vocab_size: Optional[int]):
@@ -112,35 +112,4 @@ def lookup(
         layout=layout,
         is_gaussian=True,
         same_inputs=same,
-    )
-
-
-def added_array_reason(shape: tuple, *, learned: bool, path: Optional[str] = None, why: Optional[str] = None) -> str:
-    """Why an array of the model added entry by entry to a value (positional encodings) has no rule.
-
-    ``learned``: the array is computed from parameters (a learned positional embedding written as
-    ``x + param``) rather than a fixed constant (sinusoidal encodings). For a learned array, ``why``
-    says what keeps it from being an independent random term
-    (:mod:`~ntk_adapters.infinite.learned_arrays`); without it the reason is that the variance of
-    the parameter at ``path`` (its params-tree path) is unknown.
-    """
-    if learned:
-        head = (
-            f"adds a parameter array of shape {shape} to an input-dependent value entry by entry (a learned "
-            "additive positional embedding, or a bias written outside every layer with a rule)"
-        )
-        if why is not None:
-            return f"{head}: {why}"
-        name = f"parameter `{path}`" if path else "the parameter"
-        return (
-            f"{head}: at initialization it is an independent random term whose variance the kernel needs, but "
-            f"the initializer of {name} is not known (ntk_adapters.haiku.adapt records the initializers of a "
-            f"Haiku model); pass bias_variance={{'{path or '<path>'}': v}} to infinite_kernel_fn, with v the "
-            "variance of one entry at initialization"
-        )
-    return (
-        f"adds a fixed array of shape {shape} to an input-dependent value entry by entry (sinusoidal "
-        "positional encodings, a per-unit shift): the sum has a mean that differs between channels and "
-        "positions, which a per-channel kernel does not describe (the normalizations and nonlinearities "
-        "after it depend on that mean)"
     )

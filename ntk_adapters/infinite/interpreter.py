@@ -32,7 +32,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from ntk_adapters.infinite import embeddings as _embeddings
+from ntk_adapters.infinite import fixed_arrays as _fixed
 from ntk_adapters.infinite import learned_arrays as _learned
 from ntk_adapters.infinite import masks as _masks
 from ntk_adapters.infinite import primitives as _primitives
@@ -252,11 +252,10 @@ class Interpreter(ModuleCalls):
         """``eqn`` on values (and concrete arrays) by the rule of its primitive."""
         rule = _rules.lookup_primitive_rule(eqn.primitive.name)
         ctx = self.context()
-        shift = _array_shift(eqn, invals)
-        if shift is not None:
+        if _adds_array(eqn, invals):
             if any(isinstance(v, Parameter) for v in invals):
                 return self.learned.add(eqn, invals, ctx)
-            raise ctx.error(eqn, shift)
+            return _fixed.fixed_array_add(eqn, invals, ctx)
         if rule is None:
             raise ctx.error(eqn, self.no_rule_reason(eqn, invals))
         try:
@@ -407,15 +406,12 @@ class Interpreter(ModuleCalls):
         return self.dispatch(eqn, self.as_features(eqn, invals))
 
 
-def _array_shift(eqn, invals) -> Optional[str]:
-    """Why adding a non-scalar array of the model to a value has no rule (positional encodings), or
-    ``None`` for any other equation."""
+def _adds_array(eqn, invals) -> bool:
+    """Whether ``eqn`` adds a non-scalar array of the model to a value (positional encodings)."""
     if eqn.primitive.name not in ("add", "sub", "add_any") or len(invals) != 2 or sum(map(is_value, invals)) != 1:
-        return None
+        return False
     (c,) = [v for v in invals if isinstance(v, Concrete)]
-    if c.scalar is not None or np.size(c.value) == 1:
-        return None
-    return _embeddings.added_array_reason(np.shape(c.value), learned=isinstance(c, Parameter))
+    return c.scalar is None and np.size(c.value) != 1
 
 
 def _carried_path(eqn, invals, outs) -> tuple:

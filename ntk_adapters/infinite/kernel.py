@@ -21,6 +21,7 @@ import dataclasses
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 LAYOUTS = ("none", "diagonal", "full")
 
@@ -40,6 +41,13 @@ class Kernel:
         of a random linear layer), which elementwise nonlinearities and normalizations require
         (static).
       same_inputs: ``True`` when ``x2`` is ``x1`` (static).
+      mean1: for a value that is not a zero-mean process but whose means are known, the average
+        over channels of each entry's expectation, ``(N1, *spatial)`` (then ``nngp`` and the
+        covariances are second moments, not covariances); ``None`` when unknown, and implied zero
+        when ``is_gaussian``. Set by :func:`ntk_adapters.infinite.fixed_arrays.add_fixed` (a fixed
+        array added to a Gaussian value has channels with different means); read by
+        :func:`ntk_adapters.infinite.layers.layer_norm`, which subtracts the channel mean.
+      mean2: the same for ``x2``, ``(N2, *spatial)``.
     """
 
     nngp: jax.Array
@@ -49,6 +57,8 @@ class Kernel:
     layout: str = dataclasses.field(default="none", metadata=dict(static=True))
     is_gaussian: bool = dataclasses.field(default=False, metadata=dict(static=True))
     same_inputs: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    mean1: Optional[jax.Array] = None
+    mean2: Optional[jax.Array] = None
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -64,9 +74,27 @@ class Kernel:
         return tuple(self.cov1.shape[1::2])
 
     def replace(self, **changes) -> "Kernel":
+        """A copy with ``changes``. The channel means are dropped unless given again: a map that
+        does not say what it does to them would otherwise leave stale means behind."""
+        changes.setdefault("mean1", None)
+        changes.setdefault("mean2", None)
         return dataclasses.replace(self, **changes)
+
+    def channel_means(self) -> Optional[tuple[jax.Array, jax.Array]]:
+        """``(mean1, mean2)`` of the value's entries averaged over channels, zeros for a zero-mean
+        Gaussian process, ``None`` when they are not known."""
+        if self.mean1 is not None:
+            return self.mean1, self.mean1 if self.mean2 is None else self.mean2
+        if not self.is_gaussian:
+            return None
+        dtype = self.nngp.dtype
+        n1, n2 = self.cov1.shape[0], self.cov2.shape[0]
+        spatial = self.spatial
+        return jnp.zeros((n1, *spatial), dtype), jnp.zeros((n2, *spatial), dtype)
 
 
 jax.tree_util.register_dataclass(
-    Kernel, data_fields=["nngp", "ntk", "cov1", "cov2"], meta_fields=["layout", "is_gaussian", "same_inputs"]
+    Kernel,
+    data_fields=["nngp", "ntk", "cov1", "cov2", "mean1", "mean2"],
+    meta_fields=["layout", "is_gaussian", "same_inputs"],
 )

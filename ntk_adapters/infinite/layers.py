@@ -413,6 +413,8 @@ def scale(kernel: Kernel, c: Union[float, Array]) -> Kernel:
         ntk=None if kernel.ntk is None else c2 * kernel.ntk,
         cov1=c2 * kernel.cov1,
         cov2=c2 * kernel.cov2,
+        mean1=None if kernel.mean1 is None else c * kernel.mean1,
+        mean2=None if kernel.mean2 is None else c * kernel.mean2,
     )
 
 
@@ -462,7 +464,9 @@ def add(*kernels: Kernel) -> Kernel:
     linear layer): nngp, ntk and covariances add. The caller must establish independence; for
     dependent branches the cross-covariance is missing and the result would be wrong.
 
-    Gaussian if every branch is.
+    Gaussian if every branch is. The second moments of branches with non-zero means add only when
+    at most one branch has them (the cross terms are products of the means), which the caller
+    checks; the channel means add when every branch's are known.
 
     Example::
 
@@ -470,10 +474,15 @@ def add(*kernels: Kernel) -> Kernel:
     """
     _check_compatible(kernels, "add")
     k0 = kernels[0]
+    gaussian = all(k.is_gaussian for k in kernels)
+    means = [k.channel_means() for k in kernels]
+    known = not gaussian and all(m is not None for m in means)
     return k0.replace(
         nngp=sum(k.nngp for k in kernels),
         ntk=None if k0.ntk is None else sum(k.ntk for k in kernels),
         cov1=sum(k.cov1 for k in kernels),
         cov2=sum(k.cov2 for k in kernels),
-        is_gaussian=all(k.is_gaussian for k in kernels),
+        is_gaussian=gaussian,
+        mean1=sum(m[0] for m in means) if known else None,
+        mean2=sum(m[1] for m in means) if known else None,
     )

@@ -38,7 +38,6 @@ from typing import Any, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_adapters.infinite import embeddings as _embeddings
 from ntk_adapters.infinite import initializers as _inits
 from ntk_adapters.infinite import rules as _rules
 from ntk_adapters.infinite.kernel import Kernel
@@ -48,6 +47,25 @@ __all__ = ["LearnedArrays", "add_array", "carry", "path_name"]
 
 #: The shape-only operations through which a parameter leaf stays itself.
 SHAPE_OPS = ("broadcast_in_dim", "reshape", "convert_element_type")
+
+
+def _reason(shape: tuple, path: Optional[str] = None, why: Optional[str] = None) -> str:
+    """Why a parameter array added entry by entry to a value has no rule: ``why`` says what keeps it
+    from being an independent random term; without it, the variance of the parameter at ``path``
+    (its params-tree path) is unknown."""
+    head = (
+        f"adds a parameter array of shape {shape} to an input-dependent value entry by entry (a learned "
+        "additive positional embedding, or a bias written outside every layer with a rule)"
+    )
+    if why is not None:
+        return f"{head}: {why}"
+    name = f"parameter `{path}`" if path else "the parameter"
+    return (
+        f"{head}: at initialization it is an independent random term whose variance the kernel needs, but "
+        f"the initializer of {name} is not known (ntk_adapters.haiku.adapt records the initializers of a "
+        f"Haiku model); pass bias_variance={{'{path or '<path>'}': v}} to infinite_kernel_fn, with v the "
+        "variance of one entry at initialization"
+    )
 
 
 def path_name(path: tuple) -> str:
@@ -162,7 +180,7 @@ class LearnedArrays:
         path = getattr(c, "path", None)
 
         def refuse(why: Optional[str] = None, named: Optional[str] = None):
-            return ctx.error(eqn, _embeddings.added_array_reason(shape, learned=True, path=named, why=why))
+            return ctx.error(eqn, _reason(shape, path=named, why=why))
 
         if path is None:
             raise refuse(

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,38 +28,61 @@ def _position_variances(kernel: Kernel) -> tuple[Array, Array]:
     return kernel.cov1, kernel.cov2
 
 
+def _expand(kernel: Kernel, r: Array, first: bool, batch_axis: Optional[str]) -> Array:
+    """``(N, *spatial)`` → broadcastable against the layout's arrays: the position axes of the first
+    (``first``) or second input of a pair, and, for ``batch_axis`` ``'nngp1'``/``'nngp2'``, an axis
+    for the other input's examples."""
+    n, *sp = r.shape
+    if kernel.layout == "full":
+        shape = [n]
+        for s in sp:
+            shape += [s, 1] if first else [1, s]
+    else:
+        shape = [n, *sp]
+    r = r.reshape(shape)
+    if batch_axis == "nngp1":
+        return r[:, None]
+    if batch_axis == "nngp2":
+        return r[None]
+    return r
+
+
+def _centre(kernel: Kernel, means: tuple[Array, Array]) -> Kernel:
+    """Second moments minus the products of the channel means: the covariances of the channels
+    around their common mean, which is what a normalization over channels divides by."""
+    m1, m2 = means
+    nngp = kernel.nngp - _expand(kernel, m1, True, "nngp1") * _expand(kernel, m2, False, "nngp2")
+    cov1 = kernel.cov1 - _expand(kernel, m1, True, None) * _expand(kernel, m1, False, None)
+    cov2 = (
+        cov1 if kernel.same_inputs else kernel.cov2 - _expand(kernel, m2, True, None) * _expand(kernel, m2, False, None)
+    )
+    return kernel.replace(nngp=nngp, cov1=cov1, cov2=cov2)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("epsilon", "use_scale", "use_bias", "scale_init", "bias_init", "over_spatial")
+    jax.jit, static_argnames=("centred", "epsilon", "use_scale", "use_bias", "scale_init", "bias_init", "over_spatial")
 )
-def _normalize(kernel: Kernel, *, epsilon, use_scale, use_bias, scale_init, bias_init, over_spatial) -> Kernel:
-    q1, q2 = _position_variances(kernel)
+def _normalize(
+    kernel: Kernel, means, *, centred, epsilon, use_scale, use_bias, scale_init, bias_init, over_spatial
+) -> Kernel:
+    # centred: the layer subtracts the channel mean (LayerNorm), which is ``means`` (None: zero).
     d = len(kernel.spatial)
+    if means is not None:
+        if over_spatial and d:
+            axes = tuple(range(1, d + 1))
+            means = tuple(jnp.broadcast_to(jnp.mean(m, axis=axes, keepdims=True), m.shape) for m in means)
+        kernel = _centre(kernel, means)
+    q1, q2 = _position_variances(kernel)
     if over_spatial and d:
         q1 = jnp.broadcast_to(jnp.mean(q1, axis=tuple(range(1, d + 1)), keepdims=True), q1.shape)
         q2 = jnp.broadcast_to(jnp.mean(q2, axis=tuple(range(1, d + 1)), keepdims=True), q2.shape)
     r1 = lax.rsqrt(q1 + epsilon)
     r2 = lax.rsqrt(q2 + epsilon)
 
-    def expand(r, first, batch_axes_after):
-        # (N, *spatial) -> broadcastable against the layout's arrays.
-        n, *sp = r.shape
-        if kernel.layout == "full":
-            shape = [n]
-            for s in sp:
-                shape += [s, 1] if first else [1, s]
-        else:
-            shape = [n, *sp]
-        r = r.reshape(shape)
-        if batch_axes_after == "nngp1":
-            return r[:, None]
-        if batch_axes_after == "nngp2":
-            return r[None]
-        return r
-
-    f_nngp = expand(r1, True, "nngp1") * expand(r2, False, "nngp2")
+    f_nngp = _expand(kernel, r1, True, "nngp1") * _expand(kernel, r2, False, "nngp2")
     if kernel.layout == "full":
-        f_cov1 = expand(r1, True, None) * expand(r1, False, None)
-        f_cov2 = expand(r2, True, None) * expand(r2, False, None)
+        f_cov1 = _expand(kernel, r1, True, None) * _expand(kernel, r1, False, None)
+        f_cov2 = _expand(kernel, r2, True, None) * _expand(kernel, r2, False, None)
     else:
         f_cov1, f_cov2 = r1 * r1, r2 * r2
     g2 = scale_init**2 if use_scale else 1.0
@@ -74,7 +98,20 @@ def _normalize(kernel: Kernel, *, epsilon, use_scale, use_bias, scale_init, bias
             ntk = ntk + normalized
         if use_bias:
             ntk = ntk + 1.0
-    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=kernel.is_gaussian and b2 == 0.0)
+    gaussian = kernel.is_gaussian and b2 == 0.0
+    if gaussian or not centred:
+        return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=gaussian)
+    # The normalized channels average to exactly 0; the bias adds its initial value.
+    beta = bias_init if use_bias else 0.0
+    return kernel.replace(
+        nngp=nngp,
+        ntk=ntk,
+        cov1=cov1,
+        cov2=cov2,
+        is_gaussian=False,
+        mean1=jnp.full(q1.shape, beta, q1.dtype),
+        mean2=jnp.full(q2.shape, beta, q2.dtype),
+    )
 
 
 def layer_norm(
@@ -102,9 +139,16 @@ def layer_norm(
     positions and channels together (``reduction_axes=(1, ..., -1)``, or GroupNorm with infinitely
     many channels per group): ``q[p]`` is replaced by its mean over positions.
 
+    An input whose channels have known, different means ``m[p]`` averaged over channels (a fixed
+    array added to a Gaussian value, :func:`~ntk_adapters.infinite.fixed_arrays.add_fixed`) is
+    centred first: the kernel's second moments ``K`` become ``K[p, p'] − m1[p] m2[p']`` and
+    ``q[p] = K[p, p] − m[p]²`` (channel mean and variance still converge to constants). The output
+    then has channel mean ``β0`` but is not Gaussian (each channel keeps its own fixed part), so
+    only linear layers may follow it.
+
     Args:
-      kernel: a Kernel with ``is_gaussian=True`` (mean subtraction needs the channel mean, which
-        only a zero-mean process has known: 0). Any layout.
+      kernel: a Kernel with ``is_gaussian=True``, or with its channel means known
+        (:meth:`Kernel.channel_means`); the mean subtraction needs the channel mean. Any layout.
       epsilon: the layer's ε (Flax 1e-6, Haiku 1e-5 by default).
 
     Returns:
@@ -114,14 +158,18 @@ def layer_norm(
 
         k = layer_norm(dense(k, fan_in=512), epsilon=1e-6)
     """
-    if not kernel.is_gaussian:
+    means = None if kernel.is_gaussian else kernel.channel_means()
+    if not kernel.is_gaussian and means is None:
         raise ValueError(
-            "layer_norm needs a zero-mean Gaussian input (is_gaussian=True, e.g. right after a Dense/Conv): "
-            "the kernel does not track channel means, which the mean subtraction needs. rms_norm has no mean "
-            "subtraction and accepts any input."
+            "layer_norm needs a zero-mean Gaussian input (is_gaussian=True, e.g. right after a Dense/Conv) or "
+            "one whose channel means are known (a fixed array added to one): the mean subtraction needs the "
+            "channel mean, which this kernel does not track. rms_norm has no mean subtraction and accepts any "
+            "input."
         )
     return _normalize(
         kernel,
+        means,
+        centred=True,
         epsilon=float(epsilon),
         use_scale=bool(use_scale),
         use_bias=bool(use_bias),
@@ -147,6 +195,8 @@ def rms_norm(
     """
     return _normalize(
         kernel,
+        None,
+        centred=False,
         epsilon=float(epsilon),
         use_scale=bool(use_scale),
         use_bias=False,
