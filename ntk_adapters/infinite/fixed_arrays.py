@@ -65,8 +65,8 @@ def add_fixed(kernel: Kernel, c) -> Kernel:
         >>> from ntk_adapters.infinite.layers import input_kernel
         >>> k = input_kernel(np.ones((2, 3)))            # is_gaussian=False: mark it as a layer output
         >>> k = add_fixed(k.replace(is_gaussian=True), np.array([1.0, -1.0, 2.0]))
-        >>> float(k.nngp[0, 0]), float(k.mean1[0])        # 1 + (1 + 1 + 4)/3, (1 - 1 + 2)/3
-        (3.0, 0.6666666666666666)
+        >>> print(f"{float(k.nngp[0, 0]):.4f} {float(k.mean1[0]):.4f}")  # 1 + (1 + 1 + 4)/3, (1 - 1 + 2)/3
+        3.0000 0.6667
     """
     if not kernel.is_gaussian:
         raise ValueError("add_fixed needs a zero-mean Gaussian kernel (is_gaussian=True)")
@@ -82,17 +82,17 @@ def add_fixed(kernel: Kernel, c) -> Kernel:
     else:
         g = np.mean(c * c, axis=-1)
     dtype = kernel.nngp.dtype
-    g = jnp.asarray(g, dtype)
+    gram = jnp.asarray(g, dtype)
     n1, n2 = kernel.cov1.shape[0], kernel.cov2.shape[0]
-    m = jnp.asarray(m, dtype)
+    means = jnp.asarray(m, dtype)
     return kernel.replace(
-        nngp=kernel.nngp + g,
+        nngp=kernel.nngp + gram,
         ntk=kernel.ntk,
-        cov1=kernel.cov1 + g,
-        cov2=kernel.cov2 + g,
+        cov1=kernel.cov1 + gram,
+        cov2=kernel.cov2 + gram,
         is_gaussian=False,
-        mean1=jnp.broadcast_to(m, (n1, *spatial)),
-        mean2=jnp.broadcast_to(m, (n2, *spatial)),
+        mean1=jnp.broadcast_to(means, (n1, *spatial)),
+        mean2=jnp.broadcast_to(means, (n2, *spatial)),
     )
 
 

@@ -475,14 +475,14 @@ def add(*kernels: Kernel) -> Kernel:
     _check_compatible(kernels, "add")
     k0 = kernels[0]
     gaussian = all(k.is_gaussian for k in kernels)
-    means = [k.channel_means() for k in kernels]
-    known = not gaussian and all(m is not None for m in means)
+    means = [m for m in (k.channel_means() for k in kernels) if m is not None]
+    known = not gaussian and len(means) == len(kernels)
     return k0.replace(
         nngp=sum(k.nngp for k in kernels),
         ntk=None if k0.ntk is None else sum(k.ntk for k in kernels),
         cov1=sum(k.cov1 for k in kernels),
         cov2=sum(k.cov2 for k in kernels),
         is_gaussian=gaussian,
-        mean1=sum(m[0] for m in means) if known else None,
-        mean2=sum(m[1] for m in means) if known else None,
+        mean1=functools.reduce(jnp.add, [m[0] for m in means]) if known else None,
+        mean2=functools.reduce(jnp.add, [m[1] for m in means]) if known else None,
     )
