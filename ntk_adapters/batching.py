@@ -12,8 +12,11 @@ structure that evaluates the kernel in ``batch_size × batch_size`` tiles over `
 * with ``x2=None`` only the diagonal and upper tiles are evaluated; the lower ones are their
   transposes (trailing paired axes, e.g. the ``(O, O)`` of an empirical kernel with
   ``trace_axes=()``, swapped too);
-* results are assembled on the host (a NumPy array, or a ``.npy`` memory map on disk when
-  ``memmap_path`` is given), so the kernel may be larger than device memory;
+* results are assembled on the first device by in-place updates dispatched with the tiles (no
+  copy to the host, no final transfer), or, with ``store_on_host=True`` or ``memmap_path``, on
+  the host (a NumPy array or a ``.npy`` memory map on disk), so the kernel may be larger than
+  device memory; each group's copy to the host starts as soon as it is dispatched, overlapping
+  the next group's computation;
 * a memory-mapped computation records its finished tiles (:mod:`ntk_adapters.tile_store`), and
   the same call after a crash computes only the missing ones;
 * after ``jax.distributed.initialize`` the same call in every process splits the tiles over all
@@ -39,6 +42,7 @@ from ntk_adapters import tile_store
 from ntk_adapters.kernel_regression import CGConvergenceWarning, KernelRegressionResult, kernel_regression_cg
 from ntk_adapters.tiling import (
     AXIS,
+    DeviceTiles,
     Symmetry,
     _as_tiles,
     _candidate_perms,
@@ -95,10 +99,10 @@ def batch(
         batch and cannot be tiled.
       batch_size: tile edge. Need not divide ``N1`` or ``N2``: the last tile is padded to the same
         shape (so one compiled program serves every tile) and the padding sliced away.
-      store_on_host: return NumPy arrays (assembled in host memory) instead of device arrays. The
-        result is always assembled on the host; this only skips the final transfer to the first
-        device (which on a CPU backend briefly holds a second copy), so the kernel may exceed
-        device memory.
+      store_on_host: assemble the result in host memory and return NumPy arrays, so the kernel
+        may exceed device memory. The default (``False``) assembles it on the first device of
+        ``devices`` (padded to whole tiles while it is filled: up to one tile edge more rows and
+        columns) and returns device arrays.
       memmap_path: assemble the result in a ``.npy`` memory map at this path (readable later with
         ``np.load(path, mmap_mode='r')``) and return it; implies ``store_on_host``. With several
         outputs (a named tuple) each field ``f`` goes to ``<stem>_<f>.npy``. Finished tiles are
@@ -209,7 +213,11 @@ def batch(
 
         record = None
         done = np.zeros((t1, t2), bool)
-        if memmap_path is None:
+        on_device = None
+        if memmap_path is None and not store_on_host:
+            on_device = DeviceTiles(shapes, dtypes, (b1, b2), (t1, t2), devs[0])
+            bufs = list(on_device.bufs)
+        elif memmap_path is None:
             bufs = [np.empty(s, d) for s, d in zip(shapes, dtypes)]
         else:
             bufs, record, done = open_store(
@@ -218,6 +226,9 @@ def batch(
         state: dict = dict(perms=None)
 
         def write(tiles, outs, mirror):
+            if on_device is not None:
+                on_device.write(tiles, outs, state["perms"] if mirror else None)
+                return
             host = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(outs)]
             for k, (i, j) in enumerate(tiles):
                 r0, r1 = i * b1, min((i + 1) * b1, n1)
@@ -256,7 +267,12 @@ def batch(
                 )
                 # Dispatch the next group before fetching the previous one, so that the host copy
                 # overlaps with device work.
-                pending.append((group, prog(a, b, dynamic)))
+                outs = prog(a, b, dynamic)
+                if on_device is None:
+                    # Start the copy to host memory now: it proceeds while the next group computes.
+                    for leaf in jax.tree_util.tree_leaves(outs):
+                        leaf.copy_to_host_async()
+                pending.append((group, outs))
                 if len(pending) > 1:
                     done_tiles, outs = pending.pop(0)
                     write(done_tiles, outs, mirror)
@@ -285,6 +301,8 @@ def batch(
                 if any(not done[t] for t in upper + lower):
                     # Every process must see every diagonal tile before judging the symmetry.
                     _dist.barrier("ntk_adapters.batch: diagonal tiles done")
+                    if on_device is not None:
+                        bufs = list(on_device.bufs)
                     perms = resolve_perms(bufs if not multi else reopen(bufs), b1, n1)
                     if perms is None:
                         todo = share(upper + lower)
@@ -309,8 +327,8 @@ def batch(
             if multi:
                 _dist.barrier("ntk_adapters.batch: all tiles done")
                 bufs = reopen(bufs)
-        elif not store_on_host:
-            bufs = [jax.device_put(buf, devs[0]) for buf in bufs]
+        elif on_device is not None:
+            bufs = on_device.result(n1, n2)
         return jax.tree_util.tree_unflatten(out_def, bufs)
 
     def open_store(path, out_def, shapes, dtypes, grid, x1, x2, dynamic_host, static):
@@ -374,7 +392,7 @@ def batch(
                     )
                 perms.append(symmetry)
                 continue
-            diag_tiles = [np.asarray(buf[r : r + b, r : r + b]) for r in range(0, n, b)]
+            diag_tiles = [np.asarray(buf[r : min(r + b, n), r : min(r + b, n)]) for r in range(0, n, b)]
             for perm in _candidate_perms(trailing):
                 if all(_is_symmetric_under(t, perm) for t in diag_tiles):
                     perms.append(perm)

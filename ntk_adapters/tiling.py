@@ -172,3 +172,63 @@ def _tile_program(kernel_fn: Callable, devices: tuple, same: bool, treedef: Any,
     return jax.jit(
         jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=spec, check_vma=False)
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Assembly on a device
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("perms",))
+def _place(bufs: tuple, outs: tuple, rows: jax.Array, cols: jax.Array, perms: tuple) -> tuple:
+    """Write tile ``k`` of every output at ``(rows[k], cols[k])`` of its buffer, in place (the
+    buffers are donated), and its mirror image at ``(cols[k], rows[k])`` where ``perms`` gives the
+    trailing-axis permutation (``None``: no mirror)."""
+    placed = []
+    for buf, out, perm in zip(bufs, outs, perms):
+        zeros = (jnp.int32(0),) * (buf.ndim - 2)
+        for k in range(out.shape[0]):
+            buf = jax.lax.dynamic_update_slice(buf, out[k], (rows[k], cols[k]) + zeros)
+            if perm is not None:
+                mirror = jnp.transpose(out[k], (1, 0) + tuple(2 + p for p in perm))
+                buf = jax.lax.dynamic_update_slice(buf, mirror, (cols[k], rows[k]) + zeros)
+        placed.append(buf)
+    return tuple(placed)
+
+
+class DeviceTiles:
+    """The outputs of a tiled kernel assembled in buffers on one device.
+
+    Each group of tiles is placed by one compiled in-place update, dispatched asynchronously
+    like the tiles themselves, so the host only enqueues work: nothing is copied to host memory,
+    and the result is a device array without a final transfer. The buffers are padded to whole
+    tiles and cut to ``(n1, n2)`` once at the end.
+    """
+
+    def __init__(self, shapes: Sequence[tuple], dtypes: Sequence[Any], tile: tuple[int, int], grid: tuple, device):
+        self.tile = tile
+        self.device = device
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        self.bufs = tuple(
+            jax.jit(
+                functools.partial(jnp.zeros, (grid[0] * tile[0], grid[1] * tile[1]) + tuple(s[2:]), d),
+                out_shardings=sharding,
+            )()
+            for s, d in zip(shapes, dtypes)
+        )
+
+    def write(self, tiles: Sequence[tuple[int, int]], outs: Any, perms: Optional[Sequence] = None) -> None:
+        """Place ``tiles`` (``(i, j)`` tile indices) from ``outs`` (leaves ``(d, b1, b2, ...)``,
+        ``d ≥ len(tiles)``: entries past ``len(tiles)`` repeat the last tile), mirrored across the
+        diagonal with ``perms`` (one trailing-axis permutation per output) when given."""
+        leaves = [jax.device_put(leaf, self.device) for leaf in jax.tree_util.tree_leaves(outs)]
+        d = leaves[0].shape[0]
+        padded = list(tiles) + [tiles[-1]] * (d - len(tiles))
+        rows = jnp.asarray([i * self.tile[0] for i, _ in padded], jnp.int32)
+        cols = jnp.asarray([j * self.tile[1] for _, j in padded], jnp.int32)
+        perms_t = tuple(perms) if perms is not None else (None,) * len(leaves)
+        self.bufs = _place(self.bufs, tuple(leaves), rows, cols, perms_t)
+
+    def result(self, n1: int, n2: int) -> list:
+        """The assembled outputs, ``(n1, n2, ...)`` each."""
+        return [b if b.shape[:2] == (n1, n2) else b[:n1, :n2] for b in self.bufs]
