@@ -55,6 +55,7 @@ from ntk_adapters.empirical import check_finite
 from ntk_adapters.infinite import elementwise as _ew
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import masks as _masks
+from ntk_adapters.infinite import mixing as _mixing  # registers the rules of products with constant matrices
 from ntk_adapters.infinite import primitives as _primitives  # noqa: F401  (registers the primitive rules)
 from ntk_adapters.infinite import programs as _programs
 from ntk_adapters.infinite import rules as _rules
@@ -128,12 +129,16 @@ def _input_leaf(a1: jax.Array, a2: Optional[jax.Array], layout: str, name: str) 
 # Layout choice.
 
 
-def _needs_full(jaxpr, used_outputs=None, cache=None) -> bool:
-    """Whether an equation the outputs depend on pools over positions (needs the covariance between
-    positions)."""
+def _needs_full(jaxpr, used_outputs=None, cache=None, constants=None) -> bool:
+    """Whether an equation the outputs depend on pools over positions or mixes them with a constant
+    matrix (needs the covariance between positions). ``constants``: the variables of ``jaxpr`` that
+    hold constants of the model (its constant variables at the top level)."""
     cache = {} if cache is None else cache
+    constants = set(jaxpr.constvars) if constants is None else set(constants)
     for e, used in _programs.liveness(jaxpr, used_outputs, cache).eqns:
         name = e.primitive.name
+        if all(_programs.is_literal(v) or v in constants for v in e.invars):
+            constants.update(e.outvars)  # computed from constants alone (jnp.eye(T), A / A.sum(0))
         if name in ("reduce_window_sum", "avg_pool"):
             return True
         if name in ("reduce_sum", "reduce_max", "argmax") and e.invars:
@@ -141,10 +146,16 @@ def _needs_full(jaxpr, used_outputs=None, cache=None) -> bool:
             axes = e.params.get("axes", ())
             if nd >= 3 and axes and 0 not in axes and (nd - 1) not in axes:
                 return True
+        if _mixing.mixes_positions(e, constants):
+            return True
         sub = _programs.sub_jaxpr(e)
         if sub is not None:
             call = name in _programs.CALL_PRIMITIVES and len(used) == len(sub[0].outvars)
-            if _needs_full(sub[0], used if call else None, cache):
+            inner = set(sub[0].constvars)
+            if len(sub[0].invars) == len(e.invars):
+                # a constant passed into a called program is a constant there too
+                inner |= {v for v, o in zip(sub[0].invars, e.invars) if _programs.is_literal(o) or o in constants}
+            if _needs_full(sub[0], used if call else None, cache, inner):
                 return True
     return False
 

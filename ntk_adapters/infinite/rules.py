@@ -365,7 +365,8 @@ class PrimitiveContext:
         """``value`` with its pending elementwise function (if any) applied to its kernel."""
         if value.phi is None:
             return value
-        if not value.kernel.is_gaussian:
+        if not value.kernel.is_gaussian and value.axes is None:
+            # (a value in another axis order is refused by apply_phi, which says so)
             if eqn is not None:
                 raise self.error(eqn, _NON_GAUSSIAN)
             raise InfiniteWidthError(_NON_GAUSSIAN + "; " + _programs.SUGGEST)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ntk_adapters.infinite import elementwise as _ew
 from ntk_adapters.infinite import layers as _layers
+from ntk_adapters.infinite import programs as _programs
 from ntk_adapters.infinite.kernel import Kernel
 
 __all__ = [
@@ -86,6 +87,12 @@ class Value:
       deps: ids of every random linear layer this value depends on.
       source: for a value computed from one input leaf alone, that leaf's name (``x``,
         ``x['a']``, ``x[0]``), for messages.
+      axes: ``None`` when the traced array is ``(batch, *spatial, C)``; else which of those
+        canonical axes (0 the batch, ``1..D`` the positions, ``D + 1`` the channels) each traced
+        axis is (the output of a ``transpose``, or of a product mixing positions with a constant
+        matrix, :mod:`~ntk_adapters.infinite.mixing`). ``kernel`` and ``shape`` stay canonical, and
+        ``phi`` is set (the identity at least), so that any rule materializing the value refuses it
+        until a ``transpose`` restores the canonical order.
     """
 
     kernel: Kernel
@@ -96,6 +103,7 @@ class Value:
     fresh: Optional[int] = None
     deps: frozenset = frozenset()
     source: Optional[str] = None
+    axes: Optional[tuple] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +189,15 @@ def apply_phi(v: Value, n_points: int) -> Value:
     """
     phi = v.phi
     assert phi is not None, "apply_phi needs a value with a pending elementwise function"
+    if v.axes is not None:
+        from ntk_adapters.infinite.rules import InfiniteWidthError  # rules imports this module
+
+        raise InfiniteWidthError(
+            "an input-dependent value whose axes are not in the order (batch, *positions, channels) (since "
+            f"{phi.where or 'a transpose'}) reaches an operation other than a transpose, an elementwise function or "
+            "a product mixing positions with a constant matrix; transpose the value back first (e.g. "
+            f"jnp.einsum('nic,ij->njc', h, A) rather than jnp.tensordot(h, A, axes=(1, 0))); {_programs.SUGGEST}"
+        )
     factor = phi.linear
     form = None
     if factor is None:
