@@ -137,7 +137,7 @@ def test_reason_names_the_configuration():
 
 
 @pytest.mark.slow
-def test_standard_attention_weights_stay_random_as_width_grows():
+def test_standard_attention_weights_stay_random_as_width_grows(mc):
     # The property behind the default refusal, on the real module: over initializations, the
     # attention weight of one query on one key keeps a spread of order one as the input width grows
     # (the logits do not concentrate), unlike the normalized products x·x'/width a Dense layer's
@@ -152,7 +152,7 @@ def test_standard_attention_weights_stay_random_as_width_grows():
             (w,) = jax.tree_util.tree_leaves(state["intermediates"])
             return w[0, 0, 0, 0]
 
-        w = np.asarray(jax.lax.map(one, jax.random.split(jax.random.PRNGKey(3), n)), np.float64)
+        w = np.asarray(mc.jit(lambda k: jax.lax.map(one, k))(jax.random.split(jax.random.PRNGKey(3), n)), np.float64)
         return float(w.std())
 
     small, large = spread(16), spread(1024)
@@ -194,7 +194,7 @@ def _hand_init(key):
     )
 
 
-def test_infinite_heads_is_the_expectation_over_heads_on_deterministic_inputs():
+def test_infinite_heads_is_the_expectation_over_heads_on_deterministic_inputs(mc):
     x = jax.random.normal(jax.random.PRNGKey(7), (N, T, D))
     mask = jnp.tril(jnp.ones((T, T), bool))[None].repeat(N, 0).at[2, :, 3].set(False)
 
@@ -207,7 +207,9 @@ def test_infinite_heads_is_the_expectation_over_heads_on_deterministic_inputs():
         return jnp.outer(y, y), j @ j.T
 
     draws = 6000
-    nngp_s, ntk_s = jax.lax.map(draw, jax.random.split(jax.random.PRNGKey(1), draws), batch_size=500)
+    nngp_s, ntk_s = mc.jit(lambda keys: jax.lax.map(draw, keys, batch_size=500))(
+        jax.random.split(jax.random.PRNGKey(1), draws)
+    )
     weights = AttentionWeights(
         **{name: (VARS[name], SB**2, True) for name in VARS}, fan_in=D, num_heads=H, head_dim=HEAD, value_dim=HEAD
     )
