@@ -7,8 +7,9 @@ spectrum.
 
 Compared, each jitted and warmed up (compiled) before timing:
 
-* ``library``: ``ntk_adapters.predict.gradient_descent_mse`` (this ill-conditioned kernel is
-  eigendecomposed in float64 for finite times);
+* ``library``: ``ntk_adapters.predict.gradient_descent_mse`` (this kernel's ``cond·eps = 5·10⁻³``
+  is above the 3·10⁻³ where a float32 ``eigh`` stops being safely within the 1e-2 target, so finite
+  times are eigendecomposed in float64);
 * ``lib 'working'``: the same with ``eigh_precision='working'`` (a float32 ``eigh``);
 * ``NT algorithm``: neural-tangents' published ``gradient_descent_mse`` algorithm written out here:
   a Cholesky factorization (``cho_factor``/``cho_solve``) of the regularized kernel for ``t=None``,

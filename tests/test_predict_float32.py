@@ -256,3 +256,121 @@ def test_loss_that_is_not_a_scalar_is_named():
 
     with pytest.raises(TypeError, match=r"loss '.*broken' could not be evaluated"):
         predict.gradient_descent(broken, k, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The integrator's step budget: refused, never extrapolated
+# ---------------------------------------------------------------------------------------------
+
+
+def _stiff(n=6, spread=1e4, seed=7):
+    """A float64 kernel with eigenvalues from 1 to ``spread`` and the closed-form MSE flow."""
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    lam = np.geomspace(1.0, spread, n)
+    k = (q * lam) @ q.T
+    y = rng.standard_normal((n, 1))
+
+    def exact(tau):  # ½·mean loss: df/dτ = −K (f − y)/n from f_0 = 0
+        return q @ (-np.expm1(-lam[:, None] * tau / n) * (q.T @ y))
+
+    return k, y, exact, lam
+
+
+def _mse_loss(fx, y):
+    return 0.5 * jnp.mean((fx - y) ** 2)
+
+
+@pytest.mark.float64
+def test_ode_out_of_steps_is_refused_with_the_times_and_the_remedy():
+    k, y, exact, lam = _stiff()
+    # The fastest mode limits an explicit step to ~3.3·n/λ_max; reaching τ = 10·n/λ_min takes
+    # ~10⁴/3.3 ≈ 3000 steps, far beyond mxstep=200.
+    tau = np.array([0.01, 10.0]) * k.shape[0] / lam[0]
+    tight = predict.gradient_descent(_mse_loss, k, y, learning_rate=1.0, mxstep=200)
+    with pytest.raises(RuntimeError, match=r"mxstep=200 steps and stopped before step t = ") as err:
+        tight(tau)
+    message = str(err.value)
+    assert f"{tau[-1]:.4g}" in message and "larger mxstep" in message and "rtol" in message
+    reached = float(re.search(r"having reached t ≥ ([0-9.e+-]*[0-9])", message).group(1))
+    assert 0 <= reached < tau[-1]
+    # Under jit it cannot raise: the times not reached are NaN, the others are right.
+    jitted = jax.jit(tight)(jnp.asarray(tau))
+    assert np.all(np.isnan(np.asarray(jitted[-1])))
+    with pytest.raises(RuntimeError, match="mxstep=200"):
+        tight(None)  # t → ∞ runs out of steps in its first chunks too
+    # The same problem with the default budget: no error, and the exact flow.
+    fine = predict.gradient_descent(_mse_loss, k, y, learning_rate=1.0)(tau)
+    for i, s in enumerate(tau):
+        np.testing.assert_allclose(fine[i], exact(s), atol=1e-6)
+    np.testing.assert_allclose(jitted[0], exact(tau[0]), atol=1e-6)
+
+
+@pytest.mark.float64
+def test_ode_within_its_budget_does_not_complain():
+    k, y, exact, _ = _stiff(spread=10.0)
+    tau = np.array([0.0, 0.5, 3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = predict.gradient_descent(_mse_loss, k, y, learning_rate=0.5, mxstep=500)(tau / 0.5)
+    for i, s in enumerate(tau):
+        np.testing.assert_allclose(got[i], exact(s), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the Cholesky factor tells, and where float32's own eigh is used
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, reg", [("relu", 1e-4), ("relu", 1e-2), ("rbf", 1e-3), ("rbf", 0.0)])
+def test_cholesky_bounds_bracket_the_spectrum(name, reg):
+    from ntk_adapters.predict.linalg import TrainKernel
+
+    k, _, _, _ = _case(name, 300, m=1, seed=4)
+    kernel = TrainKernel(jnp.asarray(k), reg, False, "k")
+    lam = np.linalg.eigvalsh(np.asarray(kernel.k, np.float64))
+    chol = kernel.cholesky()
+    assert float(chol.lam_max) <= lam[-1] * (1 + 1e-12)
+    if bool(chol.nonsingular):
+        assert float(chol.lam_min) >= lam[0] * (1 - 1e-12)
+    assert lam[-1] * 0.9 <= kernel.lam_max() <= lam[-1] * (1 + 1e-12)  # the power-iteration value
+
+
+@pytest.mark.parametrize("name", ["relu", "rbf"])
+def test_auto_uses_float32_eigh_just_below_the_threshold_and_meets_the_target(name):
+    from ntk_adapters.predict.linalg import FLOAT64_EIGH_ABOVE
+
+    n, m = 1000, 200
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n + m, 4 if name == "relu" else 3))  # few dimensions: ill-conditioned
+    k_all = relu_ntk(x, x) if name == "relu" else rbf(x, x)
+    k, kt, y = k_all[:n, :n], k_all[n:, :n], rng.standard_normal((n, 2))
+    lam0 = np.linalg.eigvalsh(k)
+    assert lam0[-1] * EPS32 > 1.5 * FLOAT64_EIGH_ABOVE * max(lam0[0], 0)  # a ridge sets cond below
+    results = {}
+    for target in (0.8 * FLOAT64_EIGH_ABOVE, 1.5 * FLOAT64_EIGH_ABOVE):
+        c = target / EPS32
+        sigma = (lam0[-1] - c * max(lam0[0], 0)) / (c - 1)  # cond(K + σI)·eps32 = target
+        lam, vecs = np.linalg.eigh(k + sigma * np.eye(n))
+        assert lam[-1] / lam[0] * EPS32 == pytest.approx(target, rel=1e-6)
+        rate = 1.0 / y.size
+        steps = np.array([0.1 / lam[-1], 0.3 / lam[0], 3 / lam[0], 30 / lam[0]]) / rate
+        args = (k.astype(np.float32), y.astype(np.float32))
+        got = {}
+        for precision in ("auto", "working", "float64"):
+            predict_fn = predict.gradient_descent_mse(
+                *args, diag_reg=sigma, diag_reg_absolute_scale=True, eigh_precision=precision
+            )
+            got[precision] = predict_fn(jnp.asarray(steps, jnp.float32), 0.0, 0.0, kt.astype(np.float32))
+        coef = vecs.T @ y
+        for i, s in enumerate(steps):
+            grown = -np.expm1(-rate * lam * s)
+            assert _rel(got["auto"][0][i], vecs @ (grown[:, None] * coef)) < 1e-2
+            assert _rel(got["auto"][1][i], kt @ (vecs @ ((grown / lam)[:, None] * coef))) < 1e-2
+        results[target] = got
+    below, above = (results[t] for t in sorted(results))
+    # Below the threshold 'auto' is the float32 eigh itself; above, the float64 one.
+    for a, b in zip(below["auto"], below["working"]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(above["auto"], above["float64"]):
+        np.testing.assert_array_equal(a, b)

@@ -8,7 +8,6 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.ode import odeint
 
 from ntk_adapters.predict.checks import (
     ArrayLike,
@@ -27,6 +26,33 @@ from ntk_adapters.predict.mse import PredictFn
 _CHUNK_MAX = 4096.0
 #: ... at most this many chunks (about 2·10⁶ natural units in all).
 _CHUNKS = 512
+
+
+def _solve(dynamics: Callable, state, t0, t1, ts, args, rtol: float, atol: float, max_steps: int):
+    """Adaptive Dormand–Prince 5(4) from ``t0`` to ``t1`` (diffrax), the state at the sorted
+    ``ts`` (``None``: at ``t1``), and whether the step budget ran out before ``t1``.
+
+    diffrax reports an exhausted budget exactly (its result code) and leaves the unreached
+    outputs at ``inf``; nothing is extrapolated.
+    """
+    import diffrax  # imported here: ``import ntk_adapters`` stays fast
+
+    saveat = diffrax.SaveAt(t1=True) if ts is None else diffrax.SaveAt(ts=ts)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda tau, y, a: dynamics(y, tau, *a)),
+        diffrax.Dopri5(),
+        t0,
+        t1,
+        None,
+        state,
+        args,
+        saveat=saveat,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps,
+        throw=False,
+    )
+    exhausted = sol.result == diffrax.RESULTS.max_steps_reached
+    return sol.ys, sol.ts, exhausted
 
 
 def _loss_label(loss: Callable) -> str:
@@ -86,11 +112,14 @@ def gradient_descent(
     units of ``√η``), up to ``O(η)`` from the discrete iteration at a fixed step, with the
     build-up of the velocity over about ``1/(1 − μ)`` steps.
 
-    Integration: ``jax.experimental.ode.odeint`` (adaptive Dormand–Prince 5(4) with error
-    control; default tolerances ``sqrt(eps)/10`` of the dtype), any output times from one
-    integration, jit- and reverse-mode-friendly for finite times. The loss and its gradient are
-    watched along the path: where they stop being finite the state is frozen and the outputs from
-    then on are refused (eagerly: an error that says at which step; under ``jit``: NaN).
+    Integration: diffrax's adaptive Dormand–Prince 5(4) with error control (default tolerances
+    ``sqrt(eps)/10`` of the dtype), any output times from one integration, jit- and
+    reverse-mode-friendly for finite times. The loss and its gradient are watched along the path:
+    where they stop being finite the state is frozen and the outputs from then on are refused
+    (eagerly: an error that says at which step; under ``jit``: NaN). An integration that runs
+    out of its ``mxstep`` steps before the last asked time is refused the same way (eagerly: a
+    ``RuntimeError`` with the times reached and asked and the remedies; under ``jit``: NaN for the
+    times not reached), never extrapolated.
 
     Args:
       loss: ``loss(fx, y) -> scalar`` with ``fx`` and ``y`` shaped like ``y_train``.
@@ -100,7 +129,9 @@ def gradient_descent(
       learning_rate: ``η``, the unit of ``t`` and the inertia of the momentum ODE.
       momentum: ``μ`` in ``[0, 1)``, or ``None`` for plain gradient descent.
       trace_axes: neural-tangents' argument, checked against the kernel's shape.
-      rtol, atol, mxstep: integrator tolerances and step limit (per output time).
+      rtol, atol: integrator tolerances (relative, absolute).
+      mxstep: the most integrator steps (accepted and rejected) for one call with finite ``t``,
+        and for each chunk of ``t=None``.
 
     Returns:
       ``predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)``: ``t`` a
@@ -127,7 +158,7 @@ def gradient_descent(
     kernel.validate(warn=False)  # symmetric and PSD; the ODE needs no factorization
     k_flat = kernel.k
     # The natural time unit of a mean-normalized loss: the fastest mode relaxes in N·O/λ_max.
-    lam_max = kernel.cholesky().lam_max
+    lam_max = kernel.top_eigenvalue()
     unit = layout.size / jnp.maximum(lam_max, jnp.finfo(dtype).tiny)
     tol = math.sqrt(float(jnp.finfo(dtype).eps)) / 10
     rtol = tol if rtol is None else rtol
@@ -165,17 +196,12 @@ def gradient_descent(
     def integrate(flat_tau, f0, ft0, kt, unit):
         order = jnp.argsort(flat_tau)
         sorted_tau = flat_tau[order]
-        # odeint interpolates inside its last step; a request at τ = 0 comes before any step
-        # (0/0), so it is asked at the smallest positive time and then set to the initial state.
-        at_start = sorted_tau == 0
-        grid = jnp.concatenate([jnp.zeros((1,), dtype), jnp.where(at_start, jnp.finfo(dtype).tiny, sorted_tau)])
-        sol = odeint(dynamics, start(f0, ft0), grid, kt, unit, rtol=rtol, atol=atol, mxstep=mxstep)
+        end = jnp.maximum(sorted_tau[-1], jnp.finfo(dtype).tiny)  # all-zero times: a null span
+        ys, ts, _ = _solve(dynamics, start(f0, ft0), 0.0, end, sorted_tau, (kt, unit), rtol, atol, mxstep)
         inverse = jnp.argsort(order)
-
-        def pick(path, value0):
-            return jnp.where(at_start.reshape((-1,) + (1,) * value0.ndim), value0[None], path[1:])[inverse]
-
-        return pick(sol[0], f0), pick(sol[1], ft0), pick(sol[-1], jnp.zeros((), dtype))
+        # Outputs the integrator did not reach (step budget spent) are inf, never extrapolated.
+        reached = jnp.isfinite(ts)[inverse]
+        return ys[0][inverse], ys[1][inverse], ys[-1][inverse], reached
 
     @jax.jit
     def settle(f0, ft0, kt, unit):
@@ -185,20 +211,31 @@ def gradient_descent(
             return jnp.max(jnp.abs(b - a) / (atol + rtol * jnp.abs(b)), initial=0.0)
 
         def body(carry):
-            i, tau, state, _ = carry
+            i, tau, state, _, _ = carry
             length = jnp.clip(tau, unit, _CHUNK_MAX * unit)
-            sol = odeint(dynamics, state, jnp.stack([tau, tau + length]), kt, unit, rtol=rtol, atol=atol)
-            new = tuple(x[1] for x in sol)
+            ys, _, exhausted = _solve(dynamics, state, tau, tau + length, None, (kt, unit), rtol, atol, mxstep)
+            new = tuple(jnp.where(exhausted, old, x[-1]) for old, x in zip(state, ys))
             still = jnp.maximum(changed(state[0], new[0]), changed(state[1], new[1]))
-            return i + 1, tau + length, new, still <= 10
+            return i + 1, jnp.where(exhausted, tau, tau + length), new, still <= 10, exhausted
 
         def cond(carry):
-            i, _, state, done = carry
-            return (i < _CHUNKS) & ~done & (state[-1] <= bad_level)
+            i, _, state, done, exhausted = carry
+            return (i < _CHUNKS) & ~done & ~exhausted & (state[-1] <= bad_level)
 
-        init = (jnp.zeros((), jnp.int32), jnp.zeros((), dtype), start(f0, ft0), jnp.zeros((), bool))
-        _, tau, state, done = jax.lax.while_loop(cond, body, init)
-        return state[0], state[1], state[-1], tau, done
+        false = jnp.zeros((), bool)
+        init = (jnp.zeros((), jnp.int32), jnp.zeros((), dtype), start(f0, ft0), false, false)
+        _, tau, state, done, exhausted = jax.lax.while_loop(cond, body, init)
+        return state[0], state[1], state[-1], tau, done, exhausted
+
+    def out_of_steps(reached: float, asked: float) -> None:
+        raise RuntimeError(
+            f"gradient_descent: the ODE integrator spent its mxstep={mxstep} steps and stopped "
+            f"before step t = {asked:.4g} (physical time {asked * learning_rate:.4g}), having reached "
+            f"t ≥ {reached:.4g}. No output past that is returned (it would be an extrapolation). "
+            f"The flow is too stiff or too long for these tolerances (rtol={rtol:g}, atol={atol:g}): "
+            "pass a larger mxstep, ask for earlier times or use a smaller learning_rate "
+            "(fewer natural time units N·O/λ_max), or loosen rtol/atol"
+        )
 
     def refuse(where: str) -> None:
         raise FloatingPointError(
@@ -220,8 +257,12 @@ def gradient_descent(
             if not (np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(g)))):
                 refuse("at t = 0 (the initial outputs fx_train_0)")
         if t is None:
-            train, test, bad, tau, done = settle(init.f0, init.ft0, init.kt, unit)
+            train, test, bad, tau, done, exhausted = settle(init.f0, init.ft0, init.kt, unit)
             if concrete(done) is not None:
+                if bool(exhausted):
+                    step = float(tau) / learning_rate
+                    length = min(max(float(tau), float(unit)), _CHUNK_MAX * float(unit)) / learning_rate
+                    out_of_steps(step, step + length)
                 if float(bad) > bad_level:
                     refuse(f"from step t ≈ {(float(tau) - float(bad) * float(unit)) / learning_rate:.4g} on")
                 if not bool(done):
@@ -231,18 +272,25 @@ def gradient_descent(
                         f"{float(tau):.4g} = {float(tau / unit):.3g} · N·O/λ_max). Losses without a "
                         "minimizer (cross-entropy on separable data) grow forever; pass finite t"
                     )
-            invalid = (bad > bad_level) | ~done
+            invalid = (bad > bad_level) | ~done | exhausted
             train, test = (jnp.where(invalid, jnp.nan, v) for v in (train, test))
         else:
             steps = times(t, dtype, allow_inf=False)
             flat = steps.reshape(-1) * learning_rate
-            train, test, bad = integrate(flat, init.f0, init.ft0, init.kt, unit)
+            train, test, bad, reached = integrate(flat, init.f0, init.ft0, init.kt, unit)
+            reached_value = concrete(reached)
+            if reached_value is not None and not np.all(reached_value):
+                tau = np.asarray(flat)
+                done_tau = tau[reached_value]
+                out_of_steps(
+                    float(done_tau.max()) / learning_rate if done_tau.size else 0.0, float(tau.max()) / learning_rate
+                )
             bad_value = concrete(bad)
             if bad_value is not None and np.any(bad_value > bad_level):
                 i = int(np.argmax(np.where(bad_value > bad_level, -bad_value, -np.inf)))
                 first = float(np.asarray(flat)[i]) - float(bad_value[i]) * float(unit)
                 refuse(f"from step t ≈ {first / learning_rate:.4g} on (asked for t up to {float(steps.max()):.4g})")
-            invalid = (bad > bad_level)[:, None, None]
+            invalid = ((bad > bad_level) | ~reached)[:, None, None]
             train, test = (jnp.where(invalid, jnp.nan, v) for v in (train, test))
             train = train.reshape(steps.shape + init.f0.shape)
             test = test.reshape(steps.shape + init.ft0.shape)
