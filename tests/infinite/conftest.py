@@ -71,6 +71,19 @@ def monte_carlo(model, x1, x2=None, *, n_samples=64, seed=0, want_ntk=True, chun
     return np.asarray(tot_n) / n_samples, np.asarray(tot_k) / n_samples
 
 
+def nngp_with_stderr(model, x, n_samples, seed=0):
+    """Mean and standard error over ``n_samples`` fresh initializations of ``f(x) f(x)ᵀ / O``
+    (``f(x)`` of shape ``(N, O)``), in float64."""
+
+    def one(key):
+        y = model.apply_fn(model.init_fn(key, x), x)
+        return y @ y.T / y.shape[1]
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_samples)
+    draws = np.asarray(mc_jit(lambda k: jax.lax.map(one, k))(keys), np.float64)
+    return draws.mean(0), draws.std(0, ddof=1) / np.sqrt(n_samples)
+
+
 def rel_err(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -88,12 +101,13 @@ def x_img():
 
 class _Helpers:
     monte_carlo = staticmethod(monte_carlo)
+    nngp_with_stderr = staticmethod(nngp_with_stderr)
     rel_err = staticmethod(rel_err)
     jit = staticmethod(mc_jit)
 
 
 @pytest.fixture(scope="session")
 def mc():
-    """``mc.monte_carlo(model, x1, x2=None, ...)``, ``mc.rel_err(a, b)`` and ``mc.jit`` (for
-    hand-written sampling loops)."""
+    """``mc.monte_carlo(model, x1, x2=None, ...)``, ``mc.nngp_with_stderr(model, x, n)``,
+    ``mc.rel_err(a, b)`` and ``mc.jit`` (for hand-written sampling loops)."""
     return _Helpers

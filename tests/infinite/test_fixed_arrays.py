@@ -129,18 +129,6 @@ class _PositionNet(nn.Module):
         return nn.Dense(4)(h.mean(axis=1))
 
 
-def _mc_nngp(model, x, n_samples, seed=0):
-    """Mean and standard error over fresh Flax initializations of ``f(x) f(x)ᵀ / O``."""
-
-    def one(key):
-        y = model.apply_fn(model.init_fn(key, x), x)
-        return y @ y.T / y.shape[1]
-
-    keys = jax.random.split(jax.random.PRNGKey(seed), n_samples)
-    draws = np.asarray(jax.jit(lambda k: jax.lax.map(one, k))(keys), np.float64)
-    return draws.mean(0), draws.std(0, ddof=1) / np.sqrt(n_samples)
-
-
 def _forget_the_means(monkeypatch):
     """The engine as it would be if LayerNorm took the second moments for covariances."""
 
@@ -158,7 +146,7 @@ def test_monte_carlo_over_lm1b_position_embeddings(mc, monkeypatch):
     for width, n_samples in ((4, 500), (256, 2000)):
         model = nflax.adapt(_PositionNet(width), None, IDS)
         k = infinite_kernel_fn(model)(IDS)
-        mean, se = _mc_nngp(model, IDS, n_samples)
+        mean, se = mc.nngp_with_stderr(model, IDS, n_samples)
         errs.append(mc.rel_err(mean, k.nngp))
         z.append(float(np.max(np.abs(mean - np.asarray(k.nngp)) / se)))
     assert errs[1] < errs[0], (errs, z)

@@ -132,19 +132,6 @@ def test_carry_keeps_only_the_leaf_itself():
     assert carry("slice", {}, (5, 8), (3, 8), False) is None
 
 
-def _mc_nngp(mc, model, x, n_samples, seed=0):
-    """Mean and standard error over fresh Haiku initializations of ``f(x) f(x)ᵀ / O``."""
-
-    def one(key):
-        y = model.apply_fn(model.init_fn(key, x), x)
-        return y @ y.T / y.shape[1]
-
-    draws = np.asarray(
-        mc.jit(lambda keys: jax.lax.map(one, keys))(jax.random.split(jax.random.PRNGKey(seed), n_samples))
-    )
-    return draws.mean(0), draws.std(0, ddof=1) / np.sqrt(n_samples)
-
-
 def _mc_net(width):
     def f(ids):
         h = hk.Embed(V, width, w_init=hk.initializers.RandomNormal(1.0))(ids)
@@ -162,7 +149,7 @@ def test_monte_carlo_over_haiku_initializations(mc):
     for width in (4, 256):
         model = nhaiku.adapt(_mc_net(width), None, IDS)
         k = infinite_kernel_fn(model)(IDS)
-        mean, se = _mc_nngp(mc, model, IDS, 2048)
+        mean, se = mc.nngp_with_stderr(model, IDS, 2048)
         errs.append(mc.rel_err(mean, k.nngp))
         z.append(float(np.max(np.abs(mean - np.asarray(k.nngp)) / se)))
     assert errs[1] < errs[0], (errs, z)
