@@ -84,6 +84,24 @@ def nngp_with_stderr(model, x, n_samples, seed=0):
     return draws.mean(0), draws.std(0, ddof=1) / np.sqrt(n_samples)
 
 
+def check_convergence(build, x, *, widths, tol_nngp, tol_ntk, n_nngp, n_ntk):
+    """The engine against Monte Carlo over ``build(width, x)``'s own initializations: the NNGP and
+    NTK errors fall from the first width to the last, and are below the tolerances there."""
+    from ntk_adapters.infinite import infinite_kernel_fn
+
+    errs = []
+    for w in widths:
+        model = build(w, x)
+        k = infinite_kernel_fn(model)(x)
+        # Compilation dominates the cost, so each estimate is one compiled call over all its samples.
+        nngp, _ = monte_carlo(model, x, n_samples=n_nngp, want_ntk=False, chunk=n_nngp)
+        _, ntk = monte_carlo(model, x, n_samples=n_ntk, chunk=n_ntk)
+        errs.append((rel_err(nngp, k.nngp), rel_err(ntk, k.ntk)))
+    (n0, t0), (n1, t1) = errs[0], errs[-1]
+    assert n1 < n0 and t1 < t0, errs
+    assert n1 < tol_nngp and t1 < tol_ntk, errs
+
+
 def rel_err(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -102,6 +120,7 @@ def x_img():
 class _Helpers:
     monte_carlo = staticmethod(monte_carlo)
     nngp_with_stderr = staticmethod(nngp_with_stderr)
+    check_convergence = staticmethod(check_convergence)
     rel_err = staticmethod(rel_err)
     jit = staticmethod(mc_jit)
 
@@ -109,5 +128,6 @@ class _Helpers:
 @pytest.fixture(scope="session")
 def mc():
     """``mc.monte_carlo(model, x1, x2=None, ...)``, ``mc.nngp_with_stderr(model, x, n)``,
+    ``mc.check_convergence(build, x, ...)``,
     ``mc.rel_err(a, b)`` and ``mc.jit`` (for hand-written sampling loops)."""
     return _Helpers

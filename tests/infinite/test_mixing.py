@@ -230,16 +230,7 @@ def haiku_graph(width, x):
 @pytest.mark.slow
 @pytest.mark.parametrize("build", [flax_graph, haiku_graph], ids=["flax", "haiku"])
 def test_mixing_converges(mc, build, x_seq):
-    errs = []
-    for width in WIDTHS:
-        model = build(width, x_seq)
-        k = infinite_kernel_fn(model)(x_seq)
-        nngp, _ = mc.monte_carlo(model, x_seq, n_samples=N_NNGP, want_ntk=False, chunk=N_NNGP)
-        _, ntk = mc.monte_carlo(model, x_seq, n_samples=N_NTK, chunk=N_NTK)
-        errs.append((mc.rel_err(nngp, k.nngp), mc.rel_err(ntk, k.ntk)))
-    (n0, t0), (n1, t1) = errs
-    assert n1 < n0 and t1 < t0, errs
-    assert n1 < TOL_NNGP and t1 < TOL_NTK, errs
+    mc.check_convergence(build, x_seq, widths=WIDTHS, tol_nngp=TOL_NNGP, tol_ntk=TOL_NTK, n_nngp=N_NNGP, n_ntk=N_NTK)
 
 
 # ----------------------------------------------------------------------------------------------

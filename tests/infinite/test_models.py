@@ -42,18 +42,7 @@ def haiku_mlp(width, x):
 
 
 def check_convergence(mc, build, x, widths=WIDTHS, tol_nngp=TOL_NNGP, tol_ntk=TOL_NTK, n_nngp=N_NNGP, n_ntk=N_NTK):
-    errs = []
-    for w in widths:
-        model = build(w, x)
-        k = infinite_kernel_fn(model)(x)
-        # Compilation dominates the cost, so each estimate is one compiled call over all its samples.
-        nngp, _ = mc.monte_carlo(model, x, n_samples=n_nngp, want_ntk=False, chunk=n_nngp)
-        _, ntk = mc.monte_carlo(model, x, n_samples=n_ntk, chunk=n_ntk)
-        errs.append((mc.rel_err(nngp, k.nngp), mc.rel_err(ntk, k.ntk)))
-    (n0, t0), (n1, t1) = errs[0], errs[-1]
-    assert n1 < n0 and t1 < t0, errs
-    assert n1 < tol_nngp and t1 < tol_ntk, errs
-    return errs
+    mc.check_convergence(build, x, widths=widths, tol_nngp=tol_nngp, tol_ntk=tol_ntk, n_nngp=n_nngp, n_ntk=n_ntk)
 
 
 @pytest.mark.slow
