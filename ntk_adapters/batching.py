@@ -214,9 +214,9 @@ def batch(
         record = None
         done = np.zeros((t1, t2), bool)
         on_device = None
+        bufs: list = []  # host buffers; a device result lives in on_device.bufs, replaced at every write
         if memmap_path is None and not store_on_host:
             on_device = DeviceTiles(shapes, dtypes, (b1, b2), (t1, t2), devs[0])
-            bufs = list(on_device.bufs)
         elif memmap_path is None:
             bufs = [np.empty(s, d) for s, d in zip(shapes, dtypes)]
         else:
@@ -302,8 +302,10 @@ def batch(
                     # Every process must see every diagonal tile before judging the symmetry.
                     _dist.barrier("ntk_adapters.batch: diagonal tiles done")
                     if on_device is not None:
-                        bufs = list(on_device.bufs)
-                    perms = resolve_perms(bufs if not multi else reopen(bufs), b1, n1)
+                        written = list(on_device.bufs)
+                    else:
+                        written = reopen(bufs) if multi else bufs
+                    perms = resolve_perms(written, b1, n1)
                     if perms is None:
                         todo = share(upper + lower)
                         if bar is not None:

@@ -35,7 +35,6 @@ import numpy as np
 from ntk_adapters.infinite import fixed_arrays as _fixed
 from ntk_adapters.infinite import learned_arrays as _learned
 from ntk_adapters.infinite import masks as _masks
-from ntk_adapters.infinite import mixing as _mixing
 from ntk_adapters.infinite import primitives as _primitives
 from ntk_adapters.infinite import programs as _programs
 from ntk_adapters.infinite import rules as _rules
@@ -273,9 +272,6 @@ class Interpreter(ModuleCalls):
         name = eqn.primitive.name
         if name in _NO_RULE:
             return _NO_RULE[name]
-        if name == "dot_general":
-            # reached only if the rule of ntk_adapters.infinite.mixing is unregistered
-            return _mixing.PRODUCT_OF_VALUES if sum(is_value(v) for v in invals) == 2 else _mixing.PARAMETER_PRODUCT
         return "this operation has no infinite-width rule"
 
     # -- messages about non-Gaussian values ----------------------------------------------------

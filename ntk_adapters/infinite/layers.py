@@ -475,7 +475,8 @@ def add(*kernels: Kernel) -> Kernel:
     _check_compatible(kernels, "add")
     k0 = kernels[0]
     gaussian = all(k.is_gaussian for k in kernels)
-    means = [m for m in (k.channel_means() for k in kernels) if m is not None]
+    # A Gaussian sum has mean zero, so the means are only read for a sum that is not.
+    means = [] if gaussian else [m for m in (k.channel_means() for k in kernels) if m is not None]
     known = not gaussian and len(means) == len(kernels)
     return k0.replace(
         nngp=sum(k.nngp for k in kernels),

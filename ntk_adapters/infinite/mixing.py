@@ -45,10 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_adapters.infinite import primitives as _primitives  # noqa: F401  (its shape rules are wrapped here)
 from ntk_adapters.infinite import programs as _programs
 from ntk_adapters.infinite.kernel import Kernel
-from ntk_adapters.infinite.rules import PrimitiveContext, lookup_primitive_rule, register_primitive_rule
+from ntk_adapters.infinite.rules import PrimitiveContext, register_primitive_rule
 from ntk_adapters.infinite.values import Concrete, Parameter, Phi, Value, apply_phi, is_value, new_id
 
 __all__ = ["PRODUCT_OF_VALUES", "PARAMETER_PRODUCT", "mix_positions", "mixes_positions"]
@@ -132,9 +131,9 @@ def mix_positions(kernel: Kernel, a, dim: int) -> Kernel:
     changes["cov2"] = changes["cov1"] if kernel.same_inputs else both(kernel.cov2, 1)
     if vector and len(spatial) == 1:
         changes["layout"] = "none"
-    if getattr(kernel, "mean1", None) is not None:
+    if kernel.mean1 is not None:
         changes["mean1"] = once(kernel.mean1)
-        changes["mean2"] = once(getattr(kernel, "mean2", None))
+        changes["mean2"] = once(kernel.mean2)
     return kernel.replace(**changes)
 
 
@@ -192,33 +191,6 @@ def _transpose_rule(eqn, invals, ctx: PrimitiveContext):
 
 
 register_primitive_rule("transpose", _transpose_rule)
-
-_RESHAPED = (
-    "reshapes or broadcasts an input-dependent value whose axes are not in the order (batch, *positions, "
-    "channels): its entries would no longer be those of a kernel in that order; transpose it back first"
-)
-
-
-def _keeping_order(rule):
-    """``rule`` (of a shape primitive) for values in canonical order; a permuted value passes only
-    through an equation that leaves its traced shape unchanged."""
-
-    def guarded(eqn, invals, ctx: PrimitiveContext):
-        v = invals[0]
-        if not (is_value(v) and v.axes is not None):
-            return rule(eqn, invals, ctx)
-        if tuple(eqn.invars[0].aval.shape) != tuple(eqn.outvars[0].aval.shape):
-            raise ctx.error(eqn, _RESHAPED)
-        return [v]
-
-    return guarded
-
-
-for _name in ("reshape", "broadcast_in_dim"):
-    _rule = lookup_primitive_rule(_name)
-    assert _rule is not None, f"the rule of {_name} is registered by ntk_adapters.infinite.primitives"
-    register_primitive_rule(_name, _keeping_order(_rule))
-
 
 # ----------------------------------------------------------------------------------------------
 # Products with a constant matrix.

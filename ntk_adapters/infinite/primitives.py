@@ -41,10 +41,27 @@ __all__ = ["elementwise_program"]
 # Shapes.
 
 
+_REORDERED = (
+    "reshapes or broadcasts an input-dependent value whose axes are not in the order (batch, *positions, "
+    "channels): its entries would no longer be those of a kernel in that order; transpose it back first"
+)
+
+
+def _reordered(eqn, v: Value, ctx: PrimitiveContext) -> list:
+    """A value whose traced axes are in another order (``Value.axes``, see
+    :mod:`~ntk_adapters.infinite.mixing`) passes a shape operation only when it leaves the traced
+    shape as it is: its ``shape`` is canonical, so it cannot be compared with the new shape."""
+    if tuple(eqn.invars[0].aval.shape) != tuple(eqn.outvars[0].aval.shape):
+        raise ctx.error(eqn, _REORDERED)
+    return [v]
+
+
 def _reshape_rule(eqn, invals, ctx: PrimitiveContext):
     v = invals[0]
     if not is_value(v):
         raise ctx.error(eqn, "reshape of a value with a dynamic shape")
+    if v.axes is not None:
+        return _reordered(eqn, v, ctx)
     new = tuple(eqn.params["new_sizes"])
     if new[0] != ctx.batch:
         raise ctx.error(eqn, f"reshape to {new} mixes the batch axis with the features")
@@ -66,6 +83,8 @@ def _reshape_rule(eqn, invals, ctx: PrimitiveContext):
 
 def _broadcast_rule(eqn, invals, ctx: PrimitiveContext):
     v = invals[0]
+    if is_value(v) and v.axes is not None:
+        return _reordered(eqn, v, ctx)
     new = tuple(eqn.params["shape"][1:])
     if new == v.shape:
         return [v]
