@@ -54,6 +54,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _version(module) -> tuple[int, ...]:
+    return tuple(int(part) for part in module.__version__.split(".")[:2] if part.isdigit())
+
+
+def pytest_configure(config):
+    # pytest 9.2 stores node ids where pytest-xdist (3.8) cannot append the group, so --dist
+    # loadgroup silently ignores xdist_group and every worker rebuilds the shared fixtures.
+    if hasattr(config, "workerinput") or getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    import xdist
+
+    if _version(pytest) >= (9, 2) and _version(xdist) <= (3, 8):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} ignores xdist_group "
+            "under --dist loadgroup; install the versions pinned in pyproject.toml ('.[test]')"
+        )
+
+
 @pytest.fixture(scope="session")
 def arccos_nngp():
     return relu_nngp_by_hand
