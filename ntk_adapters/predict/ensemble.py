@@ -30,7 +30,6 @@ from ntk_adapters.predict.linalg import (
     EighPrecision,
     EighRoute,
     TrainKernel,
-    _cond_eps,
     _eigen,
     _highest,
 )
@@ -116,13 +115,23 @@ def _moments_solved(y_flat, theta_xX, k_xX, k_xx, prior, solved_y, solved_cross,
     return mean, _sym(k_xx - ak - ak.T + a_t @ prior @ a_t.T)
 
 
-@functools.partial(jax.jit, static_argnames=("name", "compute_cov", "route", "always"))
-def _train_limit_traced(k, chol, y_flat, prior, name, compute_cov, route: EighRoute, always: bool):
+def _checked_outputs(y_flat, theta_xX, compute_cov):
+    """What a float32 ``eigh`` is checked on (:meth:`TrainKernel.eigen_for`): the mean's solve
+    ``Θ⁻¹ Y`` seen through ``Θ(x, X)``, and for a covariance also ``Θ⁻¹ Θ(X, x)`` (each block scaled
+    to unit norm, so neither hides the other's error)."""
+    if not compute_cov or theta_xX is None:
+        return y_flat, theta_xX
+    unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a), jnp.finfo(a.dtype).tiny)
+    return jnp.concatenate([unit(y_flat), unit(theta_xX.T)], axis=1), theta_xX
+
+
+@functools.partial(jax.jit, static_argnames=("name", "compute_cov", "route"))
+def _train_limit_traced(k, chol, y_flat, prior, name, compute_cov, route: EighRoute):
     def regular(_):
         return y_flat, (jnp.zeros_like(prior) if compute_cov else None)
 
     def singular(_):
-        eig = _eigen(k, _cond_eps(chol), route, always)
+        eig = _eigen(k, route)
         mean, cov = _moments_at(
             eig,
             1.0,
@@ -143,7 +152,7 @@ def _train_limit_traced(k, chol, y_flat, prior, name, compute_cov, route: EighRo
 def _train_limit(kernel: TrainKernel, y_flat, prior, name, compute_cov):
     """t → ∞ on the training points: ``N(y_train, 0)``, or the flow's limit for a singular kernel."""
     if kernel.traced:
-        return _train_limit_traced(kernel.k, kernel.cholesky(), y_flat, prior, name, compute_cov, *kernel._route())
+        return _train_limit_traced(kernel.k, kernel.cholesky(), y_flat, prior, name, compute_cov, kernel._route())
     if kernel.nonsingular():
         return y_flat, (jnp.zeros_like(prior) if compute_cov else None)
     inf = jnp.full((1,), jnp.inf, kernel.dtype)
@@ -418,9 +427,8 @@ def gradient_descent_mse_ensemble(
             elif steps is None:
                 mean, cov = _test_limit(kernels[n], *args, n, compute_cov)
             else:
-                mean, cov = _moments_at(
-                    kernels[n].eigen(), rate * lr, steps.reshape(-1), *args, name=n, compute_cov=compute_cov
-                )
+                eig = kernels[n].eigen_for(*_checked_outputs(y_flat, theta_xX, compute_cov))
+                mean, cov = _moments_at(eig, rate * lr, steps.reshape(-1), *args, name=n, compute_cov=compute_cov)
                 mean = mean.reshape(steps.shape + mean.shape[1:])
                 if compute_cov:
                     cov = cov.reshape(steps.shape + cov.shape[1:])
