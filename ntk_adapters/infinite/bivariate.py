@@ -116,7 +116,6 @@ def bvn_upper(h: Array, k: Array, rho: Array) -> Array:
     sn = jnp.sin(asr[..., None] * (x + 1) / 2)
     hk, hs = (h * k)[..., None], ((h * h + k * k) / 2)[..., None]
     lowval = (w * jnp.exp((sn * hk - hs) / (1 - sn * sn))).sum(-1) * asr / (2 * two_pi)
-    lowval = lowval + norm_cdf(-h) * norm_cdf(-k)
 
     # High correlation, reduced to ρ > 0 by Y -> -Y.
     neg = rho < 0
@@ -127,16 +126,23 @@ def bvn_upper(h: Array, k: Array, rho: Array) -> Array:
     a_s = (1 - r_hi) * (1 + r_hi)
     a = jnp.sqrt(a_s)
     bs = (h - kk) ** 2
+    b = jnp.abs(h - kk)  # not sqrt(bs): a finite gradient at h = k
+    # Every Φ below in one call: each expands to a few hundred operations (erfc), and compile time
+    # grows with the graph. The ρ < 0 gap P(h < X < k) is Φ(hi) − Φ(lo), taken in the tail where
+    # it does not cancel.
+    left = h < 0
+    cdf = norm_cdf(jnp.stack([-h, -k, -b / a, -jnp.maximum(h, kk), jnp.where(left, h, -kk), jnp.where(left, kk, -h)]))
+    lowval = lowval + cdf[0] * cdf[1]
+
     c = (4 - hkp) / 8
     d = (12 - hkp) / 16
     # ∫_0^a e^{−bs/(2x²)} e^{−hk/2} (1 + c x² + c d x⁴) dx in closed form ...
     exact = a * jnp.exp(-(bs / a_s + hkp) / 2) * (1 - c * (bs - a_s) * (1 - d * bs / 5) / 3 + c * d * a_s * a_s / 5)
-    b = jnp.abs(h - kk)  # not sqrt(bs): a finite gradient at h = k
     tail_ok = hkp > -160
     hk_safe = jnp.where(tail_ok, hkp, 0.0)
     exact = exact - jnp.where(
         tail_ok,
-        jnp.exp(-hk_safe / 2) * math.sqrt(two_pi) * norm_cdf(-b / a) * b * (1 - c * bs * (1 - d * bs / 5) / 3),
+        jnp.exp(-hk_safe / 2) * math.sqrt(two_pi) * cdf[2] * b * (1 - c * bs * (1 - d * bs / 5) / 3),
         0.0,
     )
     # ... and the smooth remainder on 20 nodes of [0, a].
@@ -156,9 +162,9 @@ def bvn_upper(h: Array, k: Array, rho: Array) -> Array:
     )
     integral = (exact + rest) / two_pi  # ∫_{|ρ|}^1 φ2(h, ±k; r) dr
     integral = jnp.where(inside, integral, 0.0)
-    upper_pos = norm_cdf(-jnp.maximum(h, kk)) - integral
+    upper_pos = cdf[3] - integral
     # ρ < 0: P(X > h, Y > k) = P(X > h) − P(X > h, −Y > −k) with −Y of correlation |ρ|.
-    gap = jnp.where(h < 0, norm_cdf(kk) - norm_cdf(h), norm_cdf(-h) - norm_cdf(-kk))
+    gap = cdf[5] - cdf[4]
     upper_neg = integral + jnp.where(kk > h, gap, 0.0)
     highval = jnp.where(neg, upper_neg, upper_pos)
     return jnp.clip(jnp.where(low, lowval, highval), 0.0, 1.0)

@@ -78,17 +78,28 @@ def _end(x: float) -> Optional[float]:
 class _Bivariate:
     """``E[w1^m w2^n 1_1 1_2]`` for ``(w1, w2) ~ N((μ1, μ2), [[q1, c], [c, q2]])``, ``|ρ| < 1``, memoized."""
 
-    def __init__(self, mu1, mu2, q1, q2, c, s1, s2, rho, one_minus_r2):
+    def __init__(self, mu1, mu2, q1, q2, c, s1, s2, rho, one_minus_r2, kmax: int = 0):
         self.mu1, self.mu2, self.q1, self.q2, self.c = mu1, mu2, q1, q2, c
         self.s1, self.s2, self.rho, self.omr = s1, s2, rho, one_minus_r2
+        self.kmax = kmax  # the highest power the forms have: conditional moments up to it at once
         self.cache: dict = {}
+        self.conditionals: dict = {}
 
     def density(self, which, t):
         mu, s = (self.mu1, self.s1) if which == 1 else (self.mu2, self.s2)
         return norm_pdf((t - mu) / s) / s
 
     def conditional(self, which: int, kmax: int, ind, t_other):
-        """Moments of ``w_which`` times its indicator given the other variable at ``t_other``."""
+        """Moments of ``w_which`` times its indicator given the other variable at ``t_other``,
+        memoized (up to the highest order asked so far: each carries a ``Φ``)."""
+        key = (which, None if ind is None else tuple(ind), float(t_other))
+        cached = self.conditionals.get(key)
+        if cached is None or len(cached) <= kmax:
+            cached = self._conditional(which, max(kmax, self.kmax), ind, t_other)
+            self.conditionals[key] = cached
+        return cached
+
+    def _conditional(self, which: int, kmax: int, ind, t_other):
         if which == 2:
             mean = self.mu2 + self.c / self.q1 * (t_other - self.mu1)
             var = self.q2 * self.omr
@@ -145,6 +156,7 @@ class _Bivariate:
 
 
 def _pair_bivariate(f: PiecewiseForm, g: PiecewiseForm, q1, q2, c, s1, s2, rho, omr):
+    kmax = max(m for h in (f, g) for _, _, piece in h.intervals() for m, _, _ in piece)
     engines: dict = {}
     inds: dict = {}
     work = []
@@ -157,7 +169,7 @@ def _pair_bivariate(f: PiecewiseForm, g: PiecewiseForm, q1, q2, c, s1, s2, rho, 
                     if (a, b) not in engines:
                         mu1, mu2 = a * q1 + b * c, a * c + b * q2
                         tilt = jnp.exp((a * a * q1 + 2 * a * b * c + b * b * q2) / 2) if (a or b) else 1.0
-                        engines[(a, b)] = (_Bivariate(mu1, mu2, q1, q2, c, s1, s2, rho, omr), tilt)
+                        engines[(a, b)] = (_Bivariate(mu1, mu2, q1, q2, c, s1, s2, rho, omr, kmax), tilt)
                     work.append((engines[(a, b)], m, n, ca * cb, k1, k2))
     _orthants_at_once(work)
     total = 0.0
@@ -196,9 +208,9 @@ def _orthants_at_once(work) -> None:
 _FAR = 40.0  # standard deviations: Φ and φ vanish beyond, in float32 and float64
 
 
-def _interval_moments(p: int, mean, var, lo, hi):
-    """``E[w^p 1{lo < w < hi}]``, ``w ~ N(mean, var)``, ``var > 0``; ``lo``, ``hi`` arrays (clipped to
-    ``mean ± 40 sd``, so infinite ends need no special case).
+def _interval_moments(p: int, mean, var, lo, hi) -> list:
+    """``[E[w^k 1{lo < w < hi}] for k ≤ p]``, ``w ~ N(mean, var)``, ``var > 0``; ``lo``, ``hi`` arrays
+    (clipped to ``mean ± 40 sd``, so infinite ends need no special case).
 
     ``D_k = m D_{k−1} + var ((k−1) D_{k−2} + lo^{k−1} p(lo) − hi^{k−1} p(hi))``, with
     ``D_0 = Φ(b) − Φ(a)`` written as ``Φ(−a) − Φ(−b)`` above the mean (no cancellation in the tails).
@@ -208,20 +220,37 @@ def _interval_moments(p: int, mean, var, lo, hi):
     b = jnp.clip((hi - mean) / sd, -_FAR, _FAR)
     b = jnp.maximum(a, b)
     lo, hi = mean + a * sd, mean + b * sd
-    out = [jnp.where(a > 0, norm_cdf(-a) - norm_cdf(-b), norm_cdf(b) - norm_cdf(a))]
+    above = a > 0
+    cdf = norm_cdf(jnp.stack([jnp.where(above, -b, a), jnp.where(above, -a, b)]))
+    out = [cdf[1] - cdf[0]]
     pa, pb = norm_pdf(a) / sd, norm_pdf(b) / sd
     for k in range(1, p + 1):
         val = mean * out[k - 1] + var * (_pow(lo, k - 1) * pa - _pow(hi, k - 1) * pb)
         if k >= 2:
             val = val + var * (k - 1) * out[k - 2]
         out.append(val)
-    return out[p]
+    return out
 
 
-def _univariate(q, p: int, r, lo, hi):
-    """``E[u^p e^{r u} 1{lo < u < hi}]``, ``u ~ N(0, q)``, ``q > 0``: the tilt ``e^{r² q/2}`` times a
-    moment of ``N(r q, q)``."""
-    return jnp.exp(r * r * q / 2) * _interval_moments(p, r * q, q, lo, hi)
+def _univariate_sum(q, terms: list):
+    """``Σ coef · E[u^p e^{r u} 1{lo < u < hi}]`` over ``terms = [(coef, p, r, lo, hi)]``,
+    ``u ~ N(0, q)``, ``q > 0``: each term is the tilt ``e^{r² q/2}`` times a moment of ``N(r q, q)``.
+
+    The terms are stacked on a last axis and evaluated together: each ``Φ`` expands to a few
+    hundred operations (``erfc``), and compile time grows with the graph.
+    """
+    shape = jnp.broadcast_shapes(jnp.shape(q), *(jnp.shape(x) for _, _, r, lo, hi in terms for x in (r, lo, hi)))
+    stack = lambda xs: jnp.stack([jnp.broadcast_to(x, shape) for x in xs], -1)
+    r = stack([t[2] for t in terms])
+    qs = jnp.broadcast_to(q, shape)[..., None]
+    moments = _interval_moments(
+        max(t[1] for t in terms), r * qs, qs, stack([t[3] for t in terms]), stack([t[4] for t in terms])
+    )
+    tilted = jnp.exp(r * r * qs / 2)
+    total = 0.0
+    for j, (coef, p, _, _, _) in enumerate(terms):
+        total = total + coef * tilted[..., j] * moments[p][..., j]
+    return total
 
 
 def _ends(lo: float, hi: float, big):
@@ -230,7 +259,7 @@ def _ends(lo: float, hi: float, big):
 
 def _pair_collinear(f: PiecewiseForm, g: PiecewiseForm, q1, kappa, big):
     """``E[f(u) g(κ u)]``, ``u ~ N(0, q1)``: the value at ``ρ = ±1``, ``κ = ρ σ2/σ1``."""
-    total = 0.0
+    terms = []
     for lo1, hi1, p1 in f.intervals():
         for lo2, hi2, p2 in g.intervals():
             a1, b1 = _ends(lo1, hi1, big)
@@ -240,17 +269,16 @@ def _pair_collinear(f: PiecewiseForm, g: PiecewiseForm, q1, kappa, big):
             hi = jnp.minimum(b1, jnp.maximum(ga, gb))
             for m, a, ca in p1:
                 for n, b, cb in p2:
-                    total = total + ca * cb * _pow(kappa, n) * _univariate(q1, m + n, a + b * kappa, lo, hi)
-    return total
+                    terms.append((ca * cb * _pow(kappa, n), m + n, a + b * kappa, lo, hi))
+    return _univariate_sum(q1, terms)
 
 
 def _mean(f: PiecewiseForm, q, big):
-    total = 0.0
+    terms = []
     for lo, hi, piece in f.intervals():
         a, b = _ends(lo, hi, big)
-        for m, r, coef in piece:
-            total = total + coef * _univariate(q, m, r, a, b)
-    return total
+        terms.extend((coef, m, r, a, b) for m, r, coef in piece)
+    return _univariate_sum(q, terms)
 
 
 def _expect(f: PiecewiseForm, g: PiecewiseForm, c, q1, q2, at_zero_f, at_zero_g):
