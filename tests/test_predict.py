@@ -685,3 +685,16 @@ def test_bad_inputs_raise_clear_errors(problem):
         predict.gradient_descent_mse(k, y, diag_reg=-1.0)
     with pytest.raises(ValueError, match="momentum"):
         predict.gradient_descent(_mse, k, y, 1.0, momentum=1.0)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("t", [None, 2.0])
+def test_non_finite_test_kernel_is_named(problem, value, t):
+    """One entry is enough (its row of test outputs is non-finite); the error names the kernel."""
+    kt = problem["kt"].copy()
+    kt[1, 4] = value
+    predict_fn = predict.gradient_descent_mse(problem["k"], problem["y"])
+    with pytest.raises(ValueError, match=r"k_test_train \(shape .*\) has 1 non-finite entries"):
+        predict_fn(t, 0.0, 0.0, kt)
+    with pytest.raises(ValueError, match=r"k_test_train"):
+        predict.gradient_descent(_mse, problem["k"], problem["y"])(1.0, 0.0, 0.0, kt)

@@ -47,9 +47,15 @@ def working_dtype(*dtypes: Any) -> Any:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
+_all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))
+
+
 def check_finite(x: jax.Array, name: str) -> None:
-    value = concrete(x)
-    if value is not None and not np.all(np.isfinite(value)):
+    # Reduced where the array lives: only one flag crosses to the host.
+    if is_traced(x) or not jnp.issubdtype(x.dtype, jnp.inexact) or bool(_all_finite(x)):
+        return
+    value = np.asarray(x)
+    if not np.all(np.isfinite(value)):
         bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
         raise ValueError(
             f"{name} (shape {tuple(x.shape)}) has {bad} non-finite entries (NaN or inf); "
@@ -80,6 +86,11 @@ def check_non_negative(value: Any, name: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _reshaped(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    # An eager reshape is a dispatch even when it changes nothing (most calls).
+    return x if tuple(x.shape) == tuple(shape) else x.reshape(shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How a training set's kernel and targets map to flat matrices.
@@ -103,11 +114,11 @@ class Layout:
 
     def targets(self, y: jax.Array) -> jax.Array:
         m = y.shape[0]
-        return y.reshape(m * self.n_out, 1) if self.full else y.reshape(m, self.n_out)
+        return _reshaped(y, (m * self.n_out, 1) if self.full else (m, self.n_out))
 
     def outputs(self, f: jax.Array, m: int) -> jax.Array:
         """``(..., rows, C)`` flat predictions back to ``(..., m, *out)``."""
-        return f.reshape(f.shape[:-2] + (m,) + self.out_shape)
+        return _reshaped(f, f.shape[:-2] + (m,) + self.out_shape)
 
     def kernel(self, k: jax.Array) -> jax.Array:
         """``(A, B)`` or ``(A, B, O, O)`` kernel to the flat ``(rows(A), rows(B))`` matrix."""
@@ -183,8 +194,9 @@ def train_layout(
     return layout
 
 
-def check_cross(k: jax.Array, layout: Layout, name: str, train_name: str = "k_train_train") -> int:
-    """Validate a test-train kernel against the training layout; returns M."""
+def check_cross(k: jax.Array, layout: Layout, name: str, train_name: str = "k_train_train", finite: bool = True) -> int:
+    """Validate a test-train kernel against the training layout (``finite``: its values too);
+    returns M."""
     want = "(M, N, O, O)" if layout.full else "(M, N)"
     ok = k.ndim == (4 if layout.full else 2) and k.shape[1] == layout.n
     if ok and layout.full:
@@ -195,7 +207,8 @@ def check_cross(k: jax.Array, layout: Layout, name: str, train_name: str = "k_tr
             + (f" and O = {layout.n_out}" if layout.full else "")
             + f" (the layout of {train_name}); got shape {tuple(k.shape)}"
         )
-    check_finite(k, name)
+    if finite:
+        check_finite(k, name)
     return k.shape[0]
 
 
@@ -254,8 +267,12 @@ class Initial(NamedTuple):
     test: bool
 
 
-def initial_outputs(layout: Layout, y_shape, dtype, fx_train_0, fx_test_0, k_test_train) -> Initial:
-    """neural-tangents' conventions: ``None`` initial outputs skip that set."""
+def initial_outputs(
+    layout: Layout, y_shape, dtype, fx_train_0, fx_test_0, k_test_train, check_test_kernel: bool = True
+) -> Initial:
+    """neural-tangents' conventions: ``None`` initial outputs skip that set. ``check_test_kernel=False``
+    leaves the finiteness of ``k_test_train`` to :func:`check_test_outputs` (for predictors whose
+    test outputs are linear in it: any non-finite entry makes them non-finite)."""
     if fx_train_0 is None and fx_test_0 is None:
         raise ValueError(
             "fx_train_0 and fx_test_0 are both None: nothing to predict (None skips that set's "
@@ -267,11 +284,18 @@ def initial_outputs(layout: Layout, y_shape, dtype, fx_train_0, fx_test_0, k_tes
     f0 = layout.targets(broadcast_outputs(0.0 if fx_train_0 is None else fx_train_0, y_shape, dtype, "fx_train_0"))
     if k_test_train is not None:
         kt = as_float(k_test_train, "k_test_train").astype(dtype)
-        m = check_cross(kt, layout, "k_test_train")
+        m = check_cross(kt, layout, "k_test_train", finite=check_test_kernel)
     if fx_test_0 is None:
         return Initial(f0, jnp.zeros((0, f0.shape[1]), dtype), jnp.zeros((0, f0.shape[0]), dtype), None, train, False)
     ft0 = layout.targets(broadcast_outputs(fx_test_0, (m,) + layout.out_shape, dtype, "fx_test_0"))
     return Initial(f0, ft0, layout.kernel(kt), m, train, True)
+
+
+def check_test_outputs(init: Initial, test: jax.Array, k_test_train: Any) -> None:
+    """After a call made with ``check_test_kernel=False``: one reduction of the (small) test outputs
+    instead of one over ``k_test_train``; the error still names the kernel."""
+    if init.test and not is_traced(test) and not bool(_all_finite(test)):
+        check_finite(jnp.asarray(k_test_train), "k_test_train")
 
 
 def returned(init: Initial, train: Any, test: Any) -> Any:

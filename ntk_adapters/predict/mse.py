@@ -16,6 +16,7 @@ from ntk_adapters.predict.checks import (
     Layout,
     as_float,
     check_positive,
+    check_test_outputs,
     concrete,
     initial_outputs,
     returned,
@@ -138,7 +139,7 @@ def gradient_descent_mse(
         fx_test_0: Optional[ArrayLike] = None,
         k_test_train: Optional[ArrayLike] = None,
     ):
-        init = initial_outputs(layout, y.shape, dtype, fx_train_0, fx_test_0, k_test_train)
+        init = initial_outputs(layout, y.shape, dtype, fx_train_0, fx_test_0, k_test_train, check_test_kernel=False)
         if t is None:
             train, test = mse_limit(kernel, y_flat, init)
         else:
@@ -158,6 +159,7 @@ def gradient_descent_mse(
             test = test.reshape(steps.shape + test.shape[1:])
         train_out = layout.outputs(train, layout.n) if init.train else None
         test_out = layout.outputs(test, init.m) if init.test else None
+        check_test_outputs(init, test, k_test_train)
         return returned(init, train_out, test_out)
 
     return predict_fn
