@@ -17,6 +17,16 @@ import jax
 X64 = os.environ.get("NTK_ADAPTERS_TEST_X64", "1").strip().lower() not in ("0", "false", "no", "off")
 jax.config.update("jax_enable_x64", X64)
 
+# Both xdist workers, and later runs, reuse each other's expensive compilations (the same model
+# programs recur across test files). NTK_ADAPTERS_TEST_COMPILATION_CACHE= (empty) turns it off.
+_CACHE = os.environ.get(
+    "NTK_ADAPTERS_TEST_COMPILATION_CACHE",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax-compilation"),
+)
+if _CACHE:
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+
 import math
 
 import numpy as np
