@@ -259,7 +259,7 @@ def _ends(lo: float, hi: float, big):
 
 def _pair_collinear(f: PiecewiseForm, g: PiecewiseForm, q1, kappa, big):
     """``E[f(u) g(κ u)]``, ``u ~ N(0, q1)``: the value at ``ρ = ±1``, ``κ = ρ σ2/σ1``."""
-    terms = []
+    terms: list[tuple] = []
     for lo1, hi1, p1 in f.intervals():
         for lo2, hi2, p2 in g.intervals():
             a1, b1 = _ends(lo1, hi1, big)
@@ -274,7 +274,7 @@ def _pair_collinear(f: PiecewiseForm, g: PiecewiseForm, q1, kappa, big):
 
 
 def _mean(f: PiecewiseForm, q, big):
-    terms = []
+    terms: list[tuple] = []
     for lo, hi, piece in f.intervals():
         a, b = _ends(lo, hi, big)
         terms.extend((coef, m, r, a, b) for m, r, coef in piece)
