@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from ntk_adapters.infinite import forms as _forms
 from ntk_adapters.infinite.bivariate import _angle, _arcsin, _corr
+from ntk_adapters.infinite.common_forms import common_expectations
 
 Array = jax.Array
 # Sums of closed-form terms stay Python floats while every term is constant (0.0, 1/2, 1/4).
@@ -248,8 +249,18 @@ def form_expectations(
     """``E[phi(u) phi(v)]`` and ``E[phi'(u) phi'(v)]`` in closed form for a :class:`~ntk_adapters.infinite.forms.Form`.
 
     Where a variance is zero that value is the constant 0 and the expectation factors,
-    ``phi(0) E[phi(v)]``, with ``phi(0)`` and ``phi'(0)`` as JAX computes them.
+    ``phi(0) E[phi(v)]``, with ``phi(0)`` and ``phi'(0)`` as JAX computes them. Piecewise-linear
+    functions through the origin and scaled error functions take the short closed forms of
+    :mod:`ntk_adapters.infinite.common_forms`.
     """
+    common = common_expectations(form, c, q1, q2, derivative)
+    return common if common is not None else term_by_term(form, c, q1, q2, derivative)
+
+
+def term_by_term(
+    form: _forms.Form, c: Array, q1: Array, q2: Array, derivative: bool = True
+) -> tuple[Array, Optional[Array]]:
+    """:func:`form_expectations` for any member of the family, one closed form per pair of terms."""
     _, rho, positive = _corr(c, q1, q2)
     theta, sin_t = _angle(rho)
     q1s = jnp.where(q1 > 0, q1, 1.0)
