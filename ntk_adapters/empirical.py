@@ -33,9 +33,9 @@ Implementations (``implementation=``):
   memory, 1 GiB on CPU), or the one needing the least memory when none fits; the estimates come
   from the shapes only (:func:`ntk_adapters.implementations.implementation_costs`).
   ``'structured'`` competes only when examples are independent (``vmap_axes`` given or proven by
-  ``vmap_axes='auto'``). With many parameters and few output entries (``P ≫ N·O``, e.g. a
-  ResNet on a few images) this is the per-example Jacobian or ``'structured'``, never
-  ``'ntvp'``, whose ``N2·O`` VJP+JVP pairs over whole batches cost ``~N`` times more.
+  ``vmap_axes='auto'``), and wins when its estimate is within 10 % of the best. With many
+  parameters and few output entries (``P ≫ N·O``, e.g. a ResNet on a few images) this is the
+  per-example Jacobian or ``'structured'``, never ``'ntvp'``, whose ``N2·O`` VJP+JVP pairs over whole batches cost ``~N`` times more.
 
 Precision (``precision=``, default ``'highest'``): every matrix product of the kernel, the
 model's own included, runs in full float32 even where JAX would use TensorFloat-32 (NVIDIA GPUs);
@@ -67,6 +67,7 @@ from ntk_adapters.inputs import (
     batch_coupling,
     check_pair,
     declared_vmap_axes,
+    hashable_spec,
     resolve_vmap_axes,
     with_batch_coupling,
 )
@@ -167,6 +168,23 @@ def _restricted(apply_fn, params: PyTree, selected: Optional[tuple[int, ...]]):
     return g, [leaves[i] for i in selected]
 
 
+class _SpecCache:
+    """``fn(x1, x2, params)`` memoized on the structure, shapes and dtypes of its arguments, for
+    functions of those alone; one per kernel function (it lives and dies with it)."""
+
+    def __init__(self, fn: Callable, maxsize: int = 64):
+        self.fn, self.maxsize = fn, maxsize
+        self.entries: dict[tuple, Any] = {}
+
+    def __call__(self, x1, x2, params):
+        key = (hashable_spec(x1), None if x2 is None else hashable_spec(x2), hashable_spec(params))
+        if key not in self.entries:
+            if len(self.entries) >= self.maxsize:
+                self.entries.pop(next(iter(self.entries)))
+            self.entries[key] = self.fn(x1, x2, params)
+        return self.entries[key]
+
+
 # --------------------------------------------------------------------------------------------
 # Public kernel functions.
 
@@ -242,8 +260,7 @@ def empirical_ntk_fn(
     impl_name = implementation_name(implementation)
     declared = declared_vmap_axes(vmap_axes)
 
-    def ntk(x1: PyTree, x2: Optional[PyTree] = None, params: Optional[PyTree] = None):
-        params = checked_call(model, x1, x2, params, check_finite_values, declared)
+    def resolve(x1, x2, params):
         selected = None if subset is None else select_leaves(params, subset)
         paths = _leaf_paths(params)
         groups = tuple(layer_of(paths[i]) for i in (range(len(paths)) if selected is None else selected))
@@ -252,7 +269,7 @@ def empirical_ntk_fn(
         impl = choose(impl_name, model.apply_fn, params, x1, x2, axes, batch, selected, memory_budget, ntvp_chunk)
         if by_layer and impl == "ntvp":
             impl = "jacobian"  # NTK-vector products do not separate the layers
-        compute = _ntk_jit(
+        return _ntk_jit(
             model.apply_fn,
             axes,
             impl,
@@ -263,7 +280,14 @@ def empirical_ntk_fn(
             memory_budget,
             precision,
         )
-        return compute(params, x1, x2)
+
+    # Everything resolve() decides follows from shapes and dtypes alone: later calls with the same
+    # ones skip the tracing it takes (several ms per call, more than small kernels cost).
+    resolved = _SpecCache(resolve)
+
+    def ntk(x1: PyTree, x2: Optional[PyTree] = None, params: Optional[PyTree] = None):
+        params = checked_call(model, x1, x2, params, check_finite_values, declared)
+        return resolved(x1, x2, params)(params, x1, x2)
 
     return with_batch_coupling(ntk, functools.partial(batch_coupling, model))
 
@@ -332,10 +356,15 @@ def empirical_nngp_fn(
     model = as_model(f)
     precision = canonical(precision)
 
+    resolved = _SpecCache(
+        lambda x1, x2, params: _nngp_jit(
+            model.apply_fn, output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes), precision
+        )
+    )
+
     def nngp(x1: PyTree, x2: Optional[PyTree] = None, params: Optional[PyTree] = None):
         params = checked_call(model, x1, x2, params, check_finite_values)
-        axes = output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
-        return _nngp_jit(model.apply_fn, axes, precision)(params, x1, x2)
+        return resolved(x1, x2, params)(params, x1, x2)
 
     return with_batch_coupling(nngp, functools.partial(batch_coupling, model))
 

@@ -112,6 +112,26 @@ def test_the_memory_budget_decides_between_fitting_implementations():
     assert pick(10 * jac) == fastest
 
 
+def test_structured_wins_estimates_within_ten_percent(monkeypatch):
+    """Its batched contractions beat per-example Jacobians at equal estimated cost (measured by
+    benchmarks/auto_choice.py), so 'auto' takes it up to 1.1x the Jacobian estimate, not beyond,
+    and never when it does not fit."""
+
+    def with_costs(structured_time, structured_bytes=1.0):
+        costs = {
+            "jacobian": {"flops": 100.0, "bytes": 1.0, "time": 100.0},
+            "structured": {"flops": structured_time, "bytes": structured_bytes, "time": structured_time},
+            "ntvp": {"flops": 1e4, "bytes": 1.0, "time": 1e4},
+        }
+        monkeypatch.setattr(implementations, "implementation_costs", lambda *a, **k: costs)
+        return choose("auto", linear, {"w": spec((8, 2))}, spec((3, 8)), None, TRACED, PER_EXAMPLE, None, 10.0)
+
+    assert with_costs(90.0) == "structured"
+    assert with_costs(109.0) == "structured"
+    assert with_costs(111.0) == "jacobian"
+    assert with_costs(50.0, structured_bytes=100.0) == "jacobian"  # over the memory budget
+
+
 def test_an_explicit_implementation_is_kept():
     p, x = {"w": spec((8, 2))}, spec((3, 8))
     for impl in ("jacobian", "ntvp", "structured"):
