@@ -111,31 +111,26 @@ def _operand_shape(site: _Site) -> tuple:
 
 
 def _patches(a, layout: _GramLayout):
-    """The input patches of a convolution: a grouped convolution with a one-hot filter, whose
-    output channel ``ci·K + s`` copies input channel ``ci`` at window offset ``s``.
+    """The input patches of a convolution, laid out as its output: channel ``ci·K + s`` holds
+    input channel ``ci`` at window offset ``s`` (row-major over the filter's spatial axes).
 
-    Written out rather than ``jax.lax.conv_general_dilated_patches``, which leaves the filter's
-    precision at DEFAULT: both operands are HIGHEST here, so that nothing in the kernel allows
-    reduced-precision products (the copy is exact then on every backend).
+    Built by padding and strided slicing, the copies they are: a grouped convolution with a one-hot
+    filter (``jax.lax.conv_general_dilated_patches``) computes the same values through products,
+    several times slower on CPUs, and at DEFAULT precision for its filter.
     """
     assert layout.patches is not None, "_patches is for convolution layouts"
     filter_shape, strides, padding, lhs_dil, rhs_dil, dn = layout.patches
-    channels = a.shape[dn.lhs_spec[1]]
-    k = math.prod(filter_shape)
-    one_hot = jnp.eye(k, dtype=a.dtype).reshape((k, 1) + tuple(filter_shape))
-    rhs = jnp.tile(one_hot, (channels, 1) + (1,) * len(filter_shape))  # (channels·K, 1, *filter)
-    rhs = jnp.moveaxis(rhs, (0, 1), (dn.rhs_spec[0], dn.rhs_spec[1]))
-    return jax.lax.conv_general_dilated(
-        a,
-        rhs,
-        strides,
-        padding,
-        lhs_dilation=lhs_dil,
-        rhs_dilation=rhs_dil,
-        dimension_numbers=dn,
-        feature_group_count=channels,
-        precision=jax.lax.Precision.HIGHEST,
-    )
+    x = jnp.transpose(a, dn.lhs_spec)  # (N, C, *spatial)
+    pads = [(0, 0, 0), (0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dil)]
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
+    out = [(size - (k - 1) * r - 1) // st + 1 for size, k, r, st in zip(x.shape[2:], filter_shape, rhs_dil, strides)]
+    windows = []
+    for offset in itertools.product(*(range(k) for k in filter_shape)):
+        start = [o * r for o, r in zip(offset, rhs_dil)]
+        limit = [b + (n - 1) * st + 1 for b, n, st in zip(start, out, strides)]
+        windows.append(jax.lax.slice(x, (0, 0, *start), (*x.shape[:2], *limit), (1, 1, *strides)))
+    patches = jnp.stack(windows, axis=2).reshape(x.shape[0], -1, *out)  # (N, C·K, *out)
+    return jnp.transpose(patches, np.argsort(dn.out_spec))
 
 
 def _gram_subscripts(layout: _GramLayout, axes: OutputAxes, row_axis, a_ndim: int, y_ndim: int):

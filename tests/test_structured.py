@@ -569,3 +569,32 @@ def test_jacobian_form_through_scaled_transposed_and_reshaped_weights(dtype, tol
         for g, w in zip(got, want):
             assert g.dtype == dtype
             np.testing.assert_allclose(g, w, **tol)
+
+
+@pytest.mark.parametrize(
+    "spec, x_shape, filter_shape, strides, padding, lhs_dil, rhs_dil",
+    [
+        (("NHWC", "HWIO", "NHWC"), (2, 7, 6, 3), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1)),
+        (("NHWC", "HWIO", "NHWC"), (2, 7, 6, 3), (3, 2), (2, 3), ((0, 2), (1, 0)), (1, 1), (1, 1)),
+        (("NCHW", "OIHW", "NCHW"), (3, 2, 6, 5), (3, 2), (2, 1), ((1, 2), (0, 1)), (1, 2), (2, 1)),
+        (("NCHW", "OIHW", "NHWC"), (1, 4, 5, 5), (2, 2), (1, 2), ((-1, 1), (2, -1)), (2, 1), (1, 3)),
+        (("NWC", "WIO", "NWC"), (2, 9, 2), (4,), (3,), ((2, 1),), (1,), (2,)),
+        (("NDHWC", "DHWIO", "NDHWC"), (1, 4, 5, 3, 2), (2, 3, 1), (1, 2, 1), ((0, 1), (1, 1), (0, 0)), (1, 1, 1), (1, 1, 2)),
+    ],
+)
+def test_patches_are_the_windows_of_the_convolution(spec, x_shape, filter_shape, strides, padding, lhs_dil, rhs_dil):
+    """The copied windows against JAX's own patch extraction (a grouped one-hot convolution), with
+    strides, negative and uneven padding, both dilations and mixed layouts."""
+    from ntk_adapters.structured_forms import _GramLayout, _patches
+
+    x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+    rhs_shape = [1] * len(x_shape)
+    dn = jax.lax.conv_dimension_numbers(x_shape, tuple(rhs_shape), spec)
+    layout = _GramLayout((), (), (), (), (tuple(filter_shape), strides, padding, lhs_dil, rhs_dil, dn))
+    want = jax.lax.conv_general_dilated_patches(
+        x, filter_shape, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
+        dimension_numbers=spec, precision=jax.lax.Precision.HIGHEST,
+    )  # fmt: skip
+    got = _patches(x, layout)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
