@@ -130,7 +130,7 @@ def _patches(a, layout: _GramLayout):
         limit = [b + (n - 1) * st + 1 for b, n, st in zip(start, out, strides)]
         windows.append(jax.lax.slice(x, (0, 0, *start), (*x.shape[:2], *limit), (1, 1, *strides)))
     patches = jnp.stack(windows, axis=2).reshape(x.shape[0], -1, *out)  # (N, C·K, *out)
-    return jnp.transpose(patches, np.argsort(dn.out_spec))
+    return jnp.transpose(patches, tuple(int(i) for i in np.argsort(dn.out_spec)))
 
 
 def _gram_subscripts(layout: _GramLayout, axes: OutputAxes, row_axis, a_ndim: int, y_ndim: int):

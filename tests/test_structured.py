@@ -579,7 +579,15 @@ def test_jacobian_form_through_scaled_transposed_and_reshaped_weights(dtype, tol
         (("NCHW", "OIHW", "NCHW"), (3, 2, 6, 5), (3, 2), (2, 1), ((1, 2), (0, 1)), (1, 2), (2, 1)),
         (("NCHW", "OIHW", "NHWC"), (1, 4, 5, 5), (2, 2), (1, 2), ((-1, 1), (2, -1)), (2, 1), (1, 3)),
         (("NWC", "WIO", "NWC"), (2, 9, 2), (4,), (3,), ((2, 1),), (1,), (2,)),
-        (("NDHWC", "DHWIO", "NDHWC"), (1, 4, 5, 3, 2), (2, 3, 1), (1, 2, 1), ((0, 1), (1, 1), (0, 0)), (1, 1, 1), (1, 1, 2)),
+        (
+            ("NDHWC", "DHWIO", "NDHWC"),
+            (1, 4, 5, 3, 2),
+            (2, 3, 1),
+            (1, 2, 1),
+            ((0, 1), (1, 1), (0, 0)),
+            (1, 1, 1),
+            (1, 1, 2),
+        ),
     ],
 )
 def test_patches_are_the_windows_of_the_convolution(spec, x_shape, filter_shape, strides, padding, lhs_dil, rhs_dil):

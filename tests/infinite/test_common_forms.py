@@ -54,7 +54,9 @@ def test_short_forms_equal_the_term_by_term_kernels(name, dtype, tol):
     scale = float(jnp.max(jnp.abs(long[0]))) or 1.0
     for got, want, what in zip(short, long, ("E[f f]", "E[f' f']")):
         assert got.dtype == dtype
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol * max(scale, 1.0), err_msg=what)
+        np.testing.assert_allclose(
+            np.asarray(got), np.asarray(want), rtol=tol, atol=tol * max(scale, 1.0), err_msg=what
+        )
 
 
 @pytest.mark.parametrize("name", ["relu", "abs", "erf"])
