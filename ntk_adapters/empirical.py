@@ -52,6 +52,7 @@ Inputs ``x1``, ``x2`` are arrays or pytrees of arrays sharing the batch axis
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -90,23 +91,62 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_finite(tree: PyTree, name: str) -> None:
-    """Raise ``ValueError`` if a concrete array in ``tree`` has NaN or Inf (tracers are skipped)."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if _is_concrete(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            if not bool(np.all(np.isfinite(np.asarray(leaf)))):
-                where = f" at {jax.tree_util.keystr(path)}" if path else ""
-                raise ValueError(
-                    f"{name}{where} contains NaN or Inf; kernels of non-finite values are meaningless. "
-                    "Clean the data, or pass check_finite_values=False to let NaNs propagate."
-                )
+# One program reduces every leaf where it lives: only a flag per leaf crosses to the host (a
+# host copy of the parameters on every call costs more than a small kernel).
+_finite_flags = jax.jit(lambda leaves: [jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def check_finite(tree: PyTree, name: str, *more: Any) -> None:
+    """Raise ``ValueError`` if a concrete array in ``tree`` has NaN or Inf (tracers are skipped).
+
+    ``more`` continues with further ``tree, name`` pairs, all checked by one device program.
+    """
+    named = [(tree, name), *zip(more[::2], more[1::2])]
+    checked = [
+        (label, path, leaf)
+        for t, label in named
+        for path, leaf in jax.tree_util.tree_leaves_with_path(t)
+        if _is_concrete(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    if not checked:
+        return
+    flags = np.asarray(_finite_flags([leaf for _, _, leaf in checked]))
+    if not flags.all():
+        label, path, _ = checked[int(np.argmin(flags))]
+        where = f" at {jax.tree_util.keystr(path)}" if path else ""
+        raise ValueError(
+            f"{label}{where} contains NaN or Inf; kernels of non-finite values are meaningless. "
+            "Clean the data, or pass check_finite_values=False to let NaNs propagate."
+        )
 
 
 check_inputs = check_pair
 
 
+class KnownFinite:
+    """The parameter leaves a kernel function last found finite, by weak reference: JAX arrays are
+    immutable, so the same objects need no second look on the next call (NumPy arrays can change
+    in place and are always checked)."""
+
+    def __init__(self):
+        self.refs: tuple = ()
+
+    def covers(self, leaves: list) -> bool:
+        return len(leaves) == len(self.refs) and all(r() is leaf for r, leaf in zip(self.refs, leaves))
+
+    def remember(self, leaves: list) -> None:
+        concrete = all(isinstance(leaf, jax.Array) and _is_concrete(leaf) for leaf in leaves)
+        self.refs = tuple(weakref.ref(leaf) for leaf in leaves) if concrete else ()
+
+
 def checked_call(
-    model: Model, x1, x2, params: Optional[PyTree], finite: bool, batch: Optional[BatchAxes] = None
+    model: Model,
+    x1,
+    x2,
+    params: Optional[PyTree],
+    finite: bool,
+    batch: Optional[BatchAxes] = None,
+    known: Optional[KnownFinite] = None,
 ) -> PyTree:
     """Validate one kernel call's arguments and return the params to use (the Model's by default)."""
     if params is None:
@@ -117,9 +157,13 @@ def checked_call(
         check_params_match(model.params, params)
     check_pair(x1, x2, batch)
     if finite:
-        check_finite(x1, "x1")
-        check_finite(x2, "x2")
-        check_finite(params, "params")
+        leaves = jax.tree_util.tree_leaves(params)
+        if known is not None and known.covers(leaves):
+            check_finite(x1, "x1", x2, "x2")
+        else:
+            check_finite(x1, "x1", x2, "x2", params, "params")
+            if known is not None:
+                known.remember(leaves)
     return params
 
 
@@ -284,9 +328,10 @@ def empirical_ntk_fn(
     # Everything resolve() decides follows from shapes and dtypes alone: later calls with the same
     # ones skip the tracing it takes (several ms per call, more than small kernels cost).
     resolved = _SpecCache(resolve)
+    known = KnownFinite()
 
     def ntk(x1: PyTree, x2: Optional[PyTree] = None, params: Optional[PyTree] = None):
-        params = checked_call(model, x1, x2, params, check_finite_values, declared)
+        params = checked_call(model, x1, x2, params, check_finite_values, declared, known)
         return resolved(x1, x2, params)(params, x1, x2)
 
     return with_batch_coupling(ntk, functools.partial(batch_coupling, model))
@@ -362,8 +407,10 @@ def empirical_nngp_fn(
         )
     )
 
+    known = KnownFinite()
+
     def nngp(x1: PyTree, x2: Optional[PyTree] = None, params: Optional[PyTree] = None):
-        params = checked_call(model, x1, x2, params, check_finite_values)
+        params = checked_call(model, x1, x2, params, check_finite_values, known=known)
         return resolved(x1, x2, params)(params, x1, x2)
 
     return with_batch_coupling(nngp, functools.partial(batch_coupling, model))

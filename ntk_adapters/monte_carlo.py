@@ -99,8 +99,7 @@ def monte_carlo_kernel_fn(
         names, _ = normalize_get(get)
         check_pair(x1, x2, declared)
         if check_finite_values:
-            check_finite(x1, "x1")
-            check_finite(x2, "x2")
+            check_finite(x1, "x1", x2, "x2")
         axes = output_axes(model.apply_fn, model.params, x1, x2, trace_axes, diagonal_axes)
         batch = resolve_vmap_axes(model, x1, vmap_axes)
         impl = "jacobian"

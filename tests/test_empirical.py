@@ -214,6 +214,21 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"params at \['b1'\] contains NaN or Inf"):
             empirical_ntk_fn(mlp)(xs[0], None, params)
 
+    def test_params_found_finite_once_are_still_checked_when_they_change(self, mlp_params, xs):
+        """A kernel function skips the check of the very parameter arrays it already found finite
+        (JAX arrays cannot change); new arrays, and NumPy arrays changed in place, are checked."""
+        for kernel_fn in (empirical_ntk_fn(mlp), empirical_nngp_fn(mlp)):
+            kernel_fn(xs[0], None, mlp_params)
+            kernel_fn(xs[0], None, mlp_params)
+            bad = {**mlp_params, "b1": mlp_params["b1"].at[0].set(np.nan)}
+            with pytest.raises(ValueError, match=r"params at \['b1'\] contains NaN"):
+                kernel_fn(xs[0], None, bad)
+            host = {k: np.array(v) for k, v in mlp_params.items()}
+            kernel_fn(xs[0], None, host)
+            host["w1"][0, 0] = np.inf
+            with pytest.raises(ValueError, match=r"params at \['w1'\] contains NaN or Inf"):
+                kernel_fn(xs[0], None, host)
+
     def test_non_finite_values_propagate_when_checks_are_off_or_under_jit(self, mlp_params, xs):
         x = np.array(xs[0]).copy()
         x[0, 0] = np.nan

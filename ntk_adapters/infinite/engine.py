@@ -340,8 +340,7 @@ def infinite_kernel_fn(
         if x2 is not None:
             x2 = _like(x1, x2)
         if check_finite_values:
-            check_finite(x1, "x1")
-            check_finite(x2, "x2")
+            check_finite(x1, "x1", x2, "x2")
         k = compute_jit(x1, x2, base_key, attention_samples)
         values = {"nngp": k.nngp, "ntk": k.ntk, "cov1": k.cov1, "cov2": k.cov2, "kernel": k}
         names = (get,) if isinstance(get, str) else tuple(get)
