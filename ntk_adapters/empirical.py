@@ -91,9 +91,25 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-# One program reduces every leaf where it lives: only a flag per leaf crosses to the host (a
-# host copy of the parameters on every call costs more than a small kernel).
+# Arrays in host memory are read in place; accelerator arrays are reduced where they live, by one
+# program for all of them, so that only a flag per leaf crosses to the host (copying the parameters
+# to the host on every call would cost more than a small kernel).
 _finite_flags = jax.jit(lambda leaves: [jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def _in_host_memory(leaf) -> bool:
+    return not isinstance(leaf, jax.Array) or all(d.platform == "cpu" for d in leaf.devices())
+
+
+def _finite(leaves: list) -> np.ndarray:
+    flags = np.ones(len(leaves), bool)
+    on_device = [i for i, leaf in enumerate(leaves) if not _in_host_memory(leaf)]
+    for i, leaf in enumerate(leaves):
+        if i not in on_device:
+            flags[i] = np.isfinite(np.asarray(leaf)).all()
+    if on_device:
+        flags[on_device] = np.asarray(_finite_flags([leaves[i] for i in on_device]))
+    return flags
 
 
 def check_finite(tree: PyTree, name: str, *more: Any) -> None:
@@ -110,7 +126,7 @@ def check_finite(tree: PyTree, name: str, *more: Any) -> None:
     ]
     if not checked:
         return
-    flags = np.asarray(_finite_flags([leaf for _, _, leaf in checked]))
+    flags = _finite([leaf for _, _, leaf in checked])
     if not flags.all():
         label, path, _ = checked[int(np.argmin(flags))]
         where = f" at {jax.tree_util.keystr(path)}" if path else ""

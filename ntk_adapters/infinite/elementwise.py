@@ -62,6 +62,11 @@ Gaussian process and a second nonlinearity cannot be applied to it before anothe
      fixed points: computing with ELU and GELU infinite networks", AAAI 2021);
    * a Gaussian factor reweights the bivariate normal (``Σ' = (Σ⁻¹ + D)⁻¹``, :func:`_general_pair`).
 
+   The two members real models use most, piecewise-linear functions through the origin (ReLU,
+   leaky ReLU, abs) and scaled error functions, take shorter closed forms of the same values with
+   one ``atan2`` or ``arcsin`` per layer (:mod:`ntk_adapters.infinite.common_forms`): on a large
+   kernel matrix every array operation is a pass over memory.
+
    ``phi'`` is the family's own derivative (``Φ(a x)' = a N(a x)``, the jumps of steps carry
    none, as in JAX). Measured against an independent float64 product-rule integration (errors
    relative to ``sqrt(E[phi(u)²] E[phi(v)²])``, variances 0.01–25, ``ρ`` in ``[−1, 1]`` including
