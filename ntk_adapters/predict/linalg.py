@@ -323,7 +323,10 @@ def _cho_solve(factor: jax.Array, b: jax.Array) -> jax.Array:
     """``K⁻¹ b``. Iterative refinement in the same precision was tried and bought nothing
     measurable: float32 Cholesky solves of these kernels were already 5–30× better than
     ``cond·eps``, and refinement cannot beat the factor's own backward error."""
-    return jsp_linalg.cho_solve((factor, False), b)
+    # LAPACK's triangular solves read column-major operands: the row-major upper factor U is Uᵀ
+    # in column-major order, so solving with the lower factor Uᵀ reads U's buffer as it is (the
+    # upper form would transpose all N² entries on every call).
+    return jsp_linalg.cho_solve((factor.T, True), b)
 
 
 @jax.jit
