@@ -2,9 +2,10 @@
 
 neural-tangents (NT) is archived and does not import on current JAX, so it runs in a second Python
 environment of its own (an older JAX), started by this script as a subprocess: ``--nt-python``
-names that interpreter. The library side runs in this process. Inputs are drawn here and sent to
-the NT side in a ``.npz`` file; NT's outputs come back the same way and are compared with the
-library's (relative difference of the largest entry, so both sides compute the same thing).
+names that interpreter. The library side runs in this process. Both sides draw the same inputs
+from seeded NumPy generators (PCG64, the same stream in every NumPy version); NT's outputs come back
+in a ``.npz`` file and are compared with the library's (the largest difference relative to the
+largest entry), so both sides are seen to compute the same thing.
 
 Every case is compiled and warmed up on both sides first. Then, case by case, the two sides take
 ``--rounds`` turns of ``--repeats`` calls each (NT's worker process waits while this one runs and
@@ -20,16 +21,18 @@ median of the per-turn ratios. Cases:
   MLP Dense-relu-Dense-erf-Dense on 1000×1000, CNN 2×conv + global average pooling on 8×8 (32×16),
   a Myrtle-5-like CNN on 16×16 (16×16). Weights ``N(0, 1/fan_in)`` without biases on both sides,
   so the NNGPs agree (the NTKs differ by the parameterization: standard here, NT's 'ntk').
-Everything runs in float32, JAX's default.
 * a tiled 4000×4000 infinite-width NTK: ``batch(kernel_fn, 1000)`` against ``nt.batch``.
 * ``predict.gradient_descent_mse`` on a 2000-point float32 ReLU NTK (``diag_reg=1e-4``, 500 test
   points): ``t=None`` with the factorization (predictor built and called), the call alone, and 20
   finite times.
 
+Everything runs in float32, JAX's default.
+
 Setting up the NT side (one time, outside this project's environment)::
 
     python3 -m venv /tmp/ntvenv
-    /tmp/ntvenv/bin/pip install jax==0.4.30 jaxlib==0.4.30 'numpy<2' scipy frozendict
+    # jax 0.4.23: NT's structured derivatives use JAX internals that later versions removed
+    /tmp/ntvenv/bin/pip install jax==0.4.23 jaxlib==0.4.23 'numpy<2' 'scipy<1.13' 'ml_dtypes<0.3' frozendict
     /tmp/ntvenv/bin/pip install --no-deps neural-tangents==0.6.5
     # NT's package __init__ imports its TensorFlow-based `experimental` subpackage; without
     # TensorFlow, empty it (nothing benchmarked here uses it):
@@ -37,7 +40,7 @@ Setting up the NT side (one time, outside this project's environment)::
 
 Run:  OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/vs_neural_tangents.py --nt-python /tmp/ntvenv/bin/python
       ... --small        # smaller sizes, about a minute
-      ... --only empirical,infinite,batch,predict
+      ... --only empirical,infinite,batch,predict --match MLP     # sections; cases by name
 """
 
 from __future__ import annotations
@@ -202,8 +205,10 @@ def nt_cases(small: bool, sections) -> tuple[dict, dict, dict]:
             # NT's fastest implementation here, chosen by one timed call of each after a warm-up
             timed = {}
             for impl in (1, 2, 3):
-                kfn = nt.empirical_ntk_fn(apply_fn, trace_axes=() if full else (-1,), vmap_axes=0, implementation=impl)
-                fn = _warm(lambda kfn=jax.jit(kfn), x1=x1, x2=x2, p=p: kfn(x1, x2, p))
+                kfn = jax.jit(
+                    nt.empirical_ntk_fn(apply_fn, trace_axes=() if full else (-1,), vmap_axes=0, implementation=impl)
+                )
+                fn = _warm(lambda kfn=kfn, x1=x1, x2=x2, p=p: kfn(x1, x2, p))
                 timed[impl] = (median_time(fn, 1), fn)
             best = min(timed, key=lambda i: timed[i][0])
             cases[f"empirical/{name}"] = timed[best][1]
@@ -277,7 +282,6 @@ def nt_worker(small: bool, sections, outputs_path: str) -> None:
 
 
 def library_cases(small: bool, sections) -> tuple[dict, dict]:
-    import jax
     import jax.numpy as jnp
     from flax import linen as nn
     from jax.scipy.special import erf

@@ -35,7 +35,8 @@ Implementations (``implementation=``):
   ``'structured'`` competes only when examples are independent (``vmap_axes`` given or proven by
   ``vmap_axes='auto'``), and wins when its estimate is within 10 % of the best. With many
   parameters and few output entries (``P ≫ N·O``, e.g. a ResNet on a few images) this is the
-  per-example Jacobian or ``'structured'``, never ``'ntvp'``, whose ``N2·O`` VJP+JVP pairs over whole batches cost ``~N`` times more.
+  per-example Jacobian or ``'structured'``, never ``'ntvp'``, whose ``N2·O`` VJP+JVP pairs over
+  whole batches cost ``~N`` times more.
 
 Precision (``precision=``, default ``'highest'``): every matrix product of the kernel, the
 model's own included, runs in full float32 even where JAX would use TensorFloat-32 (NVIDIA GPUs);
