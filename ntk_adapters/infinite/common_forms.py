@@ -36,7 +36,7 @@ from ntk_adapters.infinite import forms as _forms
 
 Array = jax.Array
 
-__all__ = ["common_expectations"]
+__all__ = ["common_expectations", "erf_kernels", "piecewise_linear_kernels"]
 
 
 def _slopes(form: _forms.Form) -> Optional[tuple[float, float]]:
@@ -71,10 +71,14 @@ def _safe_sqrt(x: Array) -> Array:
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
-def _piecewise_linear(p, n, form, c, q1, q2, derivative):
+def piecewise_linear_kernels(p, n, slope_at_zero, c, q1, q2, derivative=True):
+    """The kernels of ``f(x) = p·x`` (``x > 0``), ``n·x`` (``x < 0``); ``slope_at_zero`` is
+    ``f'(0)`` as JAX computes it (it matters only for a zero variance)."""
+    positive = (q1 > 0) & (q2 > 0)
+    # atan2(0, 0) has no derivative: a zero variance (then c = 0 too) computes at c = 1, masked below
+    c = jnp.where(positive, c, 1.0)
     y = _safe_sqrt(q1 * q2 - c * c)
     theta = jnp.arctan2(y, c)
-    positive = (q1 > 0) & (q2 > 0)
     a, b = (p + n) / 2, (p - n) / 2
     nngp = a * a * c + b * b * (y * (2 / math.pi) + c * (1 - theta * (2 / math.pi)))
     nngp = jnp.where(positive, nngp, 0.0)
@@ -82,12 +86,13 @@ def _piecewise_linear(p, n, form, c, q1, q2, derivative):
         return nngp, None
     dd = (p * p + n * n) / 2 + (p - n) ** 2 * -theta / (2 * math.pi)
     mean = (p + n) / 2  # E f'(w) for a variance > 0
-    m1 = jnp.where(q1 > 0, mean, form.slope_at_zero)
-    m2 = jnp.where(q2 > 0, mean, form.slope_at_zero)
+    m1 = jnp.where(q1 > 0, mean, slope_at_zero)
+    m2 = jnp.where(q2 > 0, mean, slope_at_zero)
     return nngp, jnp.where(positive, dd, m1 * m2)
 
 
-def _erf(alpha, b, c, q1, q2, derivative):
+def erf_kernels(alpha, b, c, q1, q2, derivative=True):
+    """The kernels of ``f(x) = α (2Φ(b x) − 1) = α erf(b x/√2)``."""
     b2 = b * b
     d1, d2 = 1 + b2 * jnp.maximum(q1, 0.0), 1 + b2 * jnp.maximum(q2, 0.0)
     z = jnp.clip(b2 * c * jax.lax.rsqrt(d1) * jax.lax.rsqrt(d2), -1.0, 1.0)
@@ -108,8 +113,8 @@ def common_expectations(
         return None
     slopes = _slopes(form)
     if slopes is not None:
-        return _piecewise_linear(*slopes, form, c, q1, q2, derivative)
+        return piecewise_linear_kernels(*slopes, form.slope_at_zero, c, q1, q2, derivative)
     erf = _scaled_erf(form)
     if erf is not None:
-        return _erf(*erf, c, q1, q2, derivative)
+        return erf_kernels(*erf, c, q1, q2, derivative)
     return None

@@ -6,38 +6,18 @@ covariance and the variances of the Gaussian pair); the others are integrated by
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from ntk_adapters.infinite.bivariate import _angle, _arcsin, _corr
+from ntk_adapters.infinite.bivariate import _arcsin, _corr
+from ntk_adapters.infinite.common_forms import erf_kernels, piecewise_linear_kernels
 
 Array = jax.Array
 
 __all__ = ["CLOSED_FORMS", "QUADRATURE_NAMES", "named_spec"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Small numerically safe helpers.
-
-
-def _factor_if_degenerate(value, positive, q1, q2, mean_pos, at_zero):
-    """Where one variance is zero, replace ``value`` by ``E[f(u)] E[f(v)]``.
-
-    ``mean_pos`` is ``E[f(w)]`` for ``w`` with positive variance and ``at_zero`` is ``f(0)``.
-    """
-    m1 = jnp.where(q1 > 0, mean_pos, at_zero)
-    m2 = jnp.where(q2 > 0, mean_pos, at_zero)
-    return jnp.where(positive, value, m1 * m2)
-
-
-def _arccos_terms(c, q1, q2):
-    s, rho, positive = _corr(c, q1, q2)
-    theta, sin_t = _angle(rho)
-    j1 = s * (sin_t + (jnp.pi - theta) * rho) / (2 * jnp.pi)
-    j0 = (jnp.pi - theta) / (2 * jnp.pi)
-    return s, rho, positive, j1, j0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,26 +33,17 @@ def _cf_identity(c, q1, q2):
     return _cf_affine(c, q1, q2)
 
 
+# jax.nn.relu'(0) = 0, jax.nn.leaky_relu'(0) = 1 (``x >= 0`` takes the identity branch), abs'(0) = 0.
 def _cf_relu(c, q1, q2):
-    _, _, positive, j1, j0 = _arccos_terms(c, q1, q2)
-    nngp = jnp.where(positive, j1, 0.0)
-    dd = _factor_if_degenerate(j0, positive, q1, q2, 0.5, 0.0)
-    return nngp, dd
+    return piecewise_linear_kernels(1.0, 0.0, 0.0, c, q1, q2)
 
 
 def _cf_leaky_relu(c, q1, q2, negative_slope=0.01):
-    al = negative_slope
-    _, _, positive, j1, j0 = _arccos_terms(c, q1, q2)
-    nngp = jnp.where(positive, al * c + (1 - al) ** 2 * j1, 0.0)
-    dd = _factor_if_degenerate(al + (1 - al) ** 2 * j0, positive, q1, q2, (1 + al) / 2, 1.0)
-    return nngp, dd
+    return piecewise_linear_kernels(1.0, negative_slope, 1.0, c, q1, q2)
 
 
 def _cf_abs(c, q1, q2):
-    _, rho, positive, j1, _ = _arccos_terms(c, q1, q2)
-    nngp = jnp.where(positive, 4 * j1 - c, 0.0)
-    dd = jnp.where(positive, (2 / jnp.pi) * _arcsin(rho), 0.0)
-    return nngp, dd
+    return piecewise_linear_kernels(1.0, -1.0, 0.0, c, q1, q2)
 
 
 def _cf_sign(c, q1, q2):
@@ -82,15 +53,7 @@ def _cf_sign(c, q1, q2):
 
 
 def _cf_erf(c, q1, q2, a=1.0):
-    a2 = a * a
-    d1 = 1 + 2 * a2 * jnp.maximum(q1, 0.0)
-    d2 = 1 + 2 * a2 * jnp.maximum(q2, 0.0)
-    s, _, _ = _corr(c, q1, q2)
-    c = jnp.clip(c, -s, s)
-    nngp = (2 / jnp.pi) * jnp.arcsin(jnp.clip(2 * a2 * c / jnp.sqrt(d1 * d2), -1.0, 1.0))
-    det = jnp.maximum(d1 * d2 - 4 * a2 * a2 * c * c, 1.0)
-    dd = (4 * a2 / jnp.pi) / jnp.sqrt(det)
-    return nngp, dd
+    return erf_kernels(1.0, math.sqrt(2.0) * a, c, q1, q2)
 
 
 def _sin_moment(c, q1, q2, a, b):

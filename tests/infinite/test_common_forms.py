@@ -76,3 +76,13 @@ def test_other_members_keep_the_term_by_term_route():
     c, q1, q2 = _grid(jnp.float64)
     for fn in (lambda x: jax.nn.relu(x) + 1.0, lambda x: jax.nn.relu(x) ** 2, lambda x: erf(x) + 0.5 * x):
         assert common_expectations(F.analyze(fn), c, q1, q2, True) is None
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_gradients_are_finite_at_a_zero_variance(name):
+    form = F.analyze(FUNCTIONS[name])
+    for argnum in (0, 1):
+        g = jax.grad(lambda c, q: sum(jnp.sum(k) for k in form_expectations(form, c, q, q)), argnum)(
+            jnp.array([0.0, 0.3]), jnp.array([0.0, 1.0])
+        )
+        assert np.all(np.isfinite(g)), (name, argnum, g)
