@@ -257,3 +257,21 @@ def test_non_finite_leaves_are_named_wherever_they_live(monkeypatch, where):
         E.check_finite({**good, "b": good["b"].at[1, 0].set(jnp.inf)}, "params", jnp.ones((4, 3)), "x1")
     with pytest.raises(ValueError, match=r"^x1 contains NaN or Inf"):
         E.check_finite(good, "params", np.full((4, 3), np.nan), "x1")
+
+
+def test_a_kernel_function_resolves_each_input_shape_once(monkeypatch, mlp_params, xs):
+    """Output axes, vmap_axes and the implementation follow from shapes and dtypes alone: a kernel
+    function works them out on the first call with given shapes and reuses them after."""
+    import ntk_adapters.empirical as E
+
+    calls = []
+    original = E.choose
+    monkeypatch.setattr(E, "choose", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ntk = empirical_ntk_fn(mlp)
+    first = ntk(xs[0], None, mlp_params)
+    ntk(xs[0] + 1.0, None, mlp_params)
+    assert len(calls) == 1
+    ntk(xs[0][:3], None, mlp_params)  # another batch size: resolved again
+    ntk(xs[0], xs[0][:3], mlp_params)
+    assert len(calls) == 3
+    np.testing.assert_allclose(ntk(xs[0], None, mlp_params), first)
