@@ -104,10 +104,12 @@ def _in_host_memory(leaf) -> bool:
 
 def _finite(leaves: list) -> np.ndarray:
     flags = np.ones(len(leaves), bool)
-    on_device = [i for i, leaf in enumerate(leaves) if not _in_host_memory(leaf)]
+    on_device = []
     for i, leaf in enumerate(leaves):
-        if i not in on_device:
+        if _in_host_memory(leaf):
             flags[i] = np.isfinite(np.asarray(leaf)).all()
+        else:
+            on_device.append(i)
     if on_device:
         flags[on_device] = np.asarray(_finite_flags([leaves[i] for i in on_device]))
     return flags

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ntk_adapters.infinite import forms as _forms
+from ntk_adapters.infinite.bivariate import _safe_sqrt
 
 Array = jax.Array
 
@@ -65,18 +66,13 @@ def _scaled_erf(form: _forms.Form) -> Optional[tuple[float, float]]:
     return -const.coef, float(phi.phi)
 
 
-def _safe_sqrt(x: Array) -> Array:
-    # a zero (not infinite) derivative at 0: at ρ = ±1 the infinite derivatives of y and of θ cancel
-    pos = x > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
-
-
 def piecewise_linear_kernels(p, n, slope_at_zero, c, q1, q2, derivative=True):
     """The kernels of ``f(x) = p·x`` (``x > 0``), ``n·x`` (``x < 0``); ``slope_at_zero`` is
     ``f'(0)`` as JAX computes it (it matters only for a zero variance)."""
     positive = (q1 > 0) & (q2 > 0)
     # atan2(0, 0) has no derivative: a zero variance (then c = 0 too) computes at c = 1, masked below
     c = jnp.where(positive, c, 1.0)
+    # a zero (not infinite) derivative at ρ = ±1, where the infinite derivatives of y and θ cancel
     y = _safe_sqrt(q1 * q2 - c * c)
     theta = jnp.arctan2(y, c)
     a, b = (p + n) / 2, (p - n) / 2
