@@ -11,6 +11,7 @@ This module is framework-free: it never imports Flax or Haiku.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -24,6 +25,11 @@ from ntk_adapters.tile_store import digest_tree
 from ntk_adapters.tiling import AXIS, _as_tiles, _join_kwargs, _num_rows, _refuse_coupled, _split_kwargs
 
 __all__ = ["kernel_regression_cg", "KernelRegressionResult", "CGConvergenceWarning"]
+
+# CG's products and inner products in full float32: TensorFloat-32 (the GPU default) would stall
+# it near 1e-3.
+_HIGHEST = jax.lax.Precision.HIGHEST
+_vdot = functools.partial(jnp.vdot, precision=_HIGHEST)
 
 
 class CGConvergenceWarning(UserWarning):
@@ -69,7 +75,7 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, atol: float, maxiter: int):
 
     Returns ``(x, A x, iterations, passes, met_rule, broke_down)``.
     """
-    threshold = jnp.maximum(tol**2 * jnp.vdot(b, b), atol**2)
+    threshold = jnp.maximum(tol**2 * _vdot(b, b), atol**2)
 
     def cg_pass(x, r, k):
         def cond(s):
@@ -79,22 +85,22 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, atol: float, maxiter: int):
         def body(s):
             x, r, p, rr, k, _ = s
             ap = matvec(p)
-            pap = jnp.vdot(p, ap)
+            pap = _vdot(p, ap)
             broke = ~(pap > 0)
             step = jnp.where(broke, 0.0, rr / jnp.where(broke, 1.0, pap)).astype(b.dtype)
             x = x + step * p
             r = r - step * ap
-            rr_new = jnp.vdot(r, r)
+            rr_new = _vdot(r, r)
             p = r + (rr_new / rr).astype(b.dtype) * p
             return x, r, p, jnp.where(broke, rr, rr_new), k + 1, broke
 
-        x, _, _, _, k, broke = jax.lax.while_loop(cond, body, (x, r, r, jnp.vdot(r, r), k, jnp.bool_(False)))
+        x, _, _, _, k, broke = jax.lax.while_loop(cond, body, (x, r, r, _vdot(r, r), k, jnp.bool_(False)))
         return x, k, broke
 
     def outer_cond(s):
         x, ax, k, passes, broke = s
         r = b - ax
-        return (jnp.vdot(r, r) > threshold) & (k < maxiter) & ~broke & (passes < _PASSES)
+        return (_vdot(r, r) > threshold) & (k < maxiter) & ~broke & (passes < _PASSES)
 
     def outer_body(s):
         x, ax, k, passes, _ = s
@@ -106,7 +112,7 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, atol: float, maxiter: int):
         outer_cond, outer_body, (zero, zero, jnp.int32(0), jnp.int32(0), jnp.bool_(False))
     )
     r = b - ax
-    return x, ax, k, passes, jnp.vdot(r, r) <= threshold, broke
+    return x, ax, k, passes, _vdot(r, r) <= threshold, broke
 
 
 def kernel_regression_cg(
@@ -253,9 +259,9 @@ def kernel_regression_cg(
                 else:
                     k = k_fn(tile(rows, i), tile(cols, j), dyn)
                 k = k.astype(v.dtype)
-                acc = acc.at[i].add(jnp.where(ok, k @ v[j], 0))
+                acc = acc.at[i].add(jnp.where(ok, jnp.matmul(k, v[j], precision=_HIGHEST), 0))
                 if symmetric:
-                    acc = acc.at[j].add(jnp.where(ok & (i != j), k.T @ v[i], 0))
+                    acc = acc.at[j].add(jnp.where(ok & (i != j), jnp.matmul(k.T, v[i], precision=_HIGHEST), 0))
                 return acc, None
 
             acc0 = jnp.zeros((n_rows,) + v.shape[1:], v.dtype)

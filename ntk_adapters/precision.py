@@ -1,4 +1,4 @@
-"""Precision of the matrix products behind an empirical kernel.
+"""Precision of the matrix products behind a kernel.
 
 On NVIDIA GPUs (Ampere and later) JAX multiplies float32 matrices in TensorFloat-32 by default:
 operands rounded to 10 mantissa bits, relative errors around ``1e-3`` per product. A kernel
@@ -6,13 +6,18 @@ computed that way is off by ~``3e-4`` relative, which is more than enough to spo
 solves of kernel regression (the kernel's small eigenvalues are where the predictions come
 from). CPUs ignore the setting; TPUs round to bfloat16 by default.
 
-Every empirical kernel function therefore takes ``precision=`` (``'highest'`` by default) and
-applies it to
+Every kernel function (empirical, Monte Carlo, ``infinite_kernel_fn``) therefore takes
+``precision=`` (``'highest'`` by default) and applies it to
 
 * the contractions the library writes (``J1 J2ᵀ``, the activation and cotangent Grams of
   ``'structured'``, the NNGP outer product), through the ``precision=`` of each ``einsum``;
 * the model's own forward and backward products while the kernel is traced, through
-  :func:`jax.default_matmul_precision`; a layer that sets its own ``precision=`` keeps it.
+  :func:`jax.default_matmul_precision`; a layer that sets its own ``precision=`` keeps it;
+* the products of the infinite-width rules (input Grams, quadrature, fixed arrays, attention),
+  traced in the same context.
+
+Solves with a kernel (``predict``, ``kernel_regression_cg``) have no such argument: their
+products are always HIGHEST.
 
 ``'high'`` allows three-pass bfloat16 (TPU) or TF32 (GPU) products, ``'default'`` leaves every
 product to JAX's setting (``jax_default_matmul_precision``, TF32 on GPU unless changed). On CPU

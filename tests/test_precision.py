@@ -1,11 +1,12 @@
-"""The ``precision`` argument of the empirical kernels: no reduced-precision product in a kernel.
+"""No reduced-precision product in a kernel, or in a solve with one.
 
 A CPU computes float32 products exactly whatever the precision says, so TensorFloat-32 (the GPU
 default) cannot be seen in the values here. What reaches the compiler can: every matrix product
 and convolution of the lowered program (StableHLO) carries its precision. These tests lower each
-kernel function and require HIGHEST on every ``dot_general`` and ``convolution`` (the model's
-forward and backward products and the library's contractions alike), and require that
-``precision='default'`` removes it, so that the check itself can fail.
+kernel function (empirical, Monte Carlo, infinite width) and each predictor and solver that uses
+a kernel, and require HIGHEST on every ``dot_general`` and ``convolution`` (the model's forward
+and backward products and the library's contractions alike), and require that
+``precision='default'`` removes it where the argument exists, so that the check itself can fail.
 """
 
 from __future__ import annotations
@@ -21,8 +22,16 @@ import pytest
 
 import ntk_adapters.flax
 import ntk_adapters.haiku
-from ntk_adapters import empirical_kernel_fn, empirical_nngp_fn, empirical_ntk_fn, monte_carlo_kernel_fn
+from ntk_adapters import (
+    empirical_kernel_fn,
+    empirical_nngp_fn,
+    empirical_ntk_fn,
+    kernel_regression_cg,
+    monte_carlo_kernel_fn,
+    predict,
+)
 from ntk_adapters.axes import OutputAxes
+from ntk_adapters.infinite import infinite_kernel_fn
 from ntk_adapters.structured import structured_contributions
 
 _OP = re.compile(r"stablehlo\.(dot_general|convolution)\b")
@@ -37,7 +46,11 @@ def product_precisions(fn, *args, grouped: bool = False) -> list[tuple]:
     """``(op, (lhs, rhs) precision)`` of every matrix product and convolution ``fn`` lowers to;
     an op printed without a precision has the DEFAULT one. ``grouped`` adds whether a
     convolution is grouped (``feature_group_count > 1``)."""
-    text = jax.jit(fn).lower(*args).as_text()
+    return precisions_in(jax.jit(fn).lower(*args).as_text(), grouped)
+
+
+def precisions_in(text: str, grouped: bool = False) -> list[tuple]:
+    """:func:`product_precisions` of a lowered program's text."""
     found = []
     for line in text.splitlines():
         op = _OP.search(line)
@@ -214,3 +227,119 @@ def test_bad_precision_names_the_argument():
         empirical_ntk_fn(f, precision="fp32")
     with pytest.raises(ValueError, match="precision='low'"):
         empirical_nngp_fn(f, precision="low")
+
+
+# --------------------------------------------------------------------------------------------
+# Infinite width: the rules' input Grams, the quadrature of elementwise functions, ...
+
+
+class _InfiniteMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(nn.Dense(16)(x))  # no closed form: Gauss–Hermite quadrature, a matrix product
+        return nn.Dense(2)(jnp.sin(nn.Dense(16)(x)))
+
+
+class _InfiniteCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        return nn.Dense(2)(x.mean((1, 2)))
+
+
+@pytest.fixture(scope="module")
+def infinite_models():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)
+    images = jnp.asarray(rng.standard_normal((3, 5, 5, 2)), jnp.float32)
+    return [
+        (ntk_adapters.flax.adapt(_InfiniteMLP(), None, x), x),
+        (ntk_adapters.flax.adapt(_InfiniteCNN(), None, images), images),
+    ]
+
+
+def test_infinite_width_kernels_are_highest_by_default(infinite_models):
+    for model, x in infinite_models:
+        kernel_fn = infinite_kernel_fn(model)
+        assert_all_highest(product_precisions(lambda a, k=kernel_fn: tuple(k(a)), x))
+        assert_all_highest(product_precisions(lambda a, b, k=kernel_fn: tuple(k(a, b)), x, x[:2] + 1))
+
+
+def test_infinite_width_precision_default_leaves_products_to_jax(infinite_models):
+    model, x = infinite_models[0]
+    found = product_precisions(lambda a: tuple(infinite_kernel_fn(model, precision="default")(a)), x)
+    assert_some_default(found)
+    high = product_precisions(lambda a: tuple(infinite_kernel_fn(model, precision="high")(a)), x)
+    assert high and all(pr == ("HIGH", "HIGH") for _, pr in high)
+    with pytest.raises(ValueError, match="precision='fp32'"):
+        infinite_kernel_fn(model, precision="fp32")
+
+
+# --------------------------------------------------------------------------------------------
+# Predictors and solvers: each product with a kernel, whatever the kernel's own precision was.
+
+
+def _train_kernels():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 6))
+    k = jnp.asarray(a @ a.T / 6 + np.eye(6), jnp.float32)
+    return (
+        k,
+        jnp.asarray(rng.standard_normal((6, 2)), jnp.float32),
+        jnp.asarray(rng.standard_normal((3, 6)), jnp.float32),
+    )
+
+
+@pytest.mark.parametrize("t", [None, 1.0, [0.5, 2.0]])
+def test_gradient_descent_mse_is_highest(t):
+    k, y, kt = _train_kernels()
+    fn = lambda k, y, kt: predict.gradient_descent_mse(k, y)(t, 0.0, 0.0, kt)
+    assert_all_highest(product_precisions(fn, k, y, kt))
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_gradient_descent_ode_is_highest(momentum):
+    k, y, kt = _train_kernels()
+    loss = lambda fx, y: 0.5 * jnp.mean((fx - y) ** 2)
+    fn = lambda k, y, kt: predict.gradient_descent(loss, k, y, momentum=momentum)(1.0, 0.0, 0.0, kt)
+    assert_all_highest(product_precisions(fn, k, y, kt))
+
+
+def test_gp_inference_and_ensemble_are_highest(infinite_models):
+    k, y, kt = _train_kernels()
+    fn = lambda k, y, kt: predict.gp_inference(k, y, diag_reg=1e-3)("nngp", kt, jnp.eye(3))
+    assert_all_highest(product_precisions(fn, k, y, kt))
+    model, x = infinite_models[0]
+    kernel_fn = infinite_kernel_fn(model)
+    for t in (None, 1.0):
+        ens = lambda x, y, xt, t=t: predict.gradient_descent_mse_ensemble(kernel_fn, x, y)(
+            t, xt, "ntk", compute_cov=True
+        )
+        assert_all_highest(product_precisions(ens, x, y[:4], x[:2] + 1))
+
+
+def test_kernel_regression_cg_is_highest(infinite_models, monkeypatch):
+    model, x = infinite_models[0]
+    kernel_fn = infinite_kernel_fn(model)
+    y = jnp.ones((4, 2), jnp.float32)
+    # The solve is one compiled program, built inside the call: record it and its arguments.
+    calls = []
+    original = jax.jit
+
+    def recording_jit(fn, *args, **kwargs):
+        jitted = original(fn, *args, **kwargs)
+        if getattr(fn, "__name__", "") != "solve":
+            return jitted
+
+        def call(*a, **k):
+            calls.append((jitted, a, k))
+            return jitted(*a, **k)
+
+        return call
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    kernel_regression_cg(kernel_fn, x, y, x[:2] + 1, batch_size=2)
+    monkeypatch.undo()
+    assert len(calls) == 1
+    jitted, args, kwargs = calls[0]
+    assert_all_highest(precisions_in(jitted.lower(*args, **kwargs).as_text()))

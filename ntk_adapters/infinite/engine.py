@@ -67,6 +67,7 @@ from ntk_adapters.infinite.values import Value, input_value, is_value
 from ntk_adapters.inputs import check_pair, hashable_spec, leaves_with_names, spec
 from ntk_adapters.model import Model, as_model
 from ntk_adapters.outputs import pack
+from ntk_adapters.precision import PrecisionLike, canonical, matmul_precision
 
 __all__ = [
     "infinite_kernel_fn",
@@ -185,6 +186,7 @@ def infinite_kernel_fn(
     attention: Literal["refuse", "infinite_heads"] = "refuse",
     attention_samples: int = 1024,
     seed: int = 0,
+    precision: PrecisionLike = "highest",
 ) -> InfiniteKernelFn:
     """Exact infinite-width NNGP and NTK of an unchanged Flax / Haiku model.
 
@@ -226,6 +228,11 @@ def infinite_kernel_fn(
         ``'nngp_stderr'`` / ``'ntk_stderr'``.
       attention_samples: heads drawn per attention layer for ``attention='infinite_heads'``.
       seed: the seed of those draws (the same seed gives the same kernel).
+      precision: of the matrix products behind the kernel (the input Grams ``x·x'/C``, the
+        quadrature of elementwise functions, fixed arrays and attention), as for
+        :func:`ntk_adapters.empirical_ntk_fn`: ``'highest'`` (default: full float32 also where
+        a GPU would use TensorFloat-32), ``'high'``, ``'default'`` (JAX's own setting) or a
+        :class:`jax.lax.Precision` (:mod:`ntk_adapters.precision`).
 
     Returns:
       ``kernel_fn(x1, x2=None, get=('nngp', 'ntk'))`` with ``x1`` an array ``(N1, *input_shape)``
@@ -266,6 +273,7 @@ def infinite_kernel_fn(
     if int(attention_samples) < _STDERR_BATCHES or int(attention_samples) != attention_samples:
         raise ValueError(f"attention_samples must be an integer >= {_STDERR_BATCHES}; got {attention_samples!r}")
     attention_samples = int(attention_samples)
+    canonical(precision)
     if model.params is None:
         raise ValueError("infinite_kernel_fn needs a Model with params (their shapes give the layer widths)")
     cache: dict = {}
@@ -284,12 +292,18 @@ def infinite_kernel_fn(
         return cache[key]
 
     def compute(x1, x2, key, n_samples):
+        # Traced in the context so that products without a precision of their own (the rules'
+        # einsums, the quadrature, the model's operations on constants) get the requested one.
+        with matmul_precision(precision):
+            return evaluate(x1, x2, key, n_samples)
+
+    def evaluate(x1, x2, key, n_samples):
         closed, calls, layout, sampled = prepare(spec(x1))
         if sampled and x2 is not None:
             # One set of draws for all examples: x1 and x2 are evaluated as one batch.
             n1 = jax.tree_util.tree_leaves(x1)[0].shape[0]
             both = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), x1, x2)
-            return _split(compute(both, None, key, n_samples), n1)
+            return _split(evaluate(both, None, key, n_samples), n1)
         leaves1, treedef = jax.tree_util.tree_flatten(x1)
         leaves2 = [None] * len(leaves1) if x2 is None else treedef.flatten_up_to(x2)
         names = [name for name, _ in leaves_with_names(x1, "x")]

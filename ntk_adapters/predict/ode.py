@@ -18,7 +18,7 @@ from ntk_adapters.predict.checks import (
     times,
     train_inputs,
 )
-from ntk_adapters.predict.linalg import TrainKernel
+from ntk_adapters.predict.linalg import TrainKernel, _highest
 from ntk_adapters.predict.mse import PredictFn
 
 #: ``t=None`` integrates in chunks that double up to this many natural time units
@@ -192,7 +192,10 @@ def gradient_descent(
             return (f0, ft0, zero)
         return (f0, ft0, jnp.zeros_like(f0), jnp.zeros_like(ft0), zero)
 
+    # Traced at the highest precision: the kernel products and the integrator's combinations of
+    # stages (TensorFloat-32 on GPUs would cost the flow three digits).
     @jax.jit
+    @_highest
     def integrate(flat_tau, f0, ft0, kt, unit):
         order = jnp.argsort(flat_tau)
         sorted_tau = flat_tau[order]
@@ -204,6 +207,7 @@ def gradient_descent(
         return ys[0][inverse], ys[1][inverse], ys[-1][inverse], reached
 
     @jax.jit
+    @_highest
     def settle(f0, ft0, kt, unit):
         """Integrate chunk by chunk until the outputs change by less than the tolerance."""
 
