@@ -45,7 +45,7 @@ from flax import linen as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from _common import compile_fn, describe_machine, table, time_compiled  # noqa: E402
+from _common import compile_fn, describe_machine, relu_maps, table, time_compiled  # noqa: E402
 
 import ntk_adapters.flax  # noqa: E402
 from ntk_adapters import batch, empirical_ntk_fn  # noqa: E402
@@ -86,14 +86,6 @@ class DeepCNN(nn.Module):
 # Hand-written infinite-width recursions (standard parameterization, as the Flax models above).
 
 
-def _relu_maps(k12, q1, q2):
-    """E[relu(u) relu(v)] and E[relu'(u) relu'(v)] for covariance k12 and variances q1, q2, by the
-    cheapest form: the angle θ = atan2(sqrt(q1 q2 − k12²), k12), no correlation formed."""
-    y = jnp.sqrt(jnp.maximum(q1 * q2 - k12 * k12, 0.0))
-    th = jnp.arctan2(y, k12)
-    return (y + (jnp.pi - th) * k12) / (2 * jnp.pi), (jnp.pi - th) / (2 * jnp.pi)
-
-
 @jax.jit
 def mlp_by_hand(x1, x2):
     d = x1.shape[1]
@@ -105,7 +97,7 @@ def mlp_by_hand(x1, x2):
         ntk = fan_in * k + ntk + 1.0  # weight (fan_in · input covariance) + downstream + bias
         if width is None:
             break
-        j1, j0 = _relu_maps(k, q1[:, None], q2[None, :])
+        j1, j0 = relu_maps(k, q1[:, None], q2[None, :])
         k, ntk, q1, q2, fan_in = j1, ntk * j0, q1 / 2, q2 / 2, width
     return ntk
 
@@ -157,7 +149,7 @@ def cnn_by_hand(x1, x2, depth: int, channels: int, readout: str):
     def layer(fan_in, k, ntk, v1, v2):
         k = window(k)
         ntk = fan_in * k + window(ntk) + 1.0
-        j1, j0 = _relu_maps(k, q1(v1), q2(v2))
+        j1, j0 = relu_maps(k, q1(v1), q2(v2))
         # Variances after ReLU halve, then the next convolution averages them over its window.
         return j1, ntk * j0, _window_diag(v1 / 2, 1), _window_diag(v2 / 2, 1)
 

@@ -12,6 +12,7 @@ Run:  .venv/bin/python benchmarks/infinite_kernel.py [--repeats 15] [--n 1000]
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -20,8 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-import ntk_adapters.flax as nflax
-from ntk_adapters.infinite import infinite_kernel_fn
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from _common import relu_maps  # noqa: E402
+
+import ntk_adapters.flax as nflax  # noqa: E402
+from ntk_adapters.infinite import infinite_kernel_fn  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -42,14 +47,6 @@ class CNN(nn.Module):
         return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
 
 
-def _relu(k12, q1, q2):
-    """E[relu(u) relu(v)] and E[relu'(u) relu'(v)] for covariance k12 and variances q1, q2, by the
-    cheapest form: the angle θ = atan2(sqrt(q1 q2 − k12²), k12), no correlation formed."""
-    y = jnp.sqrt(jnp.maximum(q1 * q2 - k12 * k12, 0.0))
-    th = jnp.arctan2(y, k12)
-    return (y + (jnp.pi - th) * k12) / (2 * jnp.pi), (jnp.pi - th) / (2 * jnp.pi)
-
-
 @jax.jit
 def mlp_by_hand(x1, x2):
     d = x1.shape[1]
@@ -61,7 +58,7 @@ def mlp_by_hand(x1, x2):
         ntk = fan_in * k + ntk + 1.0  # lecun_normal: σw² = 1; zero bias, trainable
         if width is None:
             break
-        j1, j0 = _relu(k, q1[:, None], q2[None, :])
+        j1, j0 = relu_maps(k, q1[:, None], q2[None, :])
         k, ntk, q1, q2, fan_in = j1, ntk * j0, q1 / 2, q2 / 2, width
     return k, ntk
 
@@ -104,10 +101,10 @@ def cnn_by_hand(x1, x2):
         a1, b1 = _diag(c1)
         a2, b2 = _diag(c2)
         v1, v2 = a1[:, None], b2[None]
-        j1, j0 = _relu(k, v1, v2)
+        j1, j0 = relu_maps(k, v1, v2)
         k, ntk = j1, ntk * j0
-        c1 = _relu(c1, a1, b1)[0]
-        c2 = _relu(c2, a2, b2)[0]
+        c1 = relu_maps(c1, a1, b1)[0]
+        c2 = relu_maps(c2, a2, b2)[0]
         fan_in = 9 * 64
     # global average pooling, then Dense(10)
     k = k.mean(axis=(2, 3, 4, 5))

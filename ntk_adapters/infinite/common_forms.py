@@ -8,7 +8,7 @@ models and have short closed forms, used instead whenever a form is one of them:
 * **piecewise linear through the origin**, ``f(x) = p·x`` for ``x > 0`` and ``n·x`` for ``x < 0``
   (ReLU, leaky ReLU, abs, PReLU-like slopes). With ``f = A x + B |x|``, ``A = (p + n)/2``,
   ``B = (p − n)/2``, ``y = sqrt(q1 q2 − c²)`` and ``θ = atan2(y, c)`` (the angle between the two
-  Gaussians, ``arccos ρ`` without forming ``ρ``)::
+  Gaussians, ``arccos ρ`` without forming ``ρ``; :func:`~ntk_adapters.infinite.bivariate._atan2`)::
 
       E[f(u) f(v)]   = A² c + B² (2y/π + c (1 − 2θ/π))          (E[u|v|] = 0, E|u||v| = 4 J1 − c)
       E[f'(u) f'(v)] = (p² + n²) (π − θ)/(2π) + 2 p n θ/(2π)
@@ -17,7 +17,7 @@ models and have short closed forms, used instead whenever a form is one of them:
 * **a scaled error function**, ``f(x) = α (2Φ(b x) − 1) = α erf(b x/√2)``, with
   ``d_i = 1 + b² q_i`` (Williams, "Computing with infinite networks", 1997)::
 
-      E[f(u) f(v)]   = α² (2/π) arcsin(b² c / sqrt(d1 d2))
+      E[f(u) f(v)]   = α² (2/π) arcsin(b² c / sqrt(d1 d2)) = α² (2/π) arctan(b² c / sqrt(d1 d2 − b⁴ c²))
       E[f'(u) f'(v)] = α² (2b²/π) / sqrt(d1 d2 − b⁴ c²)
 
 Where a variance is zero the value is the constant 0 and the expectations factor, as in
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ntk_adapters.infinite import forms as _forms
-from ntk_adapters.infinite.bivariate import _safe_sqrt
+from ntk_adapters.infinite.bivariate import _atan2, _safe_sqrt
 
 Array = jax.Array
 
@@ -70,11 +70,10 @@ def piecewise_linear_kernels(p, n, slope_at_zero, c, q1, q2, derivative=True):
     """The kernels of ``f(x) = p·x`` (``x > 0``), ``n·x`` (``x < 0``); ``slope_at_zero`` is
     ``f'(0)`` as JAX computes it (it matters only for a zero variance)."""
     positive = (q1 > 0) & (q2 > 0)
-    # atan2(0, 0) has no derivative: a zero variance (then c = 0 too) computes at c = 1, masked below
-    c = jnp.where(positive, c, 1.0)
+    # A zero variance (then c = 0 too) gives θ = 0 with finite derivatives (bivariate._atan2), masked below.
     # a zero (not infinite) derivative at ρ = ±1, where the infinite derivatives of y and θ cancel
     y = _safe_sqrt(q1 * q2 - c * c)
-    theta = jnp.arctan2(y, c)
+    theta = _atan2(y, c)
     a, b = (p + n) / 2, (p - n) / 2
     nngp = a * a * c + b * b * (y * (2 / math.pi) + c * (1 - theta * (2 / math.pi)))
     nngp = jnp.where(positive, nngp, 0.0)
@@ -91,13 +90,13 @@ def erf_kernels(alpha, b, c, q1, q2, derivative=True):
     """The kernels of ``f(x) = α (2Φ(b x) − 1) = α erf(b x/√2)``."""
     b2 = b * b
     d1, d2 = 1 + b2 * jnp.maximum(q1, 0.0), 1 + b2 * jnp.maximum(q2, 0.0)
-    z = jnp.clip(b2 * c * jax.lax.rsqrt(d1) * jax.lax.rsqrt(d2), -1.0, 1.0)
-    nngp = (alpha * alpha * 2 / math.pi) * jnp.arcsin(z)
+    # d1 d2 − b⁴ c² = 1 + b²(q1 + q2) + b⁴ (q1 q2 − c²) ≥ 1, and arcsin(a/√(d1 d2)) = arctan(a/√(d1 d2 − a²))
+    # for a = b² c: one arctan (no clipping, no arcsin expanded around it) and one rsqrt for both kernels.
+    inv = jax.lax.rsqrt(jnp.maximum(d1 * d2 - b2 * b2 * c * c, 1.0))
+    nngp = (alpha * alpha * 2 / math.pi) * jnp.arctan(b2 * c * inv)
     if not derivative:
         return nngp, None
-    # d1 d2 − b⁴ c² = 1 + b²(q1 + q2) + b⁴ (q1 q2 − c²) ≥ 1
-    dd = (alpha * alpha * 2 * b2 / math.pi) * jax.lax.rsqrt(jnp.maximum(d1 * d2 - b2 * b2 * c * c, 1.0))
-    return nngp, dd
+    return nngp, (alpha * alpha * 2 * b2 / math.pi) * inv
 
 
 def common_expectations(
