@@ -72,7 +72,10 @@ def piecewise_linear_kernels(p, n, slope_at_zero, c, q1, q2, derivative=True):
     positive = (q1 > 0) & (q2 > 0)
     # A zero variance (then c = 0 too) gives θ = 0 with finite derivatives (bivariate._atan2), masked below.
     # a zero (not infinite) derivative at ρ = ±1, where the infinite derivatives of y and θ cancel
-    y = _safe_sqrt(q1 * q2 - c * c)
+    # max with the smallest normal number rather than a select on x > 0: the same zero derivative at
+    # ρ = ±1, and XLA need not recompute q1 q2 − c² for the select in every consumer of y
+    qq = q1 * q2 - c * c
+    y = jnp.sqrt(jnp.maximum(qq, jnp.finfo(qq.dtype).tiny))
     theta = _atan2(y, c)
     a, b = (p + n) / 2, (p - n) / 2
     nngp = a * a * c + b * b * (y * (2 / math.pi) + c * (1 - theta * (2 / math.pi)))
