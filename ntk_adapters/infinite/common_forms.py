@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ntk_adapters.infinite import forms as _forms
-from ntk_adapters.infinite.bivariate import _atan2, _safe_sqrt
+from ntk_adapters.infinite.bivariate import _atan2
 
 Array = jax.Array
 
