@@ -12,11 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from jax.scipy.special import erf
 from scipy import special
 
+import ntk_adapters.flax as nflax
 from ntk_adapters.infinite import elementwise as E
+from ntk_adapters.infinite import infinite_kernel_fn
 from ntk_adapters.infinite.kernel import Kernel
 
 # (name, params, phi in numpy, phi' in numpy)
@@ -391,3 +395,40 @@ def test_nngp_symmetric_psd(x, name):
     scale = max(1.0, np.abs(nngp).max())
     assert np.linalg.eigvalsh(nngp).min() >= -1e-8 * scale
     np.testing.assert_allclose(np.diag(nngp), out.cov1, rtol=1e-9, atol=1e-12)
+
+
+class _DeepMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(64)(x))
+        x = erf(nn.Dense(64)(x))
+        x = nn.gelu(nn.Dense(64)(x))  # tanh approximation: quadrature
+        return nn.Dense(3)(nn.leaky_relu(nn.Dense(64)(x), 0.1))
+
+
+class _FlattenCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))  # diagonal layout: (N, N, H, W) kernels
+        return nn.Dense(3)(nn.relu(nn.Conv(8, (3, 3))(x)).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("module,shape", [(_DeepMLP(), (12, 7)), (_FlattenCNN(), (6, 5, 5, 2))], ids=["mlp", "cnn"])
+def test_same_input_diagonal_is_exact_in_float32(module, shape):
+    """K(x, x)'s diagonal is the variances' own map: its Gram and sum of squares differ in the last
+    bits, which would give an angle of sqrt(2ε) (5e-4 in float32) instead of 0 there. Against the
+    float64 kernel of the same model: the diagonal to float32 round-off, as the off-diagonal."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape)
+    x[1] = 3.0 * x[0]  # parallel inputs: unit correlation off the diagonal, where nothing is exact
+    model = nflax.adapt(module, None, jnp.asarray(x[:2], jnp.float32))
+    kernel_fn = infinite_kernel_fn(model)
+    k32, k64 = kernel_fn(jnp.asarray(x, jnp.float32)), kernel_fn(jnp.asarray(x, jnp.float64))
+    for name in ("nngp", "ntk"):
+        got, want = np.asarray(getattr(k32, name), np.float64), np.asarray(getattr(k64, name))
+        assert getattr(k32, name).dtype == jnp.float32
+        n = want.shape[0]
+        diag_err = np.abs(got[np.arange(n), np.arange(n)] - want[np.arange(n), np.arange(n)])
+        assert np.max(diag_err / np.abs(want[np.arange(n), np.arange(n)])) < 2e-6, name
+        # elsewhere parallel inputs keep the sqrt(ε) conditioning of the angle
+        assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-4, name
