@@ -71,11 +71,14 @@ def piecewise_linear_kernels(p, n, slope_at_zero, c, q1, q2, derivative=True):
     ``f'(0)`` as JAX computes it (it matters only for a zero variance)."""
     positive = (q1 > 0) & (q2 > 0)
     # A zero variance (then c = 0 too) gives θ = 0 with finite derivatives (bivariate._atan2), masked below.
-    # a zero (not infinite) derivative at ρ = ±1, where the infinite derivatives of y and θ cancel
-    # max with the smallest normal number rather than a select on x > 0: the same zero derivative at
-    # ρ = ±1, and XLA need not recompute q1 q2 − c² for the select in every consumer of y
-    qq = q1 * q2 - c * c
-    y = jnp.sqrt(jnp.maximum(qq, jnp.finfo(qq.dtype).tiny))
+    # y² = (s − c)(s + c) with s = sqrt(q1 q2), not q1 q2 − c²: at unit correlation s − c is exact
+    # (s is exactly q when q1 = q2 = q), where q1 q2 − c² would keep the rounding of c², or of an
+    # FMA the compiler forms, and turn it into an angle of sqrt(ε). The max with the smallest
+    # normal number gives a zero (not infinite) derivative at ρ = ±1, where the infinite
+    # derivatives of y and θ cancel, and fuses where a select on y² > 0 would be recomputed.
+    tiny = jnp.finfo(jnp.result_type(c, q1, q2)).tiny
+    s = jnp.sqrt(jnp.maximum(q1 * q2, tiny))  # finite derivatives at a zero variance
+    y = jnp.sqrt(jnp.maximum((s - c) * (s + c), tiny))
     theta = _atan2(y, c)
     a, b = (p + n) / 2, (p - n) / 2
     nngp = a * a * c + b * b * (y * (2 / math.pi) + c * (1 - theta * (2 / math.pi)))

@@ -3,6 +3,10 @@
 (``form_kernels.term_by_term``), itself checked against an independent integrator in
 ``test_elementwise_exact.py``."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +90,31 @@ def test_gradients_are_finite_at_a_zero_variance(name):
             jnp.array([0.0, 0.3]), jnp.array([0.0, 1.0])
         )
         assert np.all(np.isfinite(g)), (name, argnum, g)
+
+
+_UNIT_CORRELATION = """
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+from ntk_adapters.infinite.common_forms import piecewise_linear_kernels
+worst = 0.0
+for dtype in (jnp.float32, jnp.float64):
+    eps = float(jnp.finfo(dtype).eps)
+    q = jnp.asarray(np.random.default_rng(0).uniform(0.01, 100.0, (64, 64)), dtype)
+    for p, n in ((1.0, 0.0), (1.0, 0.2), (1.0, -1.0)):
+        run = jax.jit(lambda c, q1, q2: piecewise_linear_kernels(p, n, 0.0, c, q1, q2))
+        for sign, e_ff, e_dd in ((1.0, (p * p + n * n) / 2, (p * p + n * n) / 2), (-1.0, -p * n, p * n)):
+            nngp, dd = run(sign * q, q, q)
+            err_ff = float(jnp.max(jnp.abs(nngp - e_ff * q) / q))
+            worst = max(worst, err_ff / eps, float(jnp.max(jnp.abs(dd - e_dd))) / eps)
+print(worst)
+"""
+
+
+def test_unit_correlation_is_exact_when_compiled():
+    """c = ±q1 = ±q2 bitwise gives θ = 0 or π to an ulp in the compiled map. Formed as q1 q2 − c²,
+    y² keeps the rounding of c² or of an FMA the compiler forms, and the angle becomes sqrt(ε)
+    (E[f' f'] off by 4e-5 in float32). Run with XLA's default optimizations, which form the FMAs
+    (the suite's conftest turns them off to compile faster)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", _UNIT_CORRELATION], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) <= 8.0, out.stdout

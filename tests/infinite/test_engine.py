@@ -2,9 +2,11 @@
 
 import haiku as hk
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.scipy.special import erf
 
 import ntk_adapters.flax as nflax
 import ntk_adapters.haiku as nhaiku
@@ -138,3 +140,34 @@ def test_dense_general_plain_projection_equals_dense(xs):
     nngp, ntk = arccos_mlp(x1, x2, 1, 1.0, 0.0, (16,))
     np.testing.assert_allclose(k.nngp, nngp, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(k.ntk, ntk, rtol=1e-10, atol=1e-12)
+
+
+class _ErfMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(erf(nn.Dense(16)(nn.relu(nn.Dense(16)(x)))))
+
+
+class _PoolingCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # full layout: covariances between positions
+        return nn.Dense(2)(nn.relu(nn.Conv(4, (3, 3))(x)).mean((1, 2)))
+
+
+@pytest.mark.parametrize("module,shape", [(_ErfMLP(), (5, 3)), (_PoolingCNN(), (3, 4, 4, 2))], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("same", [True, False], ids=["x_with_itself", "x1_x2"])
+def test_input_gradients_match_central_differences(module, shape, same):
+    """d/dx of the kernels (what dataset distillation and kernel-based attacks use), unit
+    correlation on the diagonal of K(x, x) included, against central differences in float64."""
+    rng = np.random.default_rng(0)
+    x1 = jnp.asarray(rng.standard_normal(shape))
+    x2 = None if same else jnp.asarray(rng.standard_normal((2,) + shape[1:]))
+    kernel_fn = infinite_kernel_fn(nflax.adapt(module, None, x1[:2]))
+    w = jnp.asarray(rng.standard_normal((shape[0], shape[0] if same else 2)))
+    direction = jnp.asarray(rng.standard_normal(shape))
+    for get in ("nngp", "ntk"):
+        loss = lambda x, get=get: jnp.sum(w * kernel_fn(x, x2, get=get))
+        along = float(jnp.sum(jax.grad(loss)(x1) * direction))
+        eps = 1e-5
+        fd = float((loss(x1 + eps * direction) - loss(x1 - eps * direction)) / (2 * eps))
+        assert abs(along - fd) <= 1e-7 * max(1.0, abs(fd)), (get, along, fd)
