@@ -350,7 +350,7 @@ def infinite_kernel_fn(
 
     def kernel_fn(x1, x2=None, get=("nngp", "ntk")):
         check_pair(x1, x2)
-        x1 = jax.tree_util.tree_map(jnp.asarray, x1)
+        x1 = jax.tree_util.tree_map(_as_array, x1)
         if x2 is not None:
             x2 = _like(x1, x2)
         if check_finite_values:
@@ -424,6 +424,10 @@ def _example_spec(model: Model):
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(tuple(s), dtype), model.input_shape, is_leaf=is_shape)
 
 
+def _as_array(a):
+    return a if isinstance(a, jax.Array) else jnp.asarray(a)
+
+
 def _like(x1, x2):
     """``x2`` with every leaf as an array of its ``x1`` leaf's dtype (``x1`` and ``x2`` already have the
     same structure). Float values are not silently truncated into an integer leaf."""
@@ -431,6 +435,9 @@ def _like(x1, x2):
     leaves2, treedef = jax.tree_util.tree_flatten(x2)
     out = []
     for (name, a), b in zip(named1, leaves2):
+        if isinstance(b, jax.Array) and b.dtype == a.dtype:  # the common case, without a copy
+            out.append(b)
+            continue
         b = jnp.asarray(b)
         if not jnp.issubdtype(a.dtype, jnp.inexact) and jnp.issubdtype(b.dtype, jnp.inexact):
             raise ValueError(
