@@ -70,7 +70,8 @@ def piecewise_linear_kernels(p, n, slope_at_zero, c, q1, q2, derivative=True):
     """The kernels of ``f(x) = p·x`` (``x > 0``), ``n·x`` (``x < 0``); ``slope_at_zero`` is
     ``f'(0)`` as JAX computes it (it matters only for a zero variance)."""
     positive = (q1 > 0) & (q2 > 0)
-    # A zero variance (then c = 0 too) gives θ = 0 with finite derivatives (bivariate._atan2), masked below.
+    # A zero variance (then c = 0 too) gives a finite angle with finite derivatives (s and y are floored
+    # at the smallest normal number, bivariate._atan2 is finite at the origin); it is masked below.
     # y² = (s − c)(s + c) with s = sqrt(q1 q2), not q1 q2 − c²: at unit correlation s − c is exact
     # (s is exactly q when q1 = q2 = q), where q1 q2 − c² would keep the rounding of c², or of an
     # FMA the compiler forms, and turn it into an angle of sqrt(ε). The max with the smallest
