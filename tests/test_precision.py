@@ -208,6 +208,7 @@ def test_a_layer_with_its_own_precision_keeps_it():
     assert ("dot_general", ("HIGHEST", "HIGHEST")) in found  # the library's J1 J2ᵀ
 
 
+@pytest.mark.float64  # needs 64-bit floats for its reference
 @pytest.mark.parametrize("implementation,vmap_axes", IMPLEMENTATIONS)
 def test_float32_kernel_matches_float64(implementation, vmap_axes):
     # The precision plumbing must not change values: float32 against the float64 kernel.
