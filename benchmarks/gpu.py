@@ -17,8 +17,10 @@ Not a test. Four tables, each a ratio against a baseline measured in this run:
 4. **21-layer CNN** (3×3 SAME convolutions, ReLU, 32×32×3 inputs): infinite NTK time per kernel
    entry with a global-average-pooling readout and with a flatten readout, engine and hand-written,
    beside neural-tangents' published figures (V100, float32: 2.70 ms per entry with pooling,
-   0.00465 ms with flatten; a different machine, for scale only). With ``--small`` the pooling
-   case uses 8×8 images (its cost grows with the square of the number of positions).
+   0.00465 ms with flatten; a different machine, for scale only), and against a memory roofline:
+   the time to read and write the NNGP and NTK once per layer at the bandwidth an elementwise pass
+   over arrays of their size reaches on this device. With ``--small`` the pooling case uses 8×8
+   images (its cost grows with the square of the number of positions).
 
 Kernels are float32 with ``precision='highest'`` semantics: the hand-written recursions use
 ``precision=HIGHEST`` in their products, and the process runs under
@@ -26,8 +28,7 @@ Kernels are float32 with ``precision='highest'`` semantics: the hand-written rec
 cheaper than the library on GPUs.
 
 Run:
-  .venv/bin/python benchmarks/gpu.py --small      # CPU: a few minutes, < 2 GiB (engine skipped in table 4)
-  .venv/bin/python benchmarks/gpu.py --small --deep-engine   # + the engine on the 21-layer CNN (~15 min)
+  .venv/bin/python benchmarks/gpu.py --small      # CPU: about a minute, < 2 GiB
   python benchmarks/gpu.py                        # GPU: under 5 minutes
 """
 
@@ -357,39 +358,50 @@ def section_tiling(s, repeats):
     )
 
 
-def section_deep_cnn(s, repeats, engine: bool = True):
+def copy_bandwidth(shape, repeats) -> float:
+    """Bytes per second of a jitted elementwise pass over a float32 array of ``shape`` (one read,
+    one write): the memory bandwidth this device reaches on arrays of the covariances' size."""
+    a = jnp.ones(shape, jnp.float32)
+    compiled, _ = compile_fn(lambda v: v * 2.0, a)
+    return 2 * a.size * 4 / time_compiled(compiled, (a,), max(repeats, 5))
+
+
+def section_deep_cnn(s, repeats):
     rows = []
-    if not engine:
-        print(
-            "\n(4: the engine is skipped: compiling it for the 21-layer CNN takes minutes on a CPU — 60 s with "
-            "pooling at 8×8, 700 s with flatten at 32×32 measured on 2 loaded cores; pass --deep-engine)"
-        )
+    depth = 21
     for readout, n, hw in (("gap", s["deep_gap_n"], s["deep_gap_hw"]), ("flatten", s["deep_flat_n"], 32)):
         x = jax.random.normal(jax.random.PRNGKey(7), (n, hw, hw, 3), jnp.float32)
-        hand = jax.jit(lambda a, b, r=readout: cnn_by_hand(a, b, 21, 64, r))
+        hand = jax.jit(lambda a, b, r=readout: cnn_by_hand(a, b, depth, 64, r))
         fns = {"by hand": hand}
         try:
-            if engine:
-                fns["engine"] = engine_ntk(DeepCNN(21, 64, readout), x[:2])
+            fns["engine"] = engine_ntk(DeepCNN(depth, 64, readout), x[:2])
         except Exception as err:  # report and keep the hand-written figure
             print(f"engine failed on the 21-layer CNN ({readout}): {type(err).__name__}: {err}")
         res = timed_pair(fns, (x, x), repeats)
         per = {k: v[0] * 1e3 / (n * n) for k, v in res.items()}
         diff = rel_diff(res["engine"][1], res["by hand"][1]) if "engine" in res else float("nan")
+        # Memory roofline: every layer reads and writes the NNGP and the NTK at least once each.
+        positions = (hw * hw) ** 2 if readout == "gap" else hw * hw
+        bandwidth = copy_bandwidth((n, n, positions), repeats)
+        roofline_ms = depth * 4 * positions * 4 / bandwidth * 1e3
         rows.append(
             (
                 f"{readout}, {n}² entries, {hw}×{hw}×3",
                 f"{per['engine']:.4g}" if "engine" in per else "-",
                 f"{per['by hand']:.4g}",
                 f"{per['engine'] / per['by hand']:.2f}" if "engine" in per else "-",
+                f"{roofline_ms:.3g} ({bandwidth / 1e9:.0f} GB/s)",
+                f"{per['engine'] / roofline_ms:.1f}" if "engine" in per else "-",
                 f"{NT_V100_MS_PER_ENTRY[readout]:g}",
                 f"{diff:.1e}",
                 "/".join(f"{res[k][2]:.0f}" for k in ("engine", "by hand") if k in res),
             )
         )
     print(
-        "\n4. 21-layer 3×3 SAME ReLU CNN, infinite NTK, ms per kernel entry (NT's figures are for 32×32;"
-        " pooling costs grow with (H·W)², so a smaller image is not comparable with them)"
+        f"\n4. {depth}-layer 3×3 SAME ReLU CNN, infinite NTK, ms per kernel entry (NT's figures are for 32×32;"
+        " pooling costs grow with (H·W)², so a smaller image is not comparable with them). Roofline: reading"
+        " and writing the NNGP and NTK once per layer at the bandwidth of an elementwise pass over arrays"
+        " of their size"
     )
     print(
         table(
@@ -398,6 +410,8 @@ def section_deep_cnn(s, repeats, engine: bool = True):
                 "engine",
                 "by hand",
                 "engine/hand",
+                "roofline (bandwidth)",
+                "engine/roofline",
                 "NT V100 (published)",
                 "max rel diff",
                 "compile s eng/hand",
@@ -440,12 +454,6 @@ def main():
     parser.add_argument("--small", action="store_true", help="sizes for a CPU: ~2 minutes, < 2 GiB")
     parser.add_argument("--repeats", type=int, default=None, help="default 5, 3 with --small")
     parser.add_argument("--sections", default="1234", help="which tables to print, e.g. 24")
-    parser.add_argument(
-        "--deep-engine",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="time the engine on the 21-layer CNN (default: on, off with --small)",
-    )
     args = parser.parse_args()
     s = SIZES["small" if args.small else "full"]
     repeats = args.repeats or (3 if args.small else 5)
@@ -456,12 +464,11 @@ def main():
     )
     start = time.perf_counter()
     with jax.default_matmul_precision("highest"):
-        deep_engine = (not args.small) if args.deep_engine is None else args.deep_engine
         for key, fn in (
             ("1", section_infinite),
             ("2", section_empirical),
             ("3", section_tiling),
-            ("4", lambda s, r: section_deep_cnn(s, r, deep_engine)),
+            ("4", section_deep_cnn),
         ):
             if key in args.sections:
                 fn(s, repeats)
