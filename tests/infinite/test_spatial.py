@@ -61,22 +61,53 @@ def _compiled_instructions(fn, *args) -> int:
     return len(re.findall(r"^\s+%\S+ = ", text, re.M))
 
 
-def test_deep_pooling_cnn_compiles_to_a_program_linear_in_depth():
-    """Each ReLU convolution adds the same instructions to the compiled program. A window written as
-    slices of the padded covariance let XLA recompute every earlier layer inside each later one: the
-    program grew quadratically (1439, 4685, 16482 instructions at depths 2, 4, 8) and ran 25× slower
-    than a loop over the same layers at depth 21."""
+def _pooling_cnn(depth):
+    def ntk(x):
+        k = L.conv(L.input_kernel(x, layout="full"), window_shape=(3, 3), fan_in=27)
+        for _ in range(depth):
+            k = L.conv(E.apply_elementwise(k, "relu"), window_shape=(3, 3), fan_in=9 * 64)
+        return L.spatial_mean(k).ntk
 
-    def stack(depth):
-        def ntk(x):
-            k = L.conv(L.input_kernel(x, layout="full"), window_shape=(3, 3), fan_in=27)
-            for _ in range(depth):
-                k = L.conv(E.apply_elementwise(k, "relu"), window_shape=(3, 3), fan_in=9 * 64)
-            return L.spatial_mean(k).ntk
+    return ntk, jnp.ones((2, 6, 6, 3))
 
-        return ntk
 
-    x = jnp.ones((2, 6, 6, 3))
-    c2, c4, c8 = (_compiled_instructions(stack(d), x) for d in (2, 4, 8))
+def _residual_cnn(depth):
+    def ntk(x):
+        k = L.conv(L.input_kernel(x, layout="full"), window_shape=(3, 3), fan_in=27)
+        for _ in range(depth):
+            branch = L.conv(E.apply_elementwise(k, "relu"), window_shape=(3, 3), fan_in=9 * 64)
+            k = L.add(k, L.conv(E.apply_elementwise(branch, "relu"), window_shape=(3, 3), fan_in=9 * 64))
+        return L.spatial_mean(k).ntk
+
+    return ntk, jnp.ones((2, 6, 6, 3))
+
+
+def _flatten_cnn(depth):
+    def ntk(x):
+        k = L.conv(L.input_kernel(x, layout="diagonal"), window_shape=(3, 3), fan_in=27)
+        for _ in range(depth):
+            k = L.conv(E.apply_elementwise(k, "gelu"), window_shape=(3, 3), fan_in=9 * 64)
+        return L.flatten(k).ntk
+
+    return ntk, jnp.ones((2, 6, 6, 3))
+
+
+def _mlp(depth):
+    def ntk(x):
+        k = L.dense(L.input_kernel(x), fan_in=3)
+        for _ in range(depth):
+            k = L.dense(E.apply_elementwise(k, "relu"), fan_in=64)
+        return k.ntk
+
+    return ntk, jnp.ones((4, 3))
+
+
+@pytest.mark.parametrize("stack", [_pooling_cnn, _residual_cnn, _flatten_cnn, _mlp], ids=lambda f: f.__name__[1:])
+def test_deep_kernels_compile_to_programs_linear_in_depth(stack):
+    """Each layer adds the same instructions to the compiled program. A convolution's window over
+    position pairs written as slices of the padded covariance let XLA recompute every earlier layer
+    inside each later one: the pooling CNN's program grew quadratically (1439, 4685, 16482
+    instructions at depths 2, 4, 8) and ran 25× slower than a loop over the same layers at depth 21."""
+    c2, c4, c8 = (_compiled_instructions(*stack(d)) for d in (2, 4, 8))
     per_layer_early, per_layer_late = (c4 - c2) / 2, (c8 - c4) / 4
     assert per_layer_late <= 1.25 * per_layer_early, (c2, c4, c8)
