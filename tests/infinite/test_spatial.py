@@ -61,14 +61,19 @@ def _compiled_instructions(fn, *args) -> int:
     return len(re.findall(r"^\s+%\S+ = ", text, re.M))
 
 
-def _pooling_cnn(depth):
-    def ntk(x):
-        k = L.conv(L.input_kernel(x, layout="full"), window_shape=(3, 3), fan_in=27)
-        for _ in range(depth):
-            k = L.conv(E.apply_elementwise(k, "relu"), window_shape=(3, 3), fan_in=9 * 64)
-        return L.spatial_mean(k).ntk
+def _cnn(layout, phi, readout):
+    """A stack of ``phi`` + 3×3 convolutions in ``layout``, read out by ``readout``."""
 
-    return ntk, jnp.ones((2, 6, 6, 3))
+    def build(depth):
+        def ntk(x):
+            k = L.conv(L.input_kernel(x, layout=layout), window_shape=(3, 3), fan_in=27)
+            for _ in range(depth):
+                k = L.conv(E.apply_elementwise(k, phi), window_shape=(3, 3), fan_in=9 * 64)
+            return readout(k).ntk
+
+        return ntk, jnp.ones((2, 6, 6, 3))
+
+    return build
 
 
 def _residual_cnn(depth):
@@ -78,16 +83,6 @@ def _residual_cnn(depth):
             branch = L.conv(E.apply_elementwise(k, "relu"), window_shape=(3, 3), fan_in=9 * 64)
             k = L.add(k, L.conv(E.apply_elementwise(branch, "relu"), window_shape=(3, 3), fan_in=9 * 64))
         return L.spatial_mean(k).ntk
-
-    return ntk, jnp.ones((2, 6, 6, 3))
-
-
-def _flatten_cnn(depth):
-    def ntk(x):
-        k = L.conv(L.input_kernel(x, layout="diagonal"), window_shape=(3, 3), fan_in=27)
-        for _ in range(depth):
-            k = L.conv(E.apply_elementwise(k, "gelu"), window_shape=(3, 3), fan_in=9 * 64)
-        return L.flatten(k).ntk
 
     return ntk, jnp.ones((2, 6, 6, 3))
 
@@ -102,7 +97,15 @@ def _mlp(depth):
     return ntk, jnp.ones((4, 3))
 
 
-@pytest.mark.parametrize("stack", [_pooling_cnn, _residual_cnn, _flatten_cnn, _mlp], ids=lambda f: f.__name__[1:])
+STACKS = {
+    "pooling_cnn": _cnn("full", "relu", L.spatial_mean),
+    "residual_cnn": _residual_cnn,
+    "flatten_cnn": _cnn("diagonal", "gelu", L.flatten),
+    "mlp": _mlp,
+}
+
+
+@pytest.mark.parametrize("stack", STACKS.values(), ids=STACKS.keys())
 def test_deep_kernels_compile_to_programs_linear_in_depth(stack):
     """Each layer adds the same instructions to the compiled program. A convolution's window over
     position pairs written as slices of the padded covariance let XLA recompute every earlier layer
