@@ -129,7 +129,8 @@ def _window_sum(
         # larger XLA operations, which deep convolutional kernels compile much faster.
         window, strides, dilations = [1] * x.ndim, [1] * x.ndim, [1] * x.ndim
         window[axes[0]], strides[axes[0]], dilations[axes[0]] = k, stride, dilation
-        zero = jnp.zeros((), x.dtype)
+        # a concrete zero makes it a window sum, which has a derivative (a traced zero would not)
+        zero = np.zeros((), x.dtype)
         return lax.reduce_window(x, zero, lax.add, tuple(window), tuple(strides), "VALID", None, tuple(dilations))
     return _diagonal_window_sum(x, axes, k, stride, dilation, out)
 

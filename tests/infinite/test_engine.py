@@ -154,7 +154,18 @@ class _PoolingCNN(nn.Module):
         return nn.Dense(2)(nn.relu(nn.Conv(4, (3, 3))(x)).mean((1, 2)))
 
 
-@pytest.mark.parametrize("module,shape", [(_ErfMLP(), (5, 3)), (_PoolingCNN(), (3, 4, 4, 2))], ids=["mlp", "cnn"])
+class _FlattenCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # diagonal layout: one window sum per spatial axis
+        h = nn.relu(nn.Conv(4, (3, 3), strides=(2, 1))(x))
+        return nn.Dense(2)(h.reshape(h.shape[0], -1))
+
+
+@pytest.mark.parametrize(
+    "module,shape",
+    [(_ErfMLP(), (5, 3)), (_PoolingCNN(), (3, 4, 4, 2)), (_FlattenCNN(), (3, 5, 4, 2))],
+    ids=["mlp", "pooling_cnn", "flatten_cnn"],
+)
 @pytest.mark.parametrize("same", [True, False], ids=["x_with_itself", "x1_x2"])
 def test_input_gradients_match_central_differences(module, shape, same):
     """d/dx of the kernels (what dataset distillation and kernel-based attacks use), unit
