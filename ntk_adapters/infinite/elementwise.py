@@ -422,13 +422,6 @@ def gaussian_variance(
 # Kernel-level entry point.
 
 
-def _full_diagonal(cov: Array) -> Array:
-    """``(N, H, H', W, W')`` → ``(N, H, W)``: the per-position variances of a 'full' covariance."""
-    for _ in range((cov.ndim - 1) // 2):
-        cov = jnp.diagonal(cov, axis1=1, axis2=2)
-    return cov
-
-
 def _interleave(diag: Array, first: bool) -> Array:
     """``(N, H, W)`` → ``(N, H, 1, W, 1)`` (``first``) or ``(N, 1, H, 1, W)``."""
     n, *spatial = diag.shape
@@ -526,14 +519,16 @@ def _apply_impl(kernel: Kernel, *, phi, params, plan) -> Kernel:
     # float32 (NTK errors 7e-6 with or without), and the select would cost a third of the time.
     exact_diagonal = kernel.same_inputs and kernel.layout != "full"
     if kernel.layout == "full":
-        d1 = _full_diagonal(kernel.cov1)
-        d2 = d1 if kernel.same_inputs else _full_diagonal(kernel.cov2)
+        d1, d2 = kernel.variances()
         var1, var2 = _interleave(d1, True)[:, None], _interleave(d2, False)[None]
         cov1 = expect(kernel.cov1, _interleave(d1, True), _interleave(d1, False), False)[0]
         cov2 = (
             cov1 if kernel.same_inputs else expect(kernel.cov2, _interleave(d2, True), _interleave(d2, False), False)[0]
         )
+        # each position with itself, from the variances alone (see the kernel module)
+        variances = kernel.map_variances(lambda v: expect(v, v, v, False)[0])
     else:
+        variances = {}
         var1, var2 = kernel.cov1[:, None], kernel.cov2[None]
         cov1, dd1 = expect(kernel.cov1, kernel.cov1, kernel.cov1, want_ntk and exact_diagonal)
         cov2 = cov1 if kernel.same_inputs else expect(kernel.cov2, kernel.cov2, kernel.cov2, False)[0]
@@ -541,7 +536,7 @@ def _apply_impl(kernel: Kernel, *, phi, params, plan) -> Kernel:
     if exact_diagonal:
         nngp, dd = _exact_diagonal(nngp, dd, cov1, dd1)
     ntk = dd * kernel.ntk if want_ntk else None
-    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=bool(linear))
+    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=bool(linear), **variances)
 
 
 def _exact_diagonal(nngp, dd, cov, self_dd):

@@ -66,7 +66,7 @@ from ntk_adapters.infinite.rules import EngineOptions, InfiniteWidthError
 from ntk_adapters.infinite.values import Value, input_value, is_value
 from ntk_adapters.inputs import check_pair, hashable_spec, leaves_with_names, spec
 from ntk_adapters.model import Model, as_model
-from ntk_adapters.outputs import pack
+from ntk_adapters.outputs import normalize_get, pack
 from ntk_adapters.precision import PrecisionLike, canonical, matmul_precision
 
 __all__ = [
@@ -291,11 +291,14 @@ def infinite_kernel_fn(
             cache[key] = (closed, calls, layout, sampled)
         return cache[key]
 
-    def compute(x1, x2, key, n_samples):
+    def compute(x1, x2, key, n_samples, fields=None):
         # Traced in the context so that products without a precision of their own (the rules'
         # einsums, the quadrature, the model's operations on constants) get the requested one.
         with matmul_precision(precision):
-            return evaluate(x1, x2, key, n_samples)
+            k = evaluate(x1, x2, key, n_samples)
+        # Only the requested arrays leave the compiled function, so that the work for the others
+        # (the per-input covariances, usually) is dropped from it.
+        return k if fields is None else {f: getattr(k, f) for f in fields}
 
     def evaluate(x1, x2, key, n_samples):
         closed, calls, layout, sampled = prepare(spec(x1))
@@ -335,7 +338,7 @@ def infinite_kernel_fn(
         out = interp.context().materialize(out)
         return _layers.flatten(out.kernel) if out.flat else out.kernel
 
-    compute_jit = jax.jit(compute, static_argnums=3) if jit else compute
+    compute_jit = jax.jit(compute, static_argnums=(3, 4)) if jit else compute
     base_key = jax.random.PRNGKey(seed)
     example = _example_spec(model)
     if example is not None:
@@ -355,20 +358,27 @@ def infinite_kernel_fn(
             x2 = _like(x1, x2)
         if check_finite_values:
             check_finite(x1, "x1", x2, "x2")
-        k = compute_jit(x1, x2, base_key, attention_samples)
-        values = {"nngp": k.nngp, "ntk": k.ntk, "cov1": k.cov1, "cov2": k.cov2, "kernel": k}
-        names = (get,) if isinstance(get, str) else tuple(get)
-        if "nngp_stderr" in names or "ntk_stderr" in names:
+        names, _ = normalize_get(get, _GET_NAMES)
+        stderr = "nngp_stderr" in names or "ntk_stderr" in names
+        if "kernel" in names:
+            k = compute_jit(x1, x2, base_key, attention_samples, None)
+            values = {"nngp": k.nngp, "ntk": k.ntk, "cov1": k.cov1, "cov2": k.cov2, "kernel": k}
+        else:
+            fields = tuple(f for f in _KERNEL_FIELDS if f in names or (stderr and f in ("nngp", "ntk")))
+            values = compute_jit(x1, x2, base_key, attention_samples, fields)
+        if stderr:
             values["nngp_stderr"], values["ntk_stderr"] = _standard_errors(
-                compute_jit, x1, x2, base_key, attention_samples, k, sampled=prepare(spec(x1))[3]
+                compute_jit, x1, x2, base_key, attention_samples, values, sampled=prepare(spec(x1))[3]
             )
-        allowed = ("nngp", "ntk", "cov1", "cov2", "kernel", "nngp_stderr", "ntk_stderr")
-        return pack(get, values, allowed=allowed)
+        return pack(get, values, allowed=_GET_NAMES)
 
     typed = cast(InfiniteKernelFn, kernel_fn)
     typed.model = model
     return typed
 
+
+_KERNEL_FIELDS = ("nngp", "ntk", "cov1", "cov2")
+_GET_NAMES = (*_KERNEL_FIELDS, "kernel", "nngp_stderr", "ntk_stderr")
 
 #: Independent batches of the samples behind the standard errors of a sampled kernel.
 _STDERR_BATCHES = 8
@@ -385,20 +395,21 @@ def _split(k: Kernel, n1: int) -> Kernel:
     )
 
 
-def _standard_errors(compute, x1, x2, key, n_samples: int, k: Kernel, *, sampled: bool):
+def _standard_errors(compute, x1, x2, key, n_samples: int, k: dict, *, sampled: bool):
     """Standard errors of the NNGP and NTK entries of a sampled kernel, by batch means: the kernel from
     each of ``_STDERR_BATCHES`` independent batches of ``n_samples / _STDERR_BATCHES`` draws; the spread
-    of their mean estimates that of the kernel from ``n_samples`` draws. ``k`` is the kernel already
-    computed from all draws (its shapes serve when nothing is sampled: the errors are zero)."""
+    of their mean estimates that of the kernel from ``n_samples`` draws. ``k`` holds the ``'nngp'`` and
+    ``'ntk'`` already computed from all draws (their shapes serve when nothing is sampled: the errors
+    are zero)."""
     if not sampled:
-        return jnp.zeros_like(k.nngp), None if k.ntk is None else jnp.zeros_like(k.ntk)
+        return jnp.zeros_like(k["nngp"]), None if k["ntk"] is None else jnp.zeros_like(k["ntk"])
     keys = jax.random.split(jax.random.fold_in(key, 1), _STDERR_BATCHES)
-    batches = [compute(x1, x2, kb, n_samples // _STDERR_BATCHES) for kb in keys]
+    batches = [compute(x1, x2, kb, n_samples // _STDERR_BATCHES, ("nngp", "ntk")) for kb in keys]
 
     def stderr(field):
-        if getattr(batches[0], field) is None:
+        if batches[0][field] is None:
             return None
-        stacked = jnp.stack([getattr(b, field) for b in batches])
+        stacked = jnp.stack([b[field] for b in batches])
         return jnp.std(stacked, axis=0, ddof=1) / np.sqrt(_STDERR_BATCHES)
 
     return stderr("nngp"), stderr("ntk")

@@ -90,6 +90,7 @@ def add_fixed(kernel: Kernel, c) -> Kernel:
         ntk=kernel.ntk,
         cov1=kernel.cov1 + gram,
         cov2=kernel.cov2 + gram,
+        **kernel.map_variances(lambda v: v + jnp.asarray(np.mean(c * c, axis=-1), dtype)),
         is_gaussian=False,
         mean1=jnp.broadcast_to(means, (n1, *spatial)),
         mean2=jnp.broadcast_to(means, (n2, *spatial)),

@@ -13,6 +13,16 @@ Spatial layouts (``spatial`` is the tuple of spatial sizes, e.g. ``(H, W)``):
 * ``'full'``: covariances between every pair of positions, axes interleaved per spatial
   dimension: ``nngp`` ``(N1, N2, H1, H2, W1, W2)``, ``cov1`` ``(N1, H, H', W, W')``,
   ``cov2`` ``(N2, H, H', W, W')``. Costs ``(H·W)²`` per pair of inputs.
+
+The nonlinearities of the ``'full'`` layout read the per-input covariances only at their position
+diagonals, the variances ``(N, H, W)``. For ``K(x, x)`` (``same_inputs``) these are taken from
+``nngp`` itself, whose entries of an input with itself then have correlation exactly one (the
+derivative kernels of ReLU-like maps are singular there: a variance that differed from them in
+its last bit would cost ``sqrt(ε)`` in the kernels and the input gradients). For ``x1 ≠ x2`` they
+are carried on their own, ``var1`` ``(N1, H, W)`` and ``var2``, each map computing them from the
+previous variances. Either way a compiled kernel function whose layers never read a per-input
+covariance off its diagonal (no pooling before a nonlinearity) drops ``cov1``/``cov2`` altogether,
+a fraction ``(N1 + N2) / (N1·N2)`` of the work.
 """
 
 from __future__ import annotations
@@ -48,6 +58,10 @@ class Kernel:
         array added to a Gaussian value has channels with different means); read by
         :func:`ntk_adapters.infinite.layers.layer_norm`, which subtracts the channel mean.
       mean2: the same for ``x2``, ``(N2, *spatial)``.
+      var1: layout ``'full'`` with ``x1 ≠ x2`` only: the position diagonal of ``cov1``,
+        ``(N1, *spatial)``, when the map that made ``cov1`` computed it without reading ``cov1``
+        (module docstring); ``None`` otherwise. Read it through :meth:`variances`.
+      var2: the same for ``cov2``.
     """
 
     nngp: jax.Array
@@ -59,6 +73,8 @@ class Kernel:
     same_inputs: bool = dataclasses.field(default=False, metadata=dict(static=True))
     mean1: Optional[jax.Array] = None
     mean2: Optional[jax.Array] = None
+    var1: Optional[jax.Array] = None
+    var2: Optional[jax.Array] = None
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -74,11 +90,44 @@ class Kernel:
         return tuple(self.cov1.shape[1::2])
 
     def replace(self, **changes) -> "Kernel":
-        """A copy with ``changes``. The channel means are dropped unless given again: a map that
-        does not say what it does to them would otherwise leave stale means behind."""
+        """A copy with ``changes``. The channel means are dropped unless given again, and so are the
+        separate variances of a covariance that changes: a map that does not say what it does to
+        them would otherwise leave stale values behind."""
         changes.setdefault("mean1", None)
         changes.setdefault("mean2", None)
+        carried = changes.get("layout", self.layout) == "full" and not changes.get("same_inputs", self.same_inputs)
+        for cov, var in (("cov1", "var1"), ("cov2", "var2")):
+            if cov in changes or not carried:
+                changes.setdefault(var, None)
         return dataclasses.replace(self, **changes)
+
+    @property
+    def carries_variances(self) -> bool:
+        """Whether maps compute ``var1``/``var2`` (layout ``'full'`` with ``x1 ≠ x2``)."""
+        return self.layout == "full" and not self.same_inputs
+
+    def variances(self) -> tuple[jax.Array, jax.Array]:
+        """The per-position variances of the ``x1`` and ``x2`` entries, ``(N1, *spatial)`` and
+        ``(N2, *spatial)`` (``(N,)`` without positions): ``cov1``/``cov2`` themselves, or, in the
+        ``'full'`` layout, ``nngp``'s entries of each input with itself (``same_inputs``), else
+        ``var1``/``var2`` or the position diagonals of ``cov1``/``cov2``."""
+        if self.layout != "full":
+            return self.cov1, self.cov2
+        if self.same_inputs:
+            v = position_diagonal(jnp.moveaxis(jnp.diagonal(self.nngp, axis1=0, axis2=1), -1, 0))
+            return v, v
+        v1 = self.var1 if self.var1 is not None else position_diagonal(self.cov1)
+        return v1, self.var2 if self.var2 is not None else position_diagonal(self.cov2)
+
+    def map_variances(self, fn) -> dict:
+        """``{'var1': fn(v1), 'var2': fn(v2)}`` of :meth:`variances` when the kernel
+        :attr:`carries_variances`, else ``{}``: what a map passes to :meth:`replace` when the position
+        diagonal of its new ``cov1``/``cov2`` is ``fn`` of the old one (an affine map, a window sum
+        of the diagonal, a nonlinearity's second moment)."""
+        if not self.carries_variances:
+            return {}
+        v1, v2 = self.variances()
+        return {"var1": fn(v1), "var2": fn(v2)}
 
     def channel_means(self) -> Optional[tuple[jax.Array, jax.Array]]:
         """``(mean1, mean2)`` of the value's entries averaged over channels, zeros for a zero-mean
@@ -93,8 +142,16 @@ class Kernel:
         return jnp.zeros((n1, *spatial), dtype), jnp.zeros((n2, *spatial), dtype)
 
 
+def position_diagonal(cov: jax.Array) -> jax.Array:
+    """``(N, H, H', W, W')`` → ``(N, H, W)``: the entries of a ``'full'`` per-input covariance between
+    each position and itself."""
+    for _ in range((cov.ndim - 1) // 2):
+        cov = jnp.diagonal(cov, axis1=1, axis2=2)
+    return cov
+
+
 jax.tree_util.register_dataclass(
     Kernel,
-    data_fields=["nngp", "ntk", "cov1", "cov2", "mean1", "mean2"],
+    data_fields=["nngp", "ntk", "cov1", "cov2", "mean1", "mean2", "var1", "var2"],
     meta_fields=["layout", "is_gaussian", "same_inputs"],
 )

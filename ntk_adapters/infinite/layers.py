@@ -127,6 +127,10 @@ def input_kernel(x1: Array, x2: Optional[Array] = None, *, layout: str = "none",
         raise ValueError(f"layout must be 'none', 'diagonal' or 'full'; got {layout!r}")
     cov1 = cov(x1)
     cov2 = cov1 if same else cov(x2)
+    variances = {}
+    if layout == "full" and not same:
+        var = lambda x: jnp.einsum(f"x{sp}z,x{sp}z->x{sp}", x, x) / c  # noqa: E731
+        variances = {"var1": var(x1), "var2": var(x2)}
     return Kernel(
         nngp=nngp,
         ntk=jnp.zeros_like(nngp) if ntk else None,
@@ -135,6 +139,7 @@ def input_kernel(x1: Array, x2: Optional[Array] = None, *, layout: str = "none",
         layout=layout,
         is_gaussian=False,
         same_inputs=same,
+        **variances,
     )
 
 
@@ -148,20 +153,31 @@ def _check_parameterization(parameterization: str) -> None:
 
 
 def _linear_layer(
-    kernel, mapped_nngp, mapped_ntk, mapped_cov1, mapped_cov2, fan_in, weight_var, bias_var, has_bias, parameterization
+    kernel,
+    mapped_nngp,
+    mapped_ntk,
+    mapped_cov1,
+    mapped_cov2,
+    mapped_variances,
+    fan_in,
+    weight_var,
+    bias_var,
+    has_bias,
+    parameterization,
 ):
     _check_parameterization(parameterization)
     bias_var = bias_var if has_bias else 0.0
     nngp = weight_var * mapped_nngp + bias_var
     cov1 = weight_var * mapped_cov1 + bias_var
     cov2 = cov1 if kernel.same_inputs else weight_var * mapped_cov2 + bias_var
+    variances = {name: weight_var * v + bias_var for name, v in mapped_variances.items()}
     ntk = None
     if kernel.ntk is not None:
         if parameterization == "standard":
             ntk = fan_in * mapped_nngp + weight_var * mapped_ntk + (1.0 if has_bias else 0.0)
         else:
             ntk = nngp + weight_var * mapped_ntk
-    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=True)
+    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=True, **variances)
 
 
 def dense(
@@ -210,6 +226,7 @@ def _dense_jit(kernel, fan_in, weight_var, bias_var, *, has_bias, parameterizati
         kernel.ntk,
         kernel.cov1,
         kernel.cov2,
+        kernel.map_variances(lambda v: v),
         fan_in,
         weight_var,
         bias_var,
@@ -328,8 +345,8 @@ def _conv_jit(
     d = len(window)
     size = math.prod(window)
 
-    def a_map(x, batch_axes):
-        for i, axes in enumerate(_axes_per_dim(kernel.layout, d, batch_axes)):
+    def a_map(x, batch_axes, layout=kernel.layout):
+        for i, axes in enumerate(_axes_per_dim(layout, d, batch_axes)):
             if input_dilation[i] != 1:
                 # zeros between the positions: lax.pad's interior padding, on every axis of this dimension
                 config = [(0, 0, 0)] * x.ndim
@@ -340,7 +357,11 @@ def _conv_jit(
         return x / size
 
     nngp, ntk, cov1, cov2 = _map_all(kernel, a_map)
-    return _linear_layer(kernel, nngp, ntk, cov1, cov2, fan_in, weight_var, bias_var, has_bias, parameterization)
+    # a position's variance sums the variances of its window: the diagonal layout's map
+    variances = kernel.map_variances(lambda v: a_map(v, 1, "diagonal"))
+    return _linear_layer(
+        kernel, nngp, ntk, cov1, cov2, variances, fan_in, weight_var, bias_var, has_bias, parameterization
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +419,9 @@ def _dropout_jit(kernel, *, rate):
         return x * (1.0 + boost * _same_entry_mask(kernel, batch_axes, x.shape))
 
     nngp, ntk, cov1, cov2 = _map_all(kernel, apply)
-    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False)
+    # an element with itself: every variance is boosted
+    variances = kernel.map_variances(lambda v: v * (1.0 + boost))
+    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False, **variances)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,6 +436,7 @@ def scale(kernel: Kernel, c: Union[float, Array]) -> Kernel:
         ntk=None if kernel.ntk is None else c2 * kernel.ntk,
         cov1=c2 * kernel.cov1,
         cov2=c2 * kernel.cov2,
+        **kernel.map_variances(lambda v: c2 * v),
         mean1=None if kernel.mean1 is None else c * kernel.mean1,
         mean2=None if kernel.mean2 is None else c * kernel.mean2,
     )
@@ -456,7 +480,22 @@ def concatenate(kernels: Sequence[Kernel], channels: Sequence[float]) -> Kernel:
             return None
         return sum(wi * v for wi, v in zip(w, vals))
 
-    return kernels[0].replace(nngp=mix("nngp"), ntk=mix("ntk"), cov1=mix("cov1"), cov2=mix("cov2"), is_gaussian=False)
+    return kernels[0].replace(
+        nngp=mix("nngp"),
+        ntk=mix("ntk"),
+        cov1=mix("cov1"),
+        cov2=mix("cov2"),
+        is_gaussian=False,
+        **_combined_variances(kernels, w),
+    )
+
+
+def _combined_variances(kernels: Sequence[Kernel], weights: Sequence[float]) -> dict:
+    """The :meth:`~Kernel.replace` variances of ``Σ_i weights[i] · kernels[i]`` ('full' layout)."""
+    if not kernels[0].carries_variances:
+        return {}
+    v1, v2 = zip(*(k.variances() for k in kernels))
+    return {"var1": sum(w * v for w, v in zip(weights, v1)), "var2": sum(w * v for w, v in zip(weights, v2))}
 
 
 def add(*kernels: Kernel) -> Kernel:
@@ -483,6 +522,7 @@ def add(*kernels: Kernel) -> Kernel:
         ntk=None if k0.ntk is None else sum(k.ntk for k in kernels),
         cov1=sum(k.cov1 for k in kernels),
         cov2=sum(k.cov2 for k in kernels),
+        **_combined_variances(kernels, [1.0] * len(kernels)),
         is_gaussian=gaussian,
         mean1=functools.reduce(jnp.add, [m[0] for m in means]) if known else None,
         mean2=functools.reduce(jnp.add, [m[1] for m in means]) if known else None,

@@ -13,19 +13,10 @@ import numpy as np
 from jax import lax
 
 from ntk_adapters.infinite.kernel import Kernel
-from ntk_adapters.infinite.spatial import to_diagonal
 
 __all__ = ["channel_affine", "layer_norm", "rms_norm"]
 
 Array = jax.Array
-
-
-def _position_variances(kernel: Kernel) -> tuple[Array, Array]:
-    """Per-position variances ``(N1, *spatial)``, ``(N2, *spatial)``."""
-    if kernel.layout == "full":
-        k = to_diagonal(kernel)
-        return k.cov1, k.cov2
-    return kernel.cov1, kernel.cov2
 
 
 def _expand(kernel: Kernel, r: Array, first: bool, batch_axis: Optional[str]) -> Array:
@@ -56,7 +47,11 @@ def _centre(kernel: Kernel, means: tuple[Array, Array]) -> Kernel:
     cov2 = (
         cov1 if kernel.same_inputs else kernel.cov2 - _expand(kernel, m2, True, None) * _expand(kernel, m2, False, None)
     )
-    return kernel.replace(nngp=nngp, cov1=cov1, cov2=cov2)
+    variances = {}
+    if kernel.carries_variances:
+        v1, v2 = kernel.variances()
+        variances = {"var1": v1 - m1 * m1, "var2": v2 - m2 * m2}
+    return kernel.replace(nngp=nngp, cov1=cov1, cov2=cov2, **variances)
 
 
 @functools.partial(
@@ -72,7 +67,7 @@ def _normalize(
             axes = tuple(range(1, d + 1))
             means = tuple(jnp.broadcast_to(jnp.mean(m, axis=axes, keepdims=True), m.shape) for m in means)
         kernel = _centre(kernel, means)
-    q1, q2 = _position_variances(kernel)
+    v1, v2 = q1, q2 = kernel.variances()
     if over_spatial and d:
         q1 = jnp.broadcast_to(jnp.mean(q1, axis=tuple(range(1, d + 1)), keepdims=True), q1.shape)
         q2 = jnp.broadcast_to(jnp.mean(q2, axis=tuple(range(1, d + 1)), keepdims=True), q2.shape)
@@ -91,7 +86,9 @@ def _normalize(
     nngp = g2 * normalized + b2
     cov1 = g2 * kernel.cov1 * f_cov1 + b2
     cov2 = cov1 if kernel.same_inputs else g2 * kernel.cov2 * f_cov2 + b2
-    ntk = None
+    variances = {}
+    if kernel.carries_variances:
+        variances = {"var1": g2 * v1 * r1 * r1 + b2, "var2": g2 * v2 * r2 * r2 + b2}
     if kernel.ntk is not None:
         ntk = g2 * kernel.ntk * f_nngp
         if use_scale:
@@ -100,7 +97,7 @@ def _normalize(
             ntk = ntk + 1.0
     gaussian = kernel.is_gaussian and b2 == 0.0
     if gaussian or not centred:
-        return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=gaussian)
+        return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=gaussian, **variances)
     # The normalized channels average to exactly 0; the bias adds its initial value.
     beta = bias_init if use_bias else 0.0
     return kernel.replace(
@@ -108,6 +105,7 @@ def _normalize(
         ntk=ntk,
         cov1=cov1,
         cov2=cov2,
+        **variances,
         is_gaussian=False,
         mean1=jnp.full(q1.shape, beta, q1.dtype),
         mean2=jnp.full(q2.shape, beta, q2.dtype),
@@ -236,6 +234,7 @@ def channel_affine(
     a2, b2 = float(np.mean(a * a)), float(np.mean(b * b))
     nngp = a2 * kernel.nngp + b2
     cov1, cov2 = a2 * kernel.cov1 + b2, a2 * kernel.cov2 + b2
+    variances = kernel.map_variances(lambda v: a2 * v + b2)
     ntk = None
     if kernel.ntk is not None:
         ntk = a2 * kernel.ntk
@@ -249,4 +248,6 @@ def channel_affine(
         if offset is not None:
             ntk = ntk + 1.0
     uniform = bool(np.all(b == 0)) and bool(np.all(a == a[0]))
-    return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=kernel.is_gaussian and uniform)
+    return kernel.replace(
+        nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=kernel.is_gaussian and uniform, **variances
+    )

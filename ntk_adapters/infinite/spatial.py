@@ -357,7 +357,10 @@ def _to_diagonal_jit(kernel):
             x = jnp.diagonal(x, axis1=batch_axes, axis2=batch_axes + 1)
         return x
 
-    nngp, ntk, cov1, cov2 = _map_all(kernel, diag)
+    # the diagonal layout's covariances are the variances (carried or extracted)
+    cov1, cov2 = kernel.variances()
+    nngp = diag(kernel.nngp, 2)
+    ntk = None if kernel.ntk is None else diag(kernel.ntk, 2)
     return kernel.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, layout="diagonal")
 
 
@@ -469,4 +472,5 @@ def scale_positions(kernel: Kernel, s) -> Kernel:
         ntk=None if kernel.ntk is None else pair * kernel.ntk,
         cov1=pair * kernel.cov1,
         cov2=pair * kernel.cov2,
+        **kernel.map_variances(lambda v: jnp.asarray(s * s, v.dtype) * v),
     )
