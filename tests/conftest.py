@@ -50,6 +50,22 @@ def relu_nngp_by_hand(x1, x2, weight_var=1.0, bias_var=0.0):
     return norm / (2 * math.pi) * (np.sin(theta) + (math.pi - theta) * cos)
 
 
+@pytest.fixture(scope="session")
+def predict_problem():
+    """A generic PSD kernel on 8 train + 5 test points (from random features), targets and initial
+    outputs with 2 output units: ``k`` ``(8, 8)``, ``kt`` ``(5, 8)``, ``ktt`` ``(5, 5)``, ``y``, ``f0``
+    ``(8, 2)``, ``f0t`` ``(5, 2)``."""
+    n, m = 8, 5
+    rng = np.random.default_rng(0)
+    phi = rng.standard_normal((n + m, 30))
+    k = phi @ phi.T / 30 + 0.05 * np.eye(n + m)  # jitter keeps the train block well conditioned
+    k_train, k_test_train, k_test = k[:n, :n], k[n:, :n], k[n:, n:]
+    y = rng.standard_normal((n, 2))
+    f0 = rng.standard_normal((n, 2))
+    f0_test = rng.standard_normal((m, 2))
+    return dict(k=k_train, kt=k_test_train, ktt=k_test, y=y, f0=f0, f0t=f0_test)
+
+
 # Var of N(0, 1) truncated to [-2, 2], uncorrected (Haiku's default Linear initializer):
 # 1 − 2·2·φ(2)/(Φ(2) − Φ(−2)).
 HAIKU_TRUNCATED_VARIANCE = 1.0 - 4.0 * math.exp(-2.0) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2))
