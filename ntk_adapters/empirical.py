@@ -53,14 +53,12 @@ Inputs ``x1``, ``x2`` are arrays or pytrees of arrays sharing the batch axis
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from ntk_adapters.axes import Axes, OutputAxes
+from ntk_adapters.finite import KnownFinite, check_finite
 from ntk_adapters.implementations import Implementation, choose, implementation_name, resolve_memory_budget
 from ntk_adapters.implementations import ntk as _ntk_value
 from ntk_adapters.inputs import (
@@ -88,79 +86,7 @@ KernelFn = CoupledKernelFn
 # Input checks shared by every kernel function.
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-# Arrays in host memory are read in place; accelerator arrays are reduced where they live, by one
-# program for all of them, so that only a flag per leaf crosses to the host (copying the parameters
-# to the host on every call would cost more than a small kernel).
-_finite_flags = jax.jit(lambda leaves: [jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
-
-
-def _in_host_memory(leaf) -> bool:
-    return not isinstance(leaf, jax.Array) or all(d.platform == "cpu" for d in leaf.devices())
-
-
-def _finite(leaves: list) -> np.ndarray:
-    flags = np.ones(len(leaves), bool)
-    on_device = []
-    for i, leaf in enumerate(leaves):
-        if _in_host_memory(leaf):
-            flags[i] = np.isfinite(np.asarray(leaf)).all()
-        else:
-            on_device.append(i)
-    if on_device:
-        flags[on_device] = np.asarray(_finite_flags([leaves[i] for i in on_device]))
-    return flags
-
-
-def _dtype(leaf):
-    # an array's own dtype is read directly: jnp.result_type costs microseconds per leaf and call
-    return leaf.dtype if isinstance(leaf, (jax.Array, np.ndarray)) else jnp.result_type(leaf)
-
-
-def check_finite(tree: PyTree, name: str, *more: Any) -> None:
-    """Raise ``ValueError`` if a concrete array in ``tree`` has NaN or Inf (tracers are skipped).
-
-    ``more`` continues with further ``tree, name`` pairs, all checked by one device program.
-    """
-    named = [(tree, name), *zip(more[::2], more[1::2])]
-    checked = [
-        (label, path, leaf)
-        for t, label in named
-        for path, leaf in jax.tree_util.tree_leaves_with_path(t)
-        if _is_concrete(leaf) and jnp.issubdtype(_dtype(leaf), jnp.inexact)
-    ]
-    if not checked:
-        return
-    flags = _finite([leaf for _, _, leaf in checked])
-    if not flags.all():
-        label, path, _ = checked[int(np.argmin(flags))]
-        where = f" at {jax.tree_util.keystr(path)}" if path else ""
-        raise ValueError(
-            f"{label}{where} contains NaN or Inf; kernels of non-finite values are meaningless. "
-            "Clean the data, or pass check_finite_values=False to let NaNs propagate."
-        )
-
-
 check_inputs = check_pair
-
-
-class KnownFinite:
-    """The parameter leaves a kernel function last found finite, by weak reference: JAX arrays are
-    immutable, so the same objects need no second look on the next call (NumPy arrays can change
-    in place and are always checked)."""
-
-    def __init__(self):
-        self.refs: tuple = ()
-
-    def covers(self, leaves: list) -> bool:
-        return len(leaves) == len(self.refs) and all(r() is leaf for r, leaf in zip(self.refs, leaves))
-
-    def remember(self, leaves: list) -> None:
-        concrete = all(isinstance(leaf, jax.Array) and _is_concrete(leaf) for leaf in leaves)
-        self.refs = tuple(weakref.ref(leaf) for leaf in leaves) if concrete else ()
 
 
 def checked_call(

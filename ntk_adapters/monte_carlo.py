@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_adapters.axes import Axes, OutputAxes
-from ntk_adapters.empirical import VmapAxes, check_finite, output_axes
+from ntk_adapters.empirical import VmapAxes, output_axes
+from ntk_adapters.finite import check_finite
 from ntk_adapters.implementations import Implementation, choose, implementation_name, resolve_memory_budget
 from ntk_adapters.implementations import ntk as _ntk_value
 from ntk_adapters.inputs import (

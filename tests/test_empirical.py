@@ -243,22 +243,6 @@ class TestBadInput:
         assert np.isnan(jitted[0]).any()
 
 
-@pytest.mark.parametrize("where", ["host", "device"])
-def test_non_finite_leaves_are_named_wherever_they_live(monkeypatch, where):
-    """Host arrays are read in place; accelerator arrays are reduced by one device program (forced
-    here on the CPU): both name the first non-finite leaf."""
-    import ntk_adapters.empirical as E
-
-    if where == "device":
-        monkeypatch.setattr(E, "_in_host_memory", lambda leaf: False)
-    good = {"a": jnp.ones(3), "b": jnp.zeros((2, 2))}
-    E.check_finite(good, "params", jnp.ones((4, 3)), "x1")
-    with pytest.raises(ValueError, match=r"params at \['b'\] contains NaN or Inf"):
-        E.check_finite({**good, "b": good["b"].at[1, 0].set(jnp.inf)}, "params", jnp.ones((4, 3)), "x1")
-    with pytest.raises(ValueError, match=r"^x1 contains NaN or Inf"):
-        E.check_finite(good, "params", np.full((4, 3), np.nan), "x1")
-
-
 def test_a_kernel_function_resolves_each_input_shape_once(monkeypatch, mlp_params, xs):
     """Output axes, vmap_axes and the implementation follow from shapes and dtypes alone: a kernel
     function works them out on the first call with given shapes and reuses them after."""

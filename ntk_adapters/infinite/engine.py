@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_adapters.empirical import check_finite
+from ntk_adapters.finite import check_finite
 from ntk_adapters.infinite import elementwise as _ew
 from ntk_adapters.infinite import layers as _layers
 from ntk_adapters.infinite import masks as _masks

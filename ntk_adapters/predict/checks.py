@@ -14,11 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_adapters.finite import finite_flags, is_traced
+
 ArrayLike = Union[jax.Array, np.ndarray, float]
-
-
-def is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def concrete(x: Any) -> Optional[np.ndarray]:
@@ -47,12 +45,8 @@ def working_dtype(*dtypes: Any) -> Any:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-_all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))
-
-
 def check_finite(x: jax.Array, name: str) -> None:
-    # Reduced where the array lives: only one flag crosses to the host.
-    if is_traced(x) or not jnp.issubdtype(x.dtype, jnp.inexact) or bool(_all_finite(x)):
+    if is_traced(x) or not jnp.issubdtype(x.dtype, jnp.inexact) or finite_flags([x])[0]:
         return
     value = np.asarray(x)
     if not np.all(np.isfinite(value)):
@@ -294,7 +288,7 @@ def initial_outputs(
 def check_test_outputs(init: Initial, test: jax.Array, k_test_train: Any) -> None:
     """After a call made with ``check_test_kernel=False``: one reduction of the (small) test outputs
     instead of one over ``k_test_train``; the error still names the kernel."""
-    if init.test and not is_traced(test) and not bool(_all_finite(test)):
+    if init.test and not is_traced(test) and not finite_flags([test])[0]:
         check_finite(jnp.asarray(k_test_train), "k_test_train")
 
 
