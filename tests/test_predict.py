@@ -5,6 +5,7 @@ linearized plain-jax network with its NTK from explicit Jacobians, and numpy sol
 
 import functools
 import math
+from operator import itemgetter
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +42,7 @@ def _rk4(rhs, state, t_end, steps):
 
 @pytest.mark.float64
 def test_mse_matches_rk4_integration_of_the_ode(predict_problem):
-    k, kt, y, f0, f0t = (
-        predict_problem["k"],
-        predict_problem["kt"],
-        predict_problem["y"],
-        predict_problem["f0"],
-        predict_problem["f0t"],
-    )
+    k, kt, y, f0, f0t = itemgetter("k", "kt", "y", "f0", "f0t")(predict_problem)
     lr = 0.7
     rate = 1.0 / y.size  # loss ½·mean over N·O entries, time = k·η after k steps
     # Stack train and test outputs: df/dt = −η' Θ(·, X) (f(X) − y).
@@ -76,13 +71,7 @@ def test_mse_matches_rk4_integration_of_the_ode(predict_problem):
 
 @pytest.mark.float64
 def test_t_none_is_the_kernel_regression_solve(predict_problem):
-    k, kt, y, f0, f0t = (
-        predict_problem["k"],
-        predict_problem["kt"],
-        predict_problem["y"],
-        predict_problem["f0"],
-        predict_problem["f0t"],
-    )
+    k, kt, y, f0, f0t = itemgetter("k", "kt", "y", "f0", "f0t")(predict_problem)
     predict_fn = predict.gradient_descent_mse(k, y, learning_rate=1.0)
     train, test = predict_fn(None, f0, f0t, kt)
     np.testing.assert_allclose(train, y, atol=1e-12)
@@ -106,13 +95,7 @@ def test_diag_reg_is_ridge_scaled_by_mean_diagonal(predict_problem):
 
 @pytest.mark.float64
 def test_full_kernel_kron_identity_equals_per_output(predict_problem):
-    k, kt, y, f0, f0t = (
-        predict_problem["k"],
-        predict_problem["kt"],
-        predict_problem["y"],
-        predict_problem["f0"],
-        predict_problem["f0t"],
-    )
+    k, kt, y, f0, f0t = itemgetter("k", "kt", "y", "f0", "f0t")(predict_problem)
     eye = np.eye(2)
     k_full = np.einsum("nm,op->nmop", k, eye)
     kt_full = np.einsum("nm,op->nmop", kt, eye)
@@ -172,13 +155,7 @@ def test_float32_inputs_stay_float32_and_agree_with_float64(predict_problem):
 
 @pytest.mark.float64
 def test_jit_over_time_matches_eager(predict_problem):
-    k, kt, y, f0, f0t = (
-        predict_problem["k"],
-        predict_problem["kt"],
-        predict_problem["y"],
-        predict_problem["f0"],
-        predict_problem["f0t"],
-    )
+    k, kt, y, f0, f0t = itemgetter("k", "kt", "y", "f0", "f0t")(predict_problem)
     predict_fn = predict.gradient_descent_mse(k, y, 0.3)
     jitted = jax.jit(lambda t, a, b: predict_fn(t, a, b, kt))
     ts = jnp.array([0.0, 1.0, 10.0])

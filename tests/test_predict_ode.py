@@ -2,6 +2,7 @@
 closed forms (MSE), explicit Euler steps, and discrete heavy-ball iterations."""
 
 import math
+from operator import itemgetter
 
 import jax
 import jax.numpy as jnp
@@ -17,13 +18,7 @@ def _mse(fx, y):
 
 @pytest.mark.float64
 def test_ode_with_mse_equals_closed_form(predict_problem):
-    k, kt, y, f0, f0t = (
-        predict_problem["k"],
-        predict_problem["kt"],
-        predict_problem["y"],
-        predict_problem["f0"],
-        predict_problem["f0t"],
-    )
+    k, kt, y, f0, f0t = itemgetter("k", "kt", "y", "f0", "f0t")(predict_problem)
     lr = 1.3
     ts = jnp.array([5.0, 0.0, 1.0, 40.0])  # unsorted and including 0 on purpose
     a_train, a_test = predict.gradient_descent(_mse, k, y, lr)(ts, f0, f0t, kt)
@@ -89,13 +84,7 @@ def test_momentum_ode_matches_discrete_heavy_ball(predict_problem):
 @pytest.mark.float64
 @pytest.mark.parametrize("momentum", [None, 0.5])
 def test_ode_t_none_integrates_to_convergence(predict_problem, momentum):
-    k, kt, y, f0, f0t = (
-        predict_problem["k"],
-        predict_problem["kt"],
-        predict_problem["y"],
-        predict_problem["f0"],
-        predict_problem["f0t"],
-    )
+    k, kt, y, f0, f0t = itemgetter("k", "kt", "y", "f0", "f0t")(predict_problem)
     train, test = predict.gradient_descent(_mse, k, y, 0.7, momentum=momentum)(None, f0, f0t, kt)
     np.testing.assert_allclose(train, y, atol=1e-6)
     np.testing.assert_allclose(test, f0t + kt @ np.linalg.solve(k, y - f0), atol=1e-6)
