@@ -162,20 +162,21 @@ def _restricted(apply_fn, params: PyTree, selected: Optional[tuple[int, ...]]):
     return g, [leaves[i] for i in selected]
 
 
-class _SpecCache:
-    """``fn(x1, x2, params)`` memoized on the structure, shapes and dtypes of its arguments, for
-    functions of those alone; one per kernel function (it lives and dies with it)."""
+class SpecCache:
+    """``fn(x1, x2, params, *static)`` memoized on the structure, shapes and dtypes of the arrays and
+    on the hashable ``static`` values, for functions of those alone; one per kernel function (it
+    lives and dies with it)."""
 
     def __init__(self, fn: Callable, maxsize: int = 64):
         self.fn, self.maxsize = fn, maxsize
         self.entries: dict[tuple, Any] = {}
 
-    def __call__(self, x1, x2, params):
-        key = (hashable_spec(x1), None if x2 is None else hashable_spec(x2), hashable_spec(params))
+    def __call__(self, x1, x2, params, *static):
+        key = (hashable_spec(x1), None if x2 is None else hashable_spec(x2), hashable_spec(params), static)
         if key not in self.entries:
             if len(self.entries) >= self.maxsize:
                 self.entries.pop(next(iter(self.entries)))
-            self.entries[key] = self.fn(x1, x2, params)
+            self.entries[key] = self.fn(x1, x2, params, *static)
         return self.entries[key]
 
 
@@ -277,7 +278,7 @@ def empirical_ntk_fn(
 
     # Everything resolve() decides follows from shapes and dtypes alone: later calls with the same
     # ones skip the tracing it takes (several ms per call, more than small kernels cost).
-    resolved = _SpecCache(resolve)
+    resolved = SpecCache(resolve)
     known = KnownFinite()
 
     def ntk(x1: PyTree, x2: Optional[PyTree] = None, params: Optional[PyTree] = None):
@@ -351,7 +352,7 @@ def empirical_nngp_fn(
     model = as_model(f)
     precision = canonical(precision)
 
-    resolved = _SpecCache(
+    resolved = SpecCache(
         lambda x1, x2, params: _nngp_jit(
             model.apply_fn, output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes), precision
         )

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_adapters.axes import Axes, OutputAxes
-from ntk_adapters.empirical import VmapAxes, output_axes
+from ntk_adapters.empirical import SpecCache, VmapAxes, output_axes
 from ntk_adapters.finite import check_finite
 from ntk_adapters.implementations import Implementation, choose, implementation_name, resolve_memory_budget
 from ntk_adapters.implementations import ntk as _ntk_value
@@ -95,31 +95,29 @@ def monte_carlo_kernel_fn(
     declared = declared_vmap_axes(vmap_axes)
     default_get = get
 
+    def resolve(x1, x2, params, names):
+        axes = output_axes(model.apply_fn, params, x1, x2, trace_axes, diagonal_axes)
+        batch = resolve_vmap_axes(model, x1, vmap_axes)
+        impl = "jacobian"
+        if "ntk" in names:
+            impl = choose(
+                impl_name, model.apply_fn, params, x1, x2, axes, batch, None, memory_budget / batch_size, ntvp_chunk
+            )
+        return _chunk_fn(
+            model.init_fn, model.apply_fn, axes, names, impl, batch, ntvp_chunk, memory_budget / batch_size, precision
+        )
+
+    # What resolve() decides follows from shapes, dtypes and the names asked for: later calls with
+    # the same ones skip its tracing.
+    resolved = SpecCache(resolve)
+
     def kernel_fn(x1: Any, x2: Optional[Any] = None, get: Get = None):
         get = default_get if get is None else get
         names, _ = normalize_get(get)
         check_pair(x1, x2, declared)
         if check_finite_values:
             check_finite(x1, "x1", x2, "x2")
-        axes = output_axes(model.apply_fn, model.params, x1, x2, trace_axes, diagonal_axes)
-        batch = resolve_vmap_axes(model, x1, vmap_axes)
-        impl = "jacobian"
-        if "ntk" in names:
-            impl = choose(
-                impl_name,
-                model.apply_fn,
-                model.params,
-                x1,
-                x2,
-                axes,
-                batch,
-                None,
-                memory_budget / batch_size,
-                ntvp_chunk,
-            )
-        chunk = _chunk_fn(
-            model.init_fn, model.apply_fn, axes, names, impl, batch, ntvp_chunk, memory_budget / batch_size, precision
-        )
+        chunk = resolved(x1, x2, model.params, tuple(names))
         totals = None
         done = 0
         results = {}

@@ -54,3 +54,22 @@ def test_bad_arguments(model_and_x):
         monte_carlo_kernel_fn(ntk_adapters.adapt(net, model.params), jax.random.PRNGKey(0), 2)
     with pytest.raises(ValueError, match="unknown kernel 'cov'"):
         monte_carlo_kernel_fn(model, jax.random.PRNGKey(0), 2)(x, get="cov")
+
+
+def test_a_kernel_function_resolves_each_input_shape_and_request_once(monkeypatch, model_and_x):
+    """Output axes, vmap_axes and the implementation follow from shapes, dtypes and the kernels
+    asked for: worked out on the first such call and reused after, with the same estimates."""
+    import ntk_adapters.monte_carlo as MC
+
+    model, x = model_and_x
+    calls = []
+    original = MC.output_axes
+    monkeypatch.setattr(MC, "output_axes", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fn = monte_carlo_kernel_fn(model, jax.random.PRNGKey(0), 3)
+    first = fn(x)
+    np.testing.assert_allclose(fn(x + 0.0).ntk, first.ntk, rtol=1e-12)
+    assert len(calls) == 1
+    fn(x, get="nngp")  # another request: resolved again
+    fn(x[:2])  # another batch size
+    fn(x, get="nngp")
+    assert len(calls) == 3
