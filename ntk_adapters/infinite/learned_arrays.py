@@ -126,6 +126,7 @@ def add_array(kernel: Kernel, variance: float) -> Kernel:
         ntk=None if kernel.ntk is None else kernel.ntk + same,
         cov1=kernel.cov1 + v * same,
         cov2=kernel.cov2 + v * same,
+        **kernel.map_variances(lambda var: var + v),
     )
 
 

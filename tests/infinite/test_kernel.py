@@ -19,6 +19,7 @@ from ntk_adapters.infinite import elementwise as E
 from ntk_adapters.infinite import infinite_kernel_fn
 from ntk_adapters.infinite import layers as L
 from ntk_adapters.infinite.fixed_arrays import add_fixed
+from ntk_adapters.infinite.learned_arrays import add_array
 from ntk_adapters.infinite.kernel import position_diagonal
 
 
@@ -35,6 +36,8 @@ def _steps():
     strided = {**conv, "strides": (2, 1), "dilation": (1, 2), "padding": "CIRCULAR"}
     return [
         ("conv", lambda k: L.conv(k, **conv)),
+        ("positions scaled", lambda k: L.scale_positions(k, np.linspace(0.5, 1.5, 20).reshape(5, 4))),
+        ("learned array added", lambda k: add_array(k, 0.3)),
         ("relu", lambda k: E.apply_elementwise(k, "relu")),
         ("strided dilated conv", lambda k: L.conv(k, **strided)),
         ("gelu", lambda k: E.apply_elementwise(k, "gelu")),
