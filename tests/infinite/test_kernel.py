@@ -19,8 +19,8 @@ from ntk_adapters.infinite import elementwise as E
 from ntk_adapters.infinite import infinite_kernel_fn
 from ntk_adapters.infinite import layers as L
 from ntk_adapters.infinite.fixed_arrays import add_fixed
-from ntk_adapters.infinite.learned_arrays import add_array
 from ntk_adapters.infinite.kernel import position_diagonal
+from ntk_adapters.infinite.learned_arrays import add_array
 
 
 @pytest.fixture(scope="module")
