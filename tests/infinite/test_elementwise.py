@@ -413,7 +413,18 @@ class _FlattenCNN(nn.Module):
         return nn.Dense(3)(nn.relu(nn.Conv(8, (3, 3))(x)).reshape(x.shape[0], -1))
 
 
-@pytest.mark.parametrize("module,shape", [(_DeepMLP(), (12, 7)), (_FlattenCNN(), (6, 5, 5, 2))], ids=["mlp", "cnn"])
+class _PoolingCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))  # full layout: the variances are nngp's own diagonal
+        return nn.Dense(3)(nn.relu(nn.Conv(8, (3, 3))(x)).mean((1, 2)))
+
+
+@pytest.mark.parametrize(
+    "module,shape",
+    [(_DeepMLP(), (12, 7)), (_FlattenCNN(), (6, 5, 5, 2)), (_PoolingCNN(), (5, 4, 4, 2))],
+    ids=["mlp", "flatten_cnn", "pooling_cnn"],
+)
 def test_same_input_diagonal_is_exact_in_float32(module, shape):
     """K(x, x)'s diagonal is the variances' own map: its Gram and sum of squares differ in the last
     bits, which would give an angle of sqrt(2ε) (5e-4 in float32) instead of 0 there. Against the
