@@ -131,3 +131,7 @@ def test_compiled_kernel_function_leaves_out_the_per_input_covariances(pair):
     assert returned_shapes("ntk") == [(3, 2)]
     assert returned_shapes(("ntk", "cov1")) == [(3,), (3, 2)]  # the output's layout has no positions
     np.testing.assert_allclose(kernel_fn(x1, x2, get="ntk"), kernel_fn(x1, x2, get="kernel").ntk, rtol=1e-12)
+    # the per-input variances asked for alone are those of each input with itself
+    cov1, cov2 = kernel_fn(x1, x2, get=("cov1", "cov2"))
+    np.testing.assert_allclose(cov1, np.diag(kernel_fn(x1, get="nngp")), rtol=1e-12)
+    np.testing.assert_allclose(cov2, np.diag(kernel_fn(x2, get="nngp")), rtol=1e-12)
